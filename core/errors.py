@@ -1,0 +1,48 @@
+"""Errors that reach the user.
+
+`UserError` is anything the user can fix (a recipe key, a plugin name, a missing file): the
+CLI prints its message without a traceback and exits with status 2. Everything else is an
+internal error (status 1, with a traceback).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class UserError(Exception):
+    """A problem the user can fix. `field` names where it is, `fix` says what to do."""
+
+    def __init__(self, message: str, *, field: str | None = None, fix: str | None = None):
+        self.field = field
+        self.fix = fix
+        self.message = message
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        text = f"{self.field}: {self.message}" if self.field else self.message
+        if self.fix:
+            text += f"\n  fix: {self.fix}"
+        return text
+
+
+class PluginHookError(UserError):
+    """A plugin raised inside one of its hook implementations."""
+
+    def __init__(self, plugin: str, hook: str, error: BaseException):
+        self.plugin = plugin
+        self.hook = hook
+        self.error = error
+        super().__init__(
+            f"plugin '{plugin}' failed in hook '{hook}': {type(error).__name__}: {error}",
+            field=f"plugins.{plugin}",
+            fix=f"check the options of '{plugin}' or disable it; set POSTTRAIN_DEBUG=1 for the traceback",
+        )
+
+
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or an empty string."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"

@@ -1,0 +1,263 @@
+"""Every hook a posttrain plugin can implement.
+
+This module is the contract between the core and plugins. Each hook below says
+
+- **when** the core calls it,
+- **what** it receives (an implementation may accept any subset of the arguments, by name,
+  so a plugin written today keeps working when a hook gains an argument), and
+- **how results combine** when several enabled plugins implement it:
+
+  * *one owner*: at most one enabled plugin may implement it (the core refuses a recipe in
+    which two do, before loading anything); the owner's return value is used;
+  * *first result*: implementations are tried in order and the first non-``None`` wins;
+  * *all results*: every implementation is called and the results are combined as stated
+    (merged, concatenated, summed, chained).
+
+Only plugins enabled by the recipe take part in a run. ``docs/hooks.md`` has a section for
+each hook here (a test keeps the two in step).
+
+Tensors are ``torch.Tensor``; this module does not import torch so that ``posttrain
+validate`` and ``posttrain plugins`` stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT = "posttrain"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# Hooks that at most one enabled plugin may implement. The registry checks this when it
+# builds the plugin set for a run, so a conflict is a recipe error, not a training crash.
+SINGLE_OWNER_HOOKS = (
+    "posttrain_preference_loss",
+    "posttrain_sample",
+    "posttrain_data_collator",
+    "posttrain_train_sampler",
+)
+
+# Hooks that exactly one enabled plugin must implement, per stage.
+REQUIRED_HOOKS = {
+    "preference": ("posttrain_preference_loss",),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Configuration family
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def posttrain_trl_config(stage: str, recipe: dict) -> dict | None:
+    """Contribute values to the TRL config of the run (e.g. ``DPOConfig``).
+
+    Called once, while the recipe is validated (before any model is loaded) and again when the
+    trainer is built. ``recipe`` is the resolved recipe as plain data; do not modify it.
+
+    Return a mapping of TRL config field names to values, or ``None``.
+
+    Combine: *all results*, merged. Two plugins that set the same field to different values
+    are a recipe error naming both. A value the user also sets in the recipe's ``training``
+    section must agree with it, or the recipe is refused with both values shown. Field names
+    are checked against the TRL config class.
+    """
+
+
+@hookspec
+def posttrain_callbacks(stage: str, recipe: dict) -> list | None:
+    """Contribute ``transformers.TrainerCallback`` objects to the trainer.
+
+    Called once when the trainer is built. Return a list of callbacks (instances) or ``None``.
+
+    Combine: *all results*, concatenated in plugin order.
+    """
+
+
+@hookspec
+def posttrain_step_metrics(logps: Any, stage: str) -> dict | None:
+    """Contribute extra metrics computed from a training or evaluation batch.
+
+    Called after the loss of every batch. ``logps`` is the
+    :class:`posttrain.types.PreferenceLogps` of the batch. Return ``{name: float}`` or ``None``;
+    values are averaged over the logging interval and written to ``metrics.jsonl``.
+
+    Combine: *all results*, merged; two plugins reporting the same metric name is an error.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Loss family
+# --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def posttrain_preference_loss(logps: Any) -> Any:
+    """Compute the preference loss of a batch of pairs.
+
+    ``logps`` is a :class:`posttrain.types.PreferenceLogps`: per-sequence policy log-probs of
+    the chosen and rejected responses (summed over response tokens), the reference's (or
+    ``None`` when no plugin needs a reference), response token counts, and the per-token
+    log-probs with their masks.
+
+    Return a :class:`posttrain.types.PreferenceLoss` holding the per-pair loss (shape ``(B,)``;
+    the trainer takes the mean) and the implicit rewards of the chosen and rejected responses
+    (shape ``(B,)``, used for metrics and the held-out preference accuracy).
+
+    Combine: *one owner*. A preference stage needs exactly one enabled plugin implementing
+    this hook (``dpo`` is the default); two are a recipe error naming both.
+    """
+
+
+@hookspec
+def posttrain_loss_terms(logps: Any) -> dict | None:
+    """Add terms to the loss (e.g. an NLL term on the chosen response, a regulariser).
+
+    Called after :func:`posttrain_preference_loss` on every batch, with the same ``logps``.
+    Return ``{name: scalar tensor}`` or ``None``. Each term is added to the loss as is (apply
+    your own weight) and logged as ``loss/<name>``.
+
+    Combine: *all results*, summed into the loss; two plugins using the same term name is an
+    error.
+    """
+
+
+@hookspec
+def posttrain_reference_needed(stage: str) -> bool | None:
+    """Say whether this plugin needs reference-model log-probs.
+
+    Called once when the trainer is built. Return ``True`` (needed), ``False`` (not needed by
+    this plugin, e.g. a reference-free loss) or ``None`` (no opinion).
+
+    Combine: *all results*. The reference is computed when any plugin returns ``True``, or
+    when none returns ``False``; it is skipped only when some plugin returns ``False`` and
+    none returns ``True``. When it is skipped, ``logps.ref_chosen_logps`` and
+    ``logps.ref_rejected_logps`` are ``None``.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Sampler family
+# --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def posttrain_sample(
+    model: Any, tokenizer: Any, prompts: list, num_samples: int, generation: dict
+) -> list | None:
+    """Produce completions for prompts.
+
+    Used wherever the core needs the policy's own outputs: the held-out greedy evaluation
+    now; online RL, iterative DPO and rejection sampling in later stages. ``prompts`` are
+    strings or message lists (conversational); ``generation`` holds generation settings
+    (``max_new_tokens``, ``do_sample``, ``temperature``, ...).
+
+    Return one list of ``num_samples`` completion strings per prompt, or ``None`` to leave the
+    job to the core's default sampler (``model.generate`` with the given settings).
+
+    Combine: *one owner* (at most one enabled plugin); without one the default sampler runs.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Reward-source family
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def posttrain_reward(prompts: list, completions: list, columns: dict) -> list | None:
+    """Score completions.
+
+    ``prompts[i]`` produced ``completions[i]``; ``columns`` maps every dataset column name to
+    its values for the same examples (gold answers, constraint ids, labels...). Return one
+    score per completion: a float, or ``None`` to abstain for that example. Return ``None``
+    instead of a list to abstain for the whole batch.
+
+    Combine: *all results*, as a weighted sum per example: each source's scores are multiplied
+    by its ``weight`` option (1.0 when the plugin has none) and summed over the sources that
+    did not abstain. An example on which every source abstains has no reward (``None``).
+    Each source's scores are also reported separately, under its plugin name.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Reference-update family
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def posttrain_update_reference(trainer: Any, event: str, step: int) -> None:
+    """Update the reference model.
+
+    Called with ``event="step"`` after every optimizer step (``step`` is the global step) and
+    with ``event="iteration"`` at the end of each iteration of an iterative stage. ``trainer``
+    is the running TRL trainer: ``trainer.model`` is the policy, ``trainer.ref_model`` the
+    reference (``None`` with LoRA, where the reference is the policy with its adapter
+    disabled).
+
+    Without any implementation the reference stays frozen.
+
+    Combine: *all results*; every implementation is called, in plugin order. Return values are
+    ignored.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Batching family
+# --------------------------------------------------------------------------------------
+
+
+@hookspec
+def posttrain_transform_dataset(dataset: Any, split: str, stage: str) -> Any:
+    """Filter or transform a dataset before training.
+
+    Called once per split (``"train"``, ``"eval"``) after the recipe's column mapping and
+    before tokenisation. ``dataset`` is a ``datasets.Dataset`` with the stage's columns
+    (``prompt``, ``chosen``, ``rejected`` for preference data) plus any others of the source.
+    Return a new dataset, or ``None`` to leave it unchanged.
+
+    Combine: *all results*, chained: each implementation receives the previous one's output,
+    in plugin order. A split that ends up empty is an error naming the last plugin that
+    changed it.
+    """
+
+
+@hookspec
+def posttrain_token_mask(input_ids: Any, completion_mask: Any, tokenizer: Any) -> Any:
+    """Remove tokens from the loss.
+
+    Called on every batch before the forward passes. ``input_ids`` and ``completion_mask`` have
+    shape ``(2B, T)``: chosen sequences first, then rejected (as TRL's preference collator
+    builds them). Return a boolean or 0/1 tensor of the same shape that is 1 where a token may
+    stay in the loss, or ``None``.
+
+    Combine: *all results*, multiplied into the completion mask (a token stays only when every
+    plugin keeps it). Policy and reference log-probs and the response lengths all use the
+    combined mask.
+    """
+
+
+@hookspec(firstresult=True)
+def posttrain_data_collator(tokenizer: Any, default: Any, stage: str) -> Any:
+    """Replace the collator that turns tokenised examples into batches.
+
+    ``default`` is the collator TRL would use; wrap it or return another. Return ``None`` to
+    keep the default.
+
+    Combine: *one owner*.
+    """
+
+
+@hookspec(firstresult=True)
+def posttrain_train_sampler(dataset: Any, batch_size: int, seed: int, stage: str) -> Any:
+    """Choose the order in which training examples are drawn.
+
+    ``dataset`` is the tokenised training dataset. Return a ``torch.utils.data.Sampler`` (for
+    example one that groups pairs of similar length), or ``None`` for the trainer's default
+    (random order).
+
+    Combine: *one owner*.
+    """

@@ -1,0 +1,256 @@
+"""Recipes: YAML files that say which model, data, plugins and training settings a run uses.
+
+Loading is safe (``yaml.SafeLoader``: data only, no Python objects) and strict: every key is
+checked against the schema below, with a suggestion for a misspelt one, before anything heavy
+is imported. ``docs/recipes.md`` documents every key (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from .errors import UserError, did_you_mean
+from .plugin import check_type
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class LoraSection:
+    r: int = _help("LoRA rank.", default=16)
+    alpha: int = _help("LoRA scaling numerator (lora_alpha).", default=32)
+    dropout: float = _help("Dropout on the LoRA branch.", default=0.05)
+    target_modules: Union[str, list[str]] = _help(
+        "Modules that get adapters: a list of names, or 'all-linear'.", default="all-linear")
+    modules_to_save: Union[list[str], None] = _help("Modules trained in full and saved with the adapter.", default=None)
+
+
+@dataclass
+class QuantizationSection:
+    bits: Literal[4, 8] = _help("Load the base model in 4-bit (QLoRA) or 8-bit through bitsandbytes.", default=4)
+    quant_type: Literal["nf4", "fp4"] = _help("4-bit data type.", default="nf4")
+    double_quant: bool = _help("Quantise the quantisation constants too (4-bit).", default=True)
+    compute_dtype: Dtype = _help("Dtype of the matmuls; 'auto' is bfloat16 on a GPU that supports it, else float32.",
+                                 default="auto")
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = _help("'builtin:NAME', a local folder, or a hub id.")
+    revision: Union[str, None] = _help("Hub revision (branch, tag or commit).", default=None)
+    dtype: Dtype = _help("Weights dtype; 'auto' is bfloat16 on a GPU that supports it, else float32.", default="auto")
+    trust_remote_code: bool = _help("Run model code shipped with the checkpoint. Off unless you trust it.",
+                                    default=False)
+    attn_implementation: Union[str, None] = _help("e.g. 'sdpa', 'eager', 'flash_attention_2'.", default=None)
+    lora: Union[LoraSection, None] = _help("Train a LoRA adapter instead of all weights (null: full fine-tuning).",
+                                           default=None)
+    quantization: Union[QuantizationSection, None] = _help("Load the base quantised (needs lora).", default=None)
+
+
+@dataclass
+class EvalDataSection:
+    source: Union[str, None] = _help("Another source for held-out data (same forms as data.source).", default=None)
+    split: Union[str, None] = _help("Split of the held-out source (or of data.source when source is null).",
+                                    default=None)
+    fraction: float = _help("Without source/split: hold out this fraction of the training data.", default=0.1)
+    max_examples: Union[int, None] = _help("Keep at most this many held-out examples.", default=None)
+
+
+@dataclass
+class DataSection:
+    source: str = _help("'builtin:NAME', a local .jsonl/.json/.parquet/.csv file, or a hub dataset id.")
+    split: str = _help("Split to train on.", default="train")
+    columns: dict[str, str] = _help("Rename columns: {our_name: their_name}, e.g. {prompt: question}.",
+                                    default_factory=dict)
+    options: dict[str, Any] = _help("Options of a built-in generator (e.g. n, seed).", default_factory=dict)
+    max_examples: Union[int, None] = _help("Keep at most this many training examples.", default=None)
+    eval: EvalDataSection = _help("Held-out data.", default_factory=EvalDataSection)
+
+
+@dataclass
+class EvalSection:
+    before: bool = _help("Also evaluate the starting model, to report before/after.", default=True)
+    generate: int = _help("Held-out prompts the model answers greedily, scored by the reward plugins (0: off).",
+                          default=64)
+    max_new_tokens: int = _help("Generation budget for those answers.", default=32)
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = _help("The model to train.")
+    data: DataSection = _help("The training data.")
+    name: Union[str, None] = _help("Run name; defaults to the recipe file name.", default=None)
+    description: str = _help("One line shown by `posttrain recipes`.", default="")
+    stage: Literal["preference"] = _help("What kind of training: 'preference' (pairs).", default="preference")
+    seed: int = _help("Seed for data splits, adapter init and training.", default=42)
+    output_dir: Union[str, None] = _help("Run directory; defaults to runs/<name>.", default=None)
+    plugins: dict[str, Union[dict, None]] = _help("Enabled plugins and their options.",
+                                                  default_factory=lambda: {"dpo": {}})
+    training: dict[str, Any] = _help("Fields of the TRL config (DPOConfig for the preference stage).",
+                                     default_factory=dict)
+    eval: EvalSection = _help("Held-out evaluation.", default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# TRL config fields that posttrain owns: setting them under `training` would be silently
+# ignored or would fight a plugin, so the recipe is refused with the right place to say it.
+MANAGED_TRL_FIELDS = {
+    "beta": "the loss plugin owns it: set plugins.<loss plugin>.beta (e.g. plugins.dpo.beta)",
+    "loss_type": "the loss is a plugin: enable the loss plugin you want under `plugins`",
+    "loss_weights": "the loss is a plugin: add terms with plugins implementing posttrain_loss_terms",
+    "label_smoothing": "the loss is a plugin: set it in the loss plugin's options",
+    "f_divergence_type": "the loss is a plugin: enable a plugin for that divergence",
+    "f_alpha_divergence_coef": "the loss is a plugin: enable a plugin for that divergence",
+    "ld_alpha": "the loss is a plugin: enable a plugin for length-desensitised DPO",
+    "use_weighting": "the loss is a plugin: enable a plugin for WPO weighting",
+    "discopop_tau": "the loss is a plugin",
+    "sync_ref_model": "the reference update is a plugin: enable one implementing posttrain_update_reference",
+    "ref_model_mixup_alpha": "the reference update is a plugin",
+    "ref_model_sync_steps": "the reference update is a plugin",
+    "output_dir": "use the recipe's top-level output_dir or `posttrain run --output-dir`",
+    "seed": "use the recipe's top-level seed",
+    "model_init_kwargs": "use the recipe's model section",
+    "trust_remote_code": "use model.trust_remote_code",
+}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-4 as a float (YAML 1.1 wants 1.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_int_or_float(loader, node):
+    text = loader.construct_scalar(node)
+    if re.fullmatch(r"[-+]?\d+", text):
+        return int(text)
+    return float(text.replace("inf", "Inf").lower()) if "inf" in text.lower() else float(text)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _yaml_int_or_float)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise UserError(f"not valid YAML: {e}", field=where, fix="fix the YAML syntax at the position shown") from None
+
+
+def _is_section(tp) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) is Union:
+        for arg in get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def from_data(cls: type, raw: Any, where: str) -> Any:
+    """Build a schema dataclass from YAML data, strictly."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"expected a mapping, got {type(raw).__name__}", field=where or "recipe",
+                        fix="write this section as key: value lines")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    prefix = f"{where}." if where else ""
+    for key in raw:
+        if key not in fields:
+            raise UserError(f"unknown key '{key}'{did_you_mean(key, fields)}", field=f"{prefix}{key}",
+                            fix=f"valid keys here: {', '.join(fields)} (see docs/recipes.md)")
+    values = {}
+    for name, f in fields.items():
+        path = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError("this key is required", field=path, fix=f"add `{name}:` to the recipe")
+            continue
+        value, tp = raw[name], hints[name]
+        section = _is_section(tp)
+        if section is not None:
+            if value is None and type(None) in get_args(tp):
+                values[name] = None
+            elif value is True and type(None) in get_args(tp):  # `lora: true` means the defaults
+                values[name] = section()
+            else:
+                values[name] = from_data(section, value, path)
+        else:
+            values[name] = check_type(value, tp, field=path)
+    return cls(**values)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``--set a.b.c=value`` (value parsed as YAML) to recipe data, in place."""
+    key, sep, raw_value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"cannot read '--set {assignment}'", field="--set", fix="write --set key.path=value")
+    value = parse_yaml(raw_value, f"--set {key}") if raw_value.strip() else None
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise UserError(f"'{'.'.join(parts[:i + 1])}' is not a section", field=f"--set {key}",
+                            fix="set a key inside a section, e.g. --set training.learning_rate=1e-5")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe_data(path: str | Path, overrides: list[str] = ()) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file '{path}' does not exist", field="recipe",
+                        fix="give the path of a YAML recipe; `posttrain recipes` lists the shipped ones")
+    data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError("a recipe must be a YAML mapping", field=str(path), fix="start the file with `model:`/`data:` keys")
+    data = copy.deepcopy(data)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and schema-check a recipe. Deeper checks: :func:`posttrain.validate.validate`."""
+    return from_data(Recipe, load_recipe_data(path, overrides), "")
+
+
+def schema_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every recipe key as (dotted path, type, help), for docs and the docs test."""
+    from .plugin import type_name
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        section = _is_section(hints[f.name])
+        out.append((path, "section" if section else type_name(hints[f.name]), f.metadata.get("help", "")))
+        if section:
+            out.extend(schema_keys(section, path + "."))
+    return out

@@ -1,0 +1,67 @@
+"""Running a recipe: validate, prepare the run directory, then hand over to the stage.
+
+Every check that can fail on user input happens before the run directory is touched and
+before torch is imported, so a bad recipe never costs a model load or an earlier run's files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .recipe import load_recipe
+from .validate import Plan, validate
+
+
+def run_dir_for(plan: Plan, output_dir: str | None) -> Path:
+    return Path(output_dir or plan.recipe.output_dir or Path("runs") / plan.recipe.name)
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def prepare_run_dir(plan: Plan, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    resolved = plan.recipe.to_dict()
+    recipe_file = run_dir / "recipe.yaml"
+    if resume:
+        if overwrite:
+            raise UserError("--resume and --overwrite contradict each other", field="--resume",
+                            fix="use --resume to continue the run, or --overwrite to start it again")
+        if not recipe_file.is_file():
+            raise UserError(f"there is no run to resume in '{run_dir}'", field="--resume",
+                            fix="drop --resume to start a new run, or point --output-dir at an earlier run")
+        if (run_dir / "summary.json").exists():
+            raise UserError(f"the run in '{run_dir}' already finished", field="--resume",
+                            fix="start a new run with another --output-dir")
+        saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+        changes = _diff(saved, resolved)
+        if changes:
+            raise UserError("the recipe differs from the one the run started with: " + "; ".join(changes[:5]),
+                            field="--resume", fix="resume with the same recipe and --set values")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run directory '{run_dir}' already exists", field="--output-dir",
+                            fix="choose another --output-dir, continue it with --resume, or replace it with --overwrite")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_file.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+
+
+def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *, resume: bool = False,
+        overwrite: bool = False) -> tuple[Path, dict]:
+    plan = validate(load_recipe(recipe_path, overrides))
+    run_dir = run_dir_for(plan, output_dir)
+    prepare_run_dir(plan, run_dir, resume=resume, overwrite=overwrite)
+    from .preference import run_stage  # heavy: torch, transformers, trl
+
+    return run_dir, run_stage(plan, run_dir, resume)

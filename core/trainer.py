@@ -1,0 +1,155 @@
+"""The preference trainer: TRL's own DPOTrainer, with the loss and batching taken from hooks.
+
+Only ``_compute_loss`` is replaced (TRL computes every preference loss in that one method);
+the forward passes use TRL's fused LM head and its reference helper
+(``compute_ref_log_probs``, which disables the LoRA adapter instead of holding a second copy
+of the model). Data preparation, tokenisation, collation, precomputed reference log-probs,
+DeepSpeed/FSDP preparation, checkpointing and logging are TRL's and transformers'.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+from trl import DPOTrainer
+
+from .errors import UserError
+from .registry import PluginSet
+from .types import PreferenceLogps
+
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+
+
+def reference_needed(plugins: PluginSet, stage: str) -> bool:
+    """Combine ``posttrain_reference_needed`` answers as its contract says."""
+    answers = [a for a in plugins.call("posttrain_reference_needed", stage=stage) if a is not None]
+    return True if True in answers or not answers else False
+
+
+class _ReferenceUpdateCallback(TrainerCallback):
+    def __init__(self, trainer: "PreferenceTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.plugins.call("posttrain_update_reference", trainer=self.trainer, event="step",
+                                  step=state.global_step)
+
+
+class PreferenceTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` whose loss, token masks, metrics, sampler, collator and reference
+    updates come from the enabled plugins."""
+
+    def __init__(self, *args, plugins: PluginSet, stage: str = "preference", **kwargs):
+        self.plugins = plugins
+        self.stage = stage
+        self.uses_reference = reference_needed(plugins, stage)
+        super().__init__(*args, **kwargs)
+        collator = plugins.call("posttrain_data_collator", tokenizer=self.processing_class,
+                                default=self.data_collator, stage=stage)
+        if collator is not None:
+            self.data_collator = collator
+        if plugins.implementers("posttrain_update_reference"):
+            self.add_callback(_ReferenceUpdateCallback(self))
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        sampler = self.plugins.call("posttrain_train_sampler", dataset=dataset,
+                                    batch_size=self.args.per_device_train_batch_size, seed=self.args.seed,
+                                    stage=self.stage)
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def _apply_token_masks(self, inputs: dict) -> dict:
+        masks = self.plugins.call("posttrain_token_mask", input_ids=inputs["input_ids"],
+                                  completion_mask=inputs["completion_mask"], tokenizer=self.processing_class)
+        if not masks:
+            return inputs
+        mask = inputs["completion_mask"]
+        for m in masks:
+            if m is not None:
+                mask = mask * m.to(device=mask.device, dtype=mask.dtype)
+        return {**inputs, "completion_mask": mask}
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        inputs = self._apply_token_masks(inputs)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[..., 1:]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = shift_mask.size(1)
+        per_token_logps = outputs.log_probs[:, -seq_len:] * shift_mask
+        chosen_logps, rejected_logps = per_token_logps.sum(dim=1).chunk(2, dim=0)
+
+        ref_chosen = ref_rejected = None
+        if self.uses_reference:
+            if self.precompute_ref_logps:
+                ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+            else:
+                ref_chosen, ref_rejected = self.compute_ref_log_probs(
+                    self.ref_model if self.ref_model is not None else model, inputs)
+
+        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
+        chosen_tok, rejected_tok = per_token_logps.chunk(2, dim=0)
+        logps = PreferenceLogps(
+            chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+            ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+            chosen_lengths=chosen_mask.sum(dim=1), rejected_lengths=rejected_mask.sum(dim=1),
+            chosen_token_logps=chosen_tok, rejected_token_logps=rejected_tok,
+            chosen_mask=chosen_mask, rejected_mask=rejected_mask, training=mode == "train",
+        )
+        result = self.plugins.call("posttrain_preference_loss", logps=logps)
+        loss = result.losses.mean()
+
+        metrics = self._metrics[mode]
+        seen_terms: dict[str, str] = {}
+        for plugin_name, terms in self.plugins.call_each("posttrain_loss_terms", logps=logps):
+            for term_name, value in (terms or {}).items():
+                if term_name in seen_terms:
+                    raise UserError(f"plugins '{seen_terms[term_name]}' and '{plugin_name}' both add a loss term "
+                                    f"named '{term_name}'", field="plugins", fix="enable only one of them")
+                seen_terms[term_name] = plugin_name
+                loss = loss + value
+                metrics[f"loss/{term_name}"].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
+
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+
+        self._log_pair_metrics(metrics, mode, inputs, logps, result)
+        extra_seen: dict[str, str] = {}
+        for plugin_name, extra in self.plugins.call_each("posttrain_step_metrics", logps=logps, stage=self.stage):
+            for key, value in (extra or {}).items():
+                if key in extra_seen:
+                    raise UserError(f"plugins '{extra_seen[key]}' and '{plugin_name}' both report metric '{key}'",
+                                    field="plugins", fix="enable only one of them")
+                extra_seen[key] = plugin_name
+                metrics[key].append(float(value))
+
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _log_pair_metrics(self, metrics, mode, inputs, logps: PreferenceLogps, result) -> None:
+        gather = self.accelerator.gather_for_metrics
+        if mode == "train":
+            num_tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += num_tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        chosen_r = gather(result.chosen_rewards.detach())
+        rejected_r = gather(result.rejected_rewards.detach())
+        margins = chosen_r - rejected_r
+        metrics["rewards/chosen"].append(chosen_r.mean().item())
+        metrics["rewards/rejected"].append(rejected_r.mean().item())
+        metrics["rewards/margins"].append(margins.mean().item())
+        # Ties count half: before any training the implicit rewards are all 0 (policy = reference).
+        metrics["rewards/accuracies"].append(((margins > 0).float() + 0.5 * (margins == 0).float()).mean().item())
+        c, r = gather(logps.chosen_logps.detach()), gather(logps.rejected_logps.detach())
+        metrics["logps/chosen"].append(c.mean().item())
+        metrics["logps/rejected"].append(r.mean().item())
+        metrics["logps/accuracies"].append(((c > r).float() + 0.5 * (c == r).float()).mean().item())

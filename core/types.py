@@ -1,0 +1,57 @@
+"""Data passed between the core and plugins' hooks. Tensors are ``torch.Tensor``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class PreferenceLogps:
+    """Log-probabilities of a batch of B preference pairs.
+
+    Sequence log-probs are sums of token log-probs over the response tokens that survive the
+    token masks; lengths count those tokens.
+    """
+
+    chosen_logps: Any  # (B,) policy, requires grad while training
+    rejected_logps: Any  # (B,)
+    ref_chosen_logps: Any | None  # (B,) or None when no plugin needs a reference
+    ref_rejected_logps: Any | None  # (B,)
+    chosen_lengths: Any  # (B,) response token counts
+    rejected_lengths: Any  # (B,)
+    chosen_token_logps: Any  # (B, T) per-token policy log-probs, 0 outside the mask
+    rejected_token_logps: Any  # (B, T)
+    chosen_mask: Any  # (B, T) 1 where a response token is in the loss
+    rejected_mask: Any  # (B, T)
+    training: bool = True
+
+    @property
+    def chosen_logratios(self):
+        """log π(y_w|x) − log π_ref(y_w|x)."""
+        return self.chosen_logps - self.ref_chosen_logps
+
+    @property
+    def rejected_logratios(self):
+        """log π(y_l|x) − log π_ref(y_l|x)."""
+        return self.rejected_logps - self.ref_rejected_logps
+
+
+@dataclass
+class PreferenceLoss:
+    """What the owner of ``posttrain_preference_loss`` returns."""
+
+    losses: Any  # (B,) per-pair loss; the trainer averages it
+    chosen_rewards: Any  # (B,) implicit reward of the chosen response (detached is fine)
+    rejected_rewards: Any  # (B,)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or the content of the last message of a message list."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    return "" if completion is None else str(completion)

@@ -1,0 +1,86 @@
+"""Everything checked about a recipe before a model is loaded (no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import trl_fields
+from .data import check_source
+from .errors import UserError, did_you_mean
+from .models import BUILTIN_MODELS
+from .recipe import MANAGED_TRL_FIELDS, Recipe
+from .registry import PluginSet, build_plugin_set
+
+
+@dataclass
+class Plan:
+    """A validated recipe and what was derived from it."""
+
+    recipe: Recipe
+    plugins: PluginSet
+    trl_config: dict  # plugin contributions merged with the recipe's `training` section
+
+
+def check_model(recipe: Recipe) -> None:
+    model = recipe.model
+    source = model.name_or_path
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise UserError(f"unknown built-in model '{name}'{did_you_mean(name, BUILTIN_MODELS)}",
+                            field="model.name_or_path", fix=f"built-in models: {', '.join(BUILTIN_MODELS)}")
+    elif source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model folder '{source}' does not exist", field="model.name_or_path",
+                            fix="give a folder saved with save_pretrained, a hub id, or a builtin: name")
+        if not (path / "config.json").is_file():
+            raise UserError(f"'{source}' has no config.json, so it is not a Hugging Face model folder",
+                            field="model.name_or_path", fix="point at the folder written by save_pretrained")
+    if model.quantization is not None and model.lora is None:
+        raise UserError("a quantised base model cannot be trained without an adapter", field="model.quantization",
+                        fix="add `lora: {r: 16}` to the model section (QLoRA), or remove quantization")
+
+
+def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
+    fields = trl_fields.config_fields(recipe.stage)
+    cls_name = trl_fields.config_class_name(recipe.stage)
+    for key, value in recipe.training.items():
+        if key in MANAGED_TRL_FIELDS:
+            raise UserError(f"'{key}' is not set here: {MANAGED_TRL_FIELDS[key]}", field=f"training.{key}",
+                            fix=f"remove training.{key}")
+        if key not in fields:
+            raise UserError(f"{cls_name} has no field '{key}'{did_you_mean(key, fields)}", field=f"training.{key}",
+                            fix=f"use a {cls_name} field (see TRL's documentation of {cls_name})")
+        if not trl_fields.value_matches(fields[key], value):
+            raise UserError(f"expected {fields[key]}, got {value!r}", field=f"training.{key}",
+                            fix=f"give training.{key} a value of type {fields[key]}")
+    contributed = plugins.merged("posttrain_trl_config", "TRL config field",
+                                 stage=recipe.stage, recipe=recipe.to_dict())
+    for key, value in contributed.items():
+        if key not in fields:
+            raise UserError(f"a plugin sets unknown {cls_name} field '{key}'", field="plugins",
+                            fix="report this to the plugin's author")
+        if key in recipe.training and recipe.training[key] != value:
+            raise UserError(f"the recipe sets {key}={recipe.training[key]!r} but an enabled plugin sets {value!r}",
+                            field=f"training.{key}", fix=f"remove training.{key} or change the plugin's options")
+    return {**contributed, **recipe.training}
+
+
+def validate(recipe: Recipe) -> Plan:
+    plugins = build_plugin_set(recipe.plugins, recipe.stage)
+    check_model(recipe)
+    data = recipe.data
+    check_source(data.source, columns=data.columns, options=data.options, stage=recipe.stage, where="data.source")
+    ev = data.eval
+    if ev.source:
+        check_source(ev.source, columns=data.columns, options={}, stage=recipe.stage, where="data.eval.source")
+    if not 0 <= ev.fraction < 1:
+        raise UserError(f"must be in [0, 1), got {ev.fraction}", field="data.eval.fraction",
+                        fix="use e.g. 0.1 to hold out 10% of the training data, or 0 for no held-out set")
+    if recipe.eval.generate < 0 or recipe.eval.max_new_tokens < 1:
+        raise UserError("eval.generate must be >= 0 and eval.max_new_tokens >= 1", field="eval",
+                        fix="use e.g. generate: 64, max_new_tokens: 32")
+    trl_config = check_training(recipe, plugins)
+    return Plan(recipe, plugins, trl_config)

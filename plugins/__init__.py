@@ -1,0 +1,1 @@
+"""Built-in posttrain plugins, one per module, registered through the posttrain.plugins entry points."""

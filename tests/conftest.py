@@ -1,0 +1,128 @@
+"""Shared test fixtures: a tiny random Llama with a BPE tokenizer trained here (posttrain.testing),
+recipes, and a third-party plugin distribution built on disk (its own dist-info and entry points)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from posttrain import registry  # noqa: E402
+from posttrain.testing import build_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+THIRD_PARTY = Path(__file__).resolve().parent / "thirdparty"
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def write_recipe(tmp_path, tiny_model_dir):
+    """Write a small CPU recipe for the tiny model; keyword arguments deep-merge into it."""
+
+    def write(name: str = "recipe", **overrides) -> Path:
+        data = {
+            "model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+            "data": {"source": "builtin:arithmetic", "options": {"n": 96}, "eval": {"fraction": 0.25}},
+            "plugins": {"dpo": {"beta": 0.1}},
+            "training": {"learning_rate": 5e-3, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
+                         "max_steps": 6, "logging_steps": 2, "save_steps": 100, "max_length": 64},
+            "eval": {"generate": 8, "max_new_tokens": 8},
+        }
+        _merge(data, overrides)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        elif value is _DELETE:
+            base.pop(key, None)
+        else:
+            base[key] = value
+
+
+_DELETE = object()
+
+
+@pytest.fixture
+def delete():
+    return _DELETE
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: returns (exit code, stdout, stderr)."""
+    from posttrain.cli import main
+
+    def run(*args: str):
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def make_distribution(site: Path, name: str, version: str, module_source: str, entry_points: dict[str, str]) -> Path:
+    """Lay out an installed distribution (module + dist-info with entry points) under ``site``."""
+    module = name.replace("-", "_")
+    (site / module).mkdir(parents=True, exist_ok=True)
+    (site / module / "__init__.py").write_text(textwrap.dedent(module_source))
+    info = site / f"{module}-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[posttrain.plugins]\n{lines}\n")
+    return site
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """The test-only plugin package `acme-posttrain` (tests/thirdparty/acme.py), visible to
+    importlib.metadata in this process and in subprocesses (via PYTHONPATH)."""
+    site = tmp_path / "site"
+    make_distribution(site, "acme-posttrain", "0.3.0", (THIRD_PARTY / "acme.py").read_text(), {
+        "acme_metrics": "acme_posttrain:AcmeMetrics",
+        "acme_loss": "acme_posttrain:AcmeLoss",
+        "acme_explode": "acme_posttrain:AcmeExplode",
+        "acme_killer": "acme_posttrain:AcmeKiller",
+        "acme_broken": "acme_posttrain.missing:Nothing",
+        "acme_misnamed": "acme_posttrain:AcmeMisnamedHook",
+    })
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    registry.clear_cache()
+    yield site
+    sys.modules.pop("acme_posttrain", None)
+    registry.clear_cache()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    registry.clear_cache()
+    yield
+    registry.clear_cache()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,199 @@
+"""Recipe parsing and validation: every user error exits 2 with the field and the fix, before
+any model is loaded, and leaves existing files alone."""
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import yaml
+
+from posttrain import trl_fields
+from posttrain.errors import UserError
+from posttrain.recipe import apply_override, load_recipe
+
+
+def test_valid_recipe_passes(cli, write_recipe):
+    code, out, err = cli("validate", write_recipe())
+    assert code == 0, err
+    assert "is valid" in out and "dpo" in out
+
+
+def test_unknown_top_level_key_suggests(cli, write_recipe):
+    path = write_recipe(trainig={"max_steps": 3})
+    code, _, err = cli("validate", path)
+    assert code == 2
+    assert "trainig: unknown key 'trainig' (did you mean 'training'?)" in err
+    assert "fix:" in err and "Traceback" not in err
+
+
+def test_unknown_nested_key_suggests(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(model={"lora": {"alpah": 8}}))
+    assert code == 2
+    assert "model.lora.alpah" in err and "did you mean 'alpha'" in err
+
+
+def test_ill_typed_value(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(model={"lora": {"r": "big"}}))
+    assert code == 2
+    assert "model.lora.r: expected int, got 'big'" in err
+
+
+def test_missing_required_section(cli, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {source: builtin:arithmetic}\n")
+    code, _, err = cli("validate", path)
+    assert code == 2 and "model: this key is required" in err
+
+
+def test_recipe_file_missing(cli, tmp_path):
+    code, _, err = cli("validate", tmp_path / "nope.yaml")
+    assert code == 2 and "does not exist" in err
+
+
+def test_yaml_is_data_only(cli, tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    code, _, err = cli("validate", path)
+    assert code == 2 and "not valid YAML" in err
+    assert not marker.exists()
+
+
+def test_set_overrides(write_recipe):
+    path = write_recipe()
+    recipe = load_recipe(path, ["training.learning_rate=1e-4", "plugins.dpo.beta=0.3", "model.lora.r=4",
+                                "eval.generate=0"])
+    assert recipe.training["learning_rate"] == pytest.approx(1e-4)
+    assert isinstance(recipe.training["learning_rate"], float)
+    assert recipe.plugins["dpo"]["beta"] == 0.3
+    assert recipe.model.lora.r == 4
+    assert recipe.eval.generate == 0
+
+
+def test_set_bad_syntax_and_bad_key(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(), "--set", "training")
+    assert code == 2 and "--set" in err
+    code, _, err = cli("validate", write_recipe(), "--set", "model.lorra.r=3")
+    assert code == 2 and "did you mean 'lora'" in err
+
+
+def test_set_into_scalar_is_refused():
+    data = {"model": {"name_or_path": "x"}}
+    with pytest.raises(UserError, match="not a section"):
+        apply_override(data, "model.name_or_path.sub=1")
+
+
+def test_unknown_trl_field_suggests(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(training={"learning_rat": 1e-4}))
+    assert code == 2
+    assert "training.learning_rat: DPOConfig has no field 'learning_rat' (did you mean 'learning_rate'?)" in err
+
+
+def test_trl_field_type_is_checked(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(training={"max_steps": "ten"}))
+    assert code == 2 and "training.max_steps: expected int" in err
+
+
+def test_managed_trl_field_points_to_plugin(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(training={"beta": 0.5}))
+    assert code == 2 and "plugins.dpo.beta" in err
+    code, _, err = cli("validate", write_recipe(training={"loss_type": ["ipo"]}))
+    assert code == 2 and "training.loss_type" in err
+
+
+def test_trl_fields_read_from_source_match_the_real_class():
+    import trl
+
+    from_source = set(trl_fields.config_fields("preference"))
+    real = {f.name for f in dataclasses.fields(trl.DPOConfig)}
+    assert from_source == real
+
+
+def test_model_folder_missing(cli, write_recipe, tmp_path):
+    code, _, err = cli("validate", write_recipe(model={"name_or_path": str(tmp_path / "no-model")}))
+    assert code == 2 and "model.name_or_path" in err and "does not exist" in err
+
+
+def test_unknown_builtin_model(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(model={"name_or_path": "builtin:smollm2-135m"}))
+    assert code == 2 and "did you mean 'smollm2-135m-instruct'" in err
+
+
+def test_quantization_needs_lora(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(model={"lora": None, "quantization": {"bits": 4}}))
+    assert code == 2 and "model.quantization" in err and "lora" in err
+
+
+def test_data_file_missing(cli, write_recipe, tmp_path):
+    code, _, err = cli("validate", write_recipe(data={"source": str(tmp_path / "pairs.jsonl")}))
+    assert code == 2 and "data.source: data file" in err and "does not exist" in err
+
+
+def test_data_missing_column(cli, write_recipe, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "good": "a", "rejected": "b"}) + "\n")
+    code, _, err = cli("validate", write_recipe(data={"source": str(data), "options": {}}))
+    assert code == 2
+    assert "data.columns.chosen" in err and "good" in err and "columns: {chosen:" in err
+
+
+def test_data_column_mapping_fixes_it(cli, write_recipe, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "good": "a", "rejected": "b"}) + "\n")
+    code, _, err = cli("validate", write_recipe(data={"source": str(data), "options": {}, "columns": {"chosen": "good"}}))
+    assert code == 0, err
+
+
+def test_column_mapping_to_absent_column(cli, write_recipe, tmp_path):
+    data = tmp_path / "pairs.csv"
+    data.write_text("question,chosen,rejected\nq,a,b\n")
+    code, _, err = cli("validate", write_recipe(data={"source": str(data), "options": {}, "columns": {"prompt": "questoin"}}))
+    assert code == 2 and "did you mean 'question'" in err
+
+
+def test_builtin_dataset_options_checked(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(data={"options": {"n": 10, "operation": ["+"]}}))
+    assert code == 2 and "data.options.operation" in err and "did you mean 'operations'" in err
+
+
+def test_validate_and_plugins_do_not_import_torch(write_recipe, tmp_path):
+    import subprocess
+
+    recipe = write_recipe()
+    code = (
+        "import sys; from posttrain.cli import main; "
+        f"rc1 = main(['validate', {str(recipe)!r}]); rc2 = main(['plugins', '--json']); rc3 = main(['recipes']); "
+        "assert (rc1, rc2, rc3) == (0, 0, 0), (rc1, rc2, rc3); "
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_shipped_recipes_validate(cli):
+    from posttrain.cli import recipes_dir
+
+    recipes = sorted(recipes_dir().glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        code, _, err = cli("validate", path)
+        assert code == 0, f"{path.name}: {err}"
+    code, out, _ = cli("recipes")
+    assert code == 0 and "quickstart" in out
+
+
+def test_every_recipe_key_is_documented():
+    from posttrain.cli import recipes_dir
+    from posttrain.recipe import schema_keys
+
+    doc = (recipes_dir().parent / "docs" / "recipes.md").read_text()
+    missing = [path for path, _, _ in schema_keys() if f"`{path}`" not in doc]
+    assert not missing, f"docs/recipes.md lacks: {missing}"
+
+
+def test_resolved_recipe_round_trips(write_recipe):
+    recipe = load_recipe(write_recipe())
+    again = yaml.safe_load(yaml.safe_dump(recipe.to_dict()))
+    assert again == recipe.to_dict()

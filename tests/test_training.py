@@ -1,0 +1,161 @@
+"""Real training runs on a tiny random Llama through the CLI: LoRA, 4-bit QLoRA, plain and
+conversational data, the run directory, a third-party plugin's hook, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import read_jsonl
+
+# Evaluate on examples the run trains on (the first 16 of the same generator): "the loss goes
+# down" is then a statement about optimisation, not about generalisation of a random model.
+ON_TRAIN = {"eval": {"source": "builtin:arithmetic", "max_examples": 16, "fraction": 0.0}}
+
+
+def _run(cli, recipe, out_dir, *extra):
+    code, out, err = cli("run", recipe, "--output-dir", out_dir, *extra)
+    assert code == 0, err
+    return json.loads((Path(out_dir) / "summary.json").read_text()), out
+
+
+def test_lora_run_lowers_the_loss_and_fills_the_run_dir(cli, write_recipe, tmp_path):
+    recipe = write_recipe(data=ON_TRAIN, plugins={"dpo": {"beta": 0.5}, "verify_gsm8k": {}})
+    summary, out = _run(cli, recipe, tmp_path / "run")
+    run = tmp_path / "run"
+    assert summary["global_step"] == 6
+    before, after = summary["before"]["heldout"], summary["after"]["heldout"]
+    assert after["loss"] < before["loss"] - 0.01
+    assert before["preference_accuracy"] == pytest.approx(0.5)  # policy == reference: every pair ties
+    assert after["preference_accuracy"] > 0.5
+    assert summary["before"]["answers"]["n"] == 8 and "answer_accuracy" in summary["after"]["answers"]
+    assert "held-out preference accuracy" in out and "before" in out and "after" in out
+    # run directory
+    assert (run / "recipe.yaml").is_file()
+    assert (run / "final" / "adapter_config.json").is_file()
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert (run / "final" / "tokenizer_config.json").is_file()
+    train_lines = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4, 6]
+    assert all("rewards/margins" in r and "logps/chosen" in r for r in train_lines)
+
+
+def test_qlora_4bit_run_lowers_the_loss(cli, write_recipe, tmp_path):
+    recipe = write_recipe(data=ON_TRAIN, model={"quantization": {"bits": 4, "quant_type": "nf4"}},
+                          plugins={"dpo": {"beta": 0.5}})
+    summary, _ = _run(cli, recipe, tmp_path / "run")
+    assert summary["after"]["heldout"]["loss"] < summary["before"]["heldout"]["loss"] - 0.01
+
+
+def test_qlora_base_is_really_4bit(write_recipe, tmp_path):
+    import bitsandbytes as bnb
+
+    from posttrain.preference import build_trainer
+    from posttrain.recipe import load_recipe
+    from posttrain.validate import validate
+
+    plan = validate(load_recipe(write_recipe(model={"quantization": {"bits": 4}})))
+    trainer, _ = build_trainer(plan, tmp_path)
+    layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers, "no 4-bit linear layers in the model"
+    assert trainer.ref_model is None
+
+
+def test_plain_string_data_trains(cli, write_recipe, tmp_path):
+    recipe = write_recipe(data={"options": {"n": 64, "conversational": False}, **ON_TRAIN},
+                          plugins={"dpo": {"beta": 0.5}})
+    summary, _ = _run(cli, recipe, tmp_path / "run")
+    assert summary["after"]["heldout"]["loss"] < summary["before"]["heldout"]["loss"]
+
+
+def test_local_jsonl_with_column_mapping_trains(cli, write_recipe, tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "good": f"{i + 1}", "bad": f"{i + 2}"} for i in range(40)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(data={"source": str(data), "options": {},
+                                "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"}},
+                          training={"max_steps": 2})
+    summary, _ = _run(cli, recipe, tmp_path / "run")
+    assert summary["global_step"] == 2 and summary["heldout_pairs"] == 10
+
+
+def test_full_finetuning_keeps_a_frozen_reference(write_recipe, tmp_path):
+    from posttrain.preference import build_trainer
+    from posttrain.recipe import load_recipe
+    from posttrain.validate import validate
+
+    plan = validate(load_recipe(write_recipe(model={"lora": None}, training={"max_steps": 2})))
+    trainer, _ = build_trainer(plan, tmp_path)
+    ref_before = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+    trainer.train()
+    assert all((trainer.ref_model.state_dict()[k] == v).all() for k, v in ref_before.items())
+    changed = any((p != trainer.ref_model.get_parameter(n)).any() for n, p in trainer.model.named_parameters())
+    assert changed
+
+
+def test_third_party_plugin_hook_is_called_in_a_run(cli, write_recipe, tmp_path, third_party):
+    recipe = write_recipe(plugins={"dpo": {}, "acme_metrics": {"label": "seen"}},
+                          training={"max_steps": 3, "logging_steps": 1})
+    _run(cli, recipe, tmp_path / "run")
+    lines = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    counts = [r["acme/seen"] for r in lines]  # the plugin counts its own calls, one per batch
+    assert len(counts) == 3 and counts[0] >= 1 and all(b == a + 1 for a, b in zip(counts, counts[1:]))
+
+
+def test_plugin_raising_during_training_exits_2_naming_it(cli, write_recipe, tmp_path, third_party):
+    recipe = write_recipe(plugins={"dpo": {}, "acme_explode": {"where": "loss"}}, training={"max_steps": 2})
+    code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
+    assert code == 2
+    assert "plugin 'acme_explode' failed in hook 'posttrain_loss_terms': RuntimeError: boom in loss terms" in err
+
+
+def test_existing_run_dir_is_not_overwritten(cli, write_recipe, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    code, _, err = cli("run", write_recipe(), "--output-dir", run)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (run / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in run.iterdir()) == ["precious.txt"]
+
+
+def test_errors_leave_an_existing_run_alone(cli, write_recipe, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    code, _, err = cli("run", write_recipe(plugins={"dpoo": {}}), "--output-dir", run, "--overwrite")
+    assert code == 2 and "unknown plugin" in err
+    assert (run / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_refuses_a_changed_recipe(cli, write_recipe, tmp_path):
+    recipe = write_recipe(training={"max_steps": 1}, eval={"generate": 0})
+    run = tmp_path / "run"
+    (run).mkdir()
+    (run / "recipe.yaml").write_text("name: other\n")
+    code, _, err = cli("run", recipe, "--output-dir", run, "--resume")
+    assert code == 2 and "differs from the one the run started with" in err
+
+
+def test_killed_run_resumes_to_the_same_step_count(write_recipe, tmp_path, third_party):
+    run = tmp_path / "run"
+    marker = tmp_path / "killed.marker"
+    recipe = write_recipe(plugins={"dpo": {}, "acme_killer": {"at_step": 5, "marker": str(marker)}},
+                          training={"max_steps": 8, "save_steps": 2, "logging_steps": 1}, eval={"generate": 0})
+    cmd = [sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert marker.exists() and not (run / "summary.json").exists()
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=os.environ.copy())
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["global_step"] == 8 and summary["resumed_from"] == "checkpoint-4"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (2, 4, 6, 8)]
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 9))  # each step logged once: the lines after checkpoint-4 were not kept twice
