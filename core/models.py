@@ -84,6 +84,21 @@ def gpu_supports_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+def keep_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` that runs in eval mode converts its weights, once
+    and in place, to a layout served by ``gemv_4bit``, an op with no backward. Training after an
+    evaluation (posttrain evaluates before training) would then backpropagate through it
+    incorrectly, with only a warning. Keeping the trainable layout costs some inference speed.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_tokenizer(recipe, path: str):
     from transformers import AutoTokenizer
 
@@ -117,6 +132,8 @@ def load_model(recipe, path: str):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if q is not None:
         from peft import prepare_model_for_kbit_training
+
+        keep_4bit_layout_trainable(model)
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_config = None

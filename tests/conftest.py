@@ -33,7 +33,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def write_recipe(tmp_path, tiny_model_dir):
-    """Write a small CPU recipe for the tiny model; keyword arguments deep-merge into it."""
+    """Write a small CPU recipe for the tiny model; keyword arguments deep-merge into it (an empty
+    mapping replaces the section, None sets the key to null, `plugins` is always replaced whole)."""
 
     def write(name: str = "recipe", **overrides) -> Path:
         data = {
@@ -44,9 +45,12 @@ def write_recipe(tmp_path, tiny_model_dir):
                          "max_steps": 6, "logging_steps": 2, "save_steps": 100, "max_length": 64},
             "eval": {"generate": 8, "max_new_tokens": 8},
         }
+        plugins = overrides.pop("plugins", None)
         _merge(data, overrides)
+        if plugins is not None:  # the plugin list is given whole: its order is the hook call order
+            data["plugins"] = plugins
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(data))
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
     return write
@@ -54,7 +58,7 @@ def write_recipe(tmp_path, tiny_model_dir):
 
 def _merge(base: dict, extra: dict) -> None:
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(base.get(key), dict):
             _merge(base[key], value)
         elif value is _DELETE:
             base.pop(key, None)

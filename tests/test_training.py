@@ -159,3 +159,34 @@ def test_killed_run_resumes_to_the_same_step_count(write_recipe, tmp_path, third
     assert sorted(p.name for p in run.glob("checkpoint-*")) == [f"checkpoint-{i}" for i in (2, 4, 6, 8)]
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 9))  # each step logged once: the lines after checkpoint-4 were not kept twice
+
+
+def test_qlora_gradients_are_the_same_after_an_evaluation(write_recipe, tmp_path):
+    """bitsandbytes repacks 4-bit weights for an inference-only CPU kernel (no backward) the first
+    time a layer runs in eval mode; training after the before-evaluation must still get the same
+    gradients as training before it."""
+    import bitsandbytes as bnb
+    import torch
+
+    from posttrain.preference import build_trainer
+    from posttrain.recipe import load_recipe
+    from posttrain.validate import validate
+
+    plan = validate(load_recipe(write_recipe(model={"quantization": {"bits": 4}})))
+    trainer, _ = build_trainer(plan, tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+
+    def grads():
+        trainer.model.train()
+        trainer.model.zero_grad()
+        trainer.compute_loss(trainer.model, dict(batch)).backward()
+        return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    before = grads()
+    trainer.evaluate()
+    after = grads()
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert before.keys() == after.keys() and len(before) > 0
+    for name in before:
+        assert torch.allclose(before[name].float(), after[name].float(), atol=1e-6), name
