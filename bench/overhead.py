@@ -25,6 +25,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from posttrain.builtin_data import ArithmeticOptions, arithmetic  # noqa: E402
@@ -65,6 +66,7 @@ def run_once(kind: str, model_dir: Path, data: Dataset, steps: int, lora: bool, 
         trainer = PreferenceTrainer(plugins=PluginSet([DPO(DPO.Options(beta=BETA))]), **common)
     else:
         trainer = DPOTrainer(**common)
+    trainer.remove_callback(PrinterCallback)  # keep stdout for the JSON report
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     warm = timer.times[3:] or timer.times

@@ -15,7 +15,9 @@ from typing import Callable
 class ArithmeticOptions:
     n: int = field(default=2000, metadata={"help": "Number of pairs."})
     seed: int = field(default=0, metadata={"help": "Generator seed (independent of the run seed)."})
-    conversational: bool = field(default=True, metadata={"help": "Message lists (chat) instead of plain strings."})
+    conversational: bool = field(default=True, metadata={
+        "help": "Message lists (chat); false gives plain text ending in an answer stem, 'Answer: 23 + 58 =', "
+                "with the number as the response."})
     operations: list[str] = field(default_factory=lambda: ["+", "-", "*"], metadata={"help": "Any of + - *."})
     max_operand: int = field(default=99, metadata={"help": "Largest operand of + and - (products use up to 12 x max)."})
 
@@ -72,7 +74,10 @@ def arithmetic(options: ArithmeticOptions) -> list[dict]:
                 "rejected": [{"role": "assistant", "content": rejected}],
             }
         else:
-            record = {"prompt": f"Question: {question}\nAnswer: ", "chosen": chosen, "rejected": rejected}
+            # The answer stem makes the model's very next tokens the number, so greedy decoding tests the
+            # same choice the pairs teach (a chat model's own phrasing would come first otherwise).
+            record = {"prompt": f"Question: {question}\nAnswer: {a} {op} {b} =", "chosen": f" {right}",
+                      "rejected": f" {wrong}"}
         record["ground_truth"] = str(right)
         records.append(record)
     return records

@@ -121,11 +121,12 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 
 
 def _cmd_run(args) -> int:
-    from .run import run
+    from .run import is_main_process, run
 
     run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, resume=args.resume,
                            overwrite=args.overwrite)
-    _print_summary(run_dir, summary)
+    if is_main_process():
+        _print_summary(run_dir, summary)
     return 0
 
 

@@ -55,8 +55,9 @@ REQUIRED_HOOKS = {
 def posttrain_trl_config(stage: str, recipe: dict) -> dict | None:
     """Contribute values to the TRL config of the run (e.g. ``DPOConfig``).
 
-    Called once, while the recipe is validated (before any model is loaded) and again when the
-    trainer is built. ``recipe`` is the resolved recipe as plain data; do not modify it.
+    Called once, while the recipe is validated (before any model is loaded); the merged result
+    is what the trainer is built with. ``recipe`` is the resolved recipe as plain data; do not
+    modify it.
 
     Return a mapping of TRL config field names to values, or ``None``.
 

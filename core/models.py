@@ -99,11 +99,21 @@ def keep_4bit_layout_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _load_error(path: str, error: Exception) -> UserError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(f"cannot load the model or tokenizer from '{path}': {first_line}", field="model.name_or_path",
+                     fix="check the folder (config.json, weights, tokenizer files) or the hub id; offline, a hub id "
+                         "must already be in the local Hugging Face cache")
+
+
 def load_tokenizer(recipe, path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -129,7 +139,10 @@ def load_model(recipe, path: str):
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
     if q is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -155,21 +155,26 @@ def _trim_metrics(run_dir: Path, upto_step: int) -> None:
 
 
 def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
+    """Build, evaluate, train, save, evaluate, summarise. In a distributed launch every rank runs
+    this (training and evaluation are collective); only the main process writes files."""
     trainer, heldout = build_trainer(plan, run_dir)
+    main = trainer.is_world_process_zero()
     before_path = run_dir / "eval_before.json"
     checkpoint = last_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        _trim_metrics(run_dir, int(checkpoint.name.split("-")[-1]))
-    else:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if main:
+        if checkpoint is not None:
+            _trim_metrics(run_dir, int(checkpoint.name.split("-")[-1]))
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
-    if before_path.exists():
+    if checkpoint is not None and before_path.exists():
         before = json.loads(before_path.read_text())
     else:
         before = {}
         if plan.recipe.eval.before and heldout is not None:
             before = {"heldout": heldout_metrics(trainer), "answers": answer_metrics(plan, trainer, heldout)}
-        before_path.write_text(json.dumps(before, indent=2))
+        if main:
+            before_path.write_text(json.dumps(before, indent=2))
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -186,6 +191,7 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
         "stage": STAGE,
         "plugins": list(plan.plugins.by_name),
         "global_step": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
         "resumed_from": checkpoint.name if checkpoint else None,
         "train_seconds_this_session": round(train_seconds, 1),
         "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
@@ -195,5 +201,6 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
         "after": after,
         "final_model": str(final_dir),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -6,6 +6,7 @@ before torch is imported, so a bad recipe never costs a model load or an earlier
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -57,11 +58,24 @@ def prepare_run_dir(plan: Plan, run_dir: Path, *, resume: bool, overwrite: bool)
     recipe_file.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
 
 
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (torchrun, accelerate, deepspeed)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *, resume: bool = False,
         overwrite: bool = False) -> tuple[Path, dict]:
     plan = validate(load_recipe(recipe_path, overrides))
     run_dir = run_dir_for(plan, output_dir)
-    prepare_run_dir(plan, run_dir, resume=resume, overwrite=overwrite)
+    if is_main_process():  # the other ranks of a distributed launch leave the run directory to rank 0
+        prepare_run_dir(plan, run_dir, resume=resume, overwrite=overwrite)
     from .preference import run_stage  # heavy: torch, transformers, trl
 
-    return run_dir, run_stage(plan, run_dir, resume)
+    try:
+        return run_dir, run_stage(plan, run_dir, resume)
+    except UserError:
+        # A run that failed on user input before its first checkpoint leaves nothing worth keeping:
+        # remove the directory it created, so the corrected command can be run as it is.
+        if not resume and is_main_process() and not any(run_dir.glob("checkpoint-*")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise

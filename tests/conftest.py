@@ -112,6 +112,7 @@ def third_party(tmp_path, monkeypatch):
         "acme_killer": "acme_posttrain:AcmeKiller",
         "acme_broken": "acme_posttrain.missing:Nothing",
         "acme_misnamed": "acme_posttrain:AcmeMisnamedHook",
+        "acme_hooks": "acme_posttrain:AcmeHooks",
     })
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))

@@ -28,6 +28,7 @@ def test_arithmetic_pairs_are_right_and_wrong():
 def test_plain_form():
     r = arithmetic(ArithmeticOptions(n=1, conversational=False))[0]
     assert isinstance(r["prompt"], str) and isinstance(r["chosen"], str) and r["prompt"].startswith("Question:")
+    assert r["prompt"].endswith("=") and r["chosen"] == " " + r["ground_truth"] and r["rejected"] != r["chosen"]
 
 
 def test_verifier_scores_the_chosen_answers():

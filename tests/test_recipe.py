@@ -197,3 +197,30 @@ def test_resolved_recipe_round_trips(write_recipe):
     recipe = load_recipe(write_recipe())
     again = yaml.safe_load(yaml.safe_dump(recipe.to_dict()))
     assert again == recipe.to_dict()
+
+
+def test_unloadable_model_is_a_user_error(cli, write_recipe, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    code, _, err = cli("run", write_recipe(model={"name_or_path": str(broken)}), "--output-dir", tmp_path / "run")
+    assert code == 2 and "model.name_or_path: cannot load the model or tokenizer" in err
+    assert not (tmp_path / "run").exists()  # the failed run's fresh directory is not left behind
+
+
+def test_offline_hub_id_is_a_user_error(cli, write_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = cli("run", write_recipe(model={"name_or_path": "nobody-here/no-such-model"}),
+                       "--output-dir", tmp_path / "run")
+    assert code == 2 and "nobody-here/no-such-model" in err and "local Hugging Face cache" in err
+
+
+def test_internal_errors_exit_1_with_a_traceback(cli, write_recipe, monkeypatch):
+    import posttrain.validate
+
+    def broken(recipe):
+        raise RuntimeError("a bug in posttrain")
+
+    monkeypatch.setattr(posttrain.validate, "validate", broken)
+    code, _, err = cli("validate", write_recipe())
+    assert code == 1 and "Traceback" in err and "a bug in posttrain" in err and "internal error" in err

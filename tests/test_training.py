@@ -190,3 +190,45 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(write_recipe, tmp_path
     assert before.keys() == after.keys() and len(before) > 0
     for name in before:
         assert torch.allclose(before[name].float(), after[name].float(), atol=1e-6), name
+
+
+def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_path, third_party):
+    import acme_posttrain
+
+    acme_posttrain.AcmeHooks.calls.clear()
+    recipe = write_recipe(plugins={"dpo": {}, "acme_hooks": {}}, training={"max_steps": 3, "logging_steps": 1},
+                          eval={"generate": 0})
+    summary, _ = _run(cli, recipe, tmp_path / "run")
+    calls = acme_posttrain.AcmeHooks.calls
+    assert calls["transform_dataset:train"] == 1 and calls["transform_dataset:eval"] == 1
+    assert calls["data_collator"] == 1 and calls["train_sampler"] >= 1
+    assert calls["update_reference:step"] == 3
+    assert calls["token_mask"] >= 3 and calls["collate"] >= 3
+    assert summary["heldout_pairs"] == 24 - 1  # the transform dropped one held-out example
+    # every response lost its first token to the mask: lengths agree with the tokenised data minus one
+    import yaml
+
+    from posttrain.preference import build_trainer
+    from posttrain.recipe import from_data, Recipe
+    from posttrain.validate import validate
+
+    plan = validate(from_data(Recipe, yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text()), ""))
+    trainer, _ = build_trainer(plan, tmp_path / "again")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    masked = trainer._apply_token_masks(dict(batch))["completion_mask"]
+    assert (masked.sum(dim=1) == batch["completion_mask"].sum(dim=1) - 1).all()
+
+
+def test_two_process_ddp_run(write_recipe, tmp_path):
+    """Data-parallel over gloo with two CPU processes (torchrun): rank 0 alone owns the run
+    directory, both ranks train in step, and the summary records the world size."""
+    run = tmp_path / "run"
+    recipe = write_recipe(training={"max_steps": 3, "per_device_train_batch_size": 4}, eval={"generate": 4})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", "29533", "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 3
+    assert proc.stdout.count("finished: 3 steps") == 1  # printed by rank 0 only
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [2]

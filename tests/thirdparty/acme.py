@@ -96,3 +96,52 @@ class AcmeMisnamedHook(Plugin):
     @hookimpl
     def posttrain_preference_los(self, logps):
         return None
+
+
+class AcmeHooks(Plugin):
+    """Implements the batching and reference-update hooks and records that they ran."""
+
+    name = "acme_hooks"
+    description = "records calls to the batching and reference hooks; drops each response's first token"
+    calls: dict = {}
+
+    def _seen(self, hook):
+        AcmeHooks.calls[hook] = AcmeHooks.calls.get(hook, 0) + 1
+
+    @hookimpl
+    def posttrain_transform_dataset(self, dataset, split):
+        self._seen(f"transform_dataset:{split}")
+        return dataset.select(range(len(dataset) - 1))  # drop one example, visibly
+
+    @hookimpl
+    def posttrain_token_mask(self, completion_mask):
+        import torch
+
+        self._seen("token_mask")
+        first = (completion_mask.cumsum(dim=1) == 1) & (completion_mask == 1)
+        return (~first).to(completion_mask.dtype)
+
+    @hookimpl
+    def posttrain_step_metrics(self, logps):
+        return {"acme/chosen_len": float(logps.chosen_lengths.float().mean())}
+
+    @hookimpl
+    def posttrain_data_collator(self, default):
+        self._seen("data_collator")
+
+        def collate(examples):
+            AcmeHooks.calls["collate"] = AcmeHooks.calls.get("collate", 0) + 1
+            return default(examples)
+
+        return collate
+
+    @hookimpl
+    def posttrain_train_sampler(self, dataset, seed):
+        import torch
+
+        self._seen("train_sampler")
+        return torch.utils.data.SequentialSampler(dataset)
+
+    @hookimpl
+    def posttrain_update_reference(self, trainer, event, step):
+        self._seen(f"update_reference:{event}")
