@@ -23,13 +23,15 @@ REQUIRED_COLUMNS = {"preference": ("prompt", "chosen", "rejected")}
 
 
 def source_kind(source: str) -> str:
-    """'builtin', 'file' or 'hub'."""
+    """'builtin', 'file', or 'dataset' (a hub id or a local dataset folder, read by datasets.load_dataset)."""
     if source.startswith("builtin:"):
         return "builtin"
     p = Path(source).expanduser()
+    if p.is_dir():
+        return "dataset"
     if p.suffix.lower() in FILE_FORMATS or source.startswith((".", "/", "~")) or p.exists():
         return "file"
-    return "hub"
+    return "dataset"
 
 
 def _peek_columns(path: Path) -> tuple[list[str], dict]:
@@ -114,9 +116,9 @@ def check_source(source: str, *, columns: dict, options: dict, stage: str, where
                             fix=f"use one of {', '.join(FILE_FORMATS)}")
         names, first = _peek_columns(path)
         _check_columns(names, columns, stage, source, first)
-        if options:
-            raise UserError("data.options only applies to built-in datasets", field="data.options",
-                            fix="remove data.options")
+    if kind != "builtin" and options:
+        raise UserError("data.options only applies to built-in datasets", field="data.options",
+                        fix="remove data.options")
 
 
 def _load_one(source: str, split: str | None, options: dict, seed: int):
@@ -132,9 +134,11 @@ def _load_one(source: str, split: str | None, options: dict, seed: int):
         return datasets.load_dataset(FILE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
     try:
         return datasets.load_dataset(source, split=split or "train")
-    except Exception as e:  # offline, private, misspelt...
-        raise UserError(f"cannot load dataset '{source}' (split {split or 'train'}): {type(e).__name__}: {e}",
-                        field="data.source", fix="check the id and split, or download it and point at a local file")
+    except Exception as e:  # offline, private, misspelt, no such split...
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot load dataset '{source}' (split {split or 'train'}): {type(e).__name__}: {first_line}",
+                        field="data.source",
+                        fix="check the id/folder and the split, or point at a local data file") from None
 
 
 def _rename(dataset, mapping: dict[str, str]):
@@ -159,6 +163,10 @@ def load_splits(recipe) -> tuple[Any, Any]:
         train, held = parts["train"], parts["test"]
     else:
         held = None
+    for name, dataset in (("data.source", train), ("data.eval", held)):
+        if dataset is not None:
+            first = dataset[0] if len(dataset) else {}
+            _check_columns(dataset.column_names, {}, recipe.stage, name, first)
     if data.max_examples is not None:
         train = train.select(range(min(data.max_examples, len(train))))
     if held is not None and ev.max_examples is not None:

@@ -70,7 +70,7 @@ class EvalDataSection:
 
 @dataclass
 class DataSection:
-    source: str = _help("'builtin:NAME', a local .jsonl/.json/.parquet/.csv file, or a hub dataset id.")
+    source: str = _help("'builtin:NAME', a local .jsonl/.json/.parquet/.csv file, a dataset folder, or a hub dataset id.")
     split: str = _help("Split to train on.", default="train")
     columns: dict[str, str] = _help("Rename columns: {our_name: their_name}, e.g. {prompt: question}.",
                                     default_factory=dict)

@@ -48,7 +48,7 @@ class VerifyGSM8K(Plugin):
         if golds is None:
             return None
         scores = []
-        for completion, gold in zip(completions, golds):
+        for completion, gold in zip(completions, golds, strict=True):
             want = last_number(str(gold)) if gold is not None else None
             if want is None:
                 scores.append(None)

@@ -19,7 +19,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
-
 from posttrain import registry  # noqa: E402
 from posttrain.testing import build_tiny_model  # noqa: E402
 

@@ -5,9 +5,8 @@ import torch
 
 
 def test_conversion_is_cached_and_the_model_answers(tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from posttrain.models import builtin_model_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
     path = builtin_model_path("smollm2-135m-instruct")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from posttrain.builtin_data import ArithmeticOptions, arithmetic
 from posttrain.data import load_splits
 from posttrain.plugins.verify_gsm8k import VerifyGSM8K, last_number
@@ -80,3 +79,39 @@ def test_eval_split_from_separate_source(write_recipe, tmp_path):
                                             "eval": {"source": str(eval_file)}}))
     train, held = load_splits(recipe)
     assert len(train) == 7 and len(held) == 3 and held[0]["prompt"] == "q"
+
+
+def test_dataset_folder_with_splits_goes_through_load_dataset(write_recipe, tmp_path):
+    """A dataset folder (as a hub dataset repository looks on disk) is read by datasets.load_dataset,
+    the code path of a hub id, with data.split and data.eval.split."""
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    for split, n in (("train", 12), ("test", 4)):
+        rows = [{"question": f"{split} {i}", "chosen": "a", "rejected": "b"} for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(write_recipe(data={"source": str(folder), "options": {}, "split": "train",
+                                            "columns": {"prompt": "question"}, "eval": {"split": "test"}}))
+    train, held = load_splits(recipe)
+    assert len(train) == 12 and len(held) == 4 and held[0]["prompt"] == "test 0"
+
+
+def test_dataset_without_the_needed_columns_is_refused_after_loading(write_recipe, tmp_path):
+    from posttrain.errors import UserError
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")
+    recipe = load_recipe(write_recipe(data={"source": str(folder), "options": {}, "eval": {"fraction": 0.0}}))
+    with pytest.raises(UserError, match="needs a 'chosen' column"):
+        load_splits(recipe)
+
+
+def test_missing_split_is_a_user_error(write_recipe, tmp_path):
+    from posttrain.errors import UserError
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    recipe = load_recipe(write_recipe(data={"source": str(folder), "options": {}, "eval": {"split": "validation"}}))
+    with pytest.raises(UserError, match="cannot load dataset"):
+        load_splits(recipe)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from posttrain.plugins.dpo import DPO
 from posttrain.registry import PluginSet
 from posttrain.types import PreferenceLogps
@@ -55,11 +54,10 @@ def _hand_logps(model, batch):
 def test_parity_with_trl_sigmoid(tiny_model_dir, tmp_path, use_lora):
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
     from posttrain.builtin_data import ArithmeticOptions, arithmetic
     from posttrain.trainer import PreferenceTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
 
     beta = 0.2
     data = Dataset.from_list(arithmetic(ArithmeticOptions(n=8, seed=5)))

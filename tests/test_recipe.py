@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import yaml
-
 from posttrain import trl_fields
 from posttrain.errors import UserError
 from posttrain.recipe import apply_override, load_recipe

@@ -5,7 +5,6 @@ import re
 from dataclasses import dataclass
 
 import pytest
-
 from posttrain import Plugin, hookimpl, hookspecs
 from posttrain.errors import PluginHookError, UserError
 from posttrain.registry import PluginSet, build_plugin_set, check_plugin_class, discover

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import read_jsonl
 
 # Evaluate on examples the run trains on (the first 16 of the same generator): "the loss goes
@@ -53,7 +52,6 @@ def test_qlora_4bit_run_lowers_the_loss(cli, write_recipe, tmp_path):
 
 def test_qlora_base_is_really_4bit(write_recipe, tmp_path):
     import bitsandbytes as bnb
-
     from posttrain.preference import build_trainer
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
@@ -167,7 +165,6 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(write_recipe, tmp_path
     gradients as training before it."""
     import bitsandbytes as bnb
     import torch
-
     from posttrain.preference import build_trainer
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
@@ -207,9 +204,8 @@ def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_
     assert summary["heldout_pairs"] == 24 - 1  # the transform dropped one held-out example
     # every response lost its first token to the mask: lengths agree with the tokenised data minus one
     import yaml
-
     from posttrain.preference import build_trainer
-    from posttrain.recipe import from_data, Recipe
+    from posttrain.recipe import Recipe, from_data
     from posttrain.validate import validate
 
     plan = validate(from_data(Recipe, yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text()), ""))
@@ -232,3 +228,9 @@ def test_two_process_ddp_run(write_recipe, tmp_path):
     assert summary["world_size"] == 2 and summary["global_step"] == 3
     assert proc.stdout.count("finished: 3 steps") == 1  # printed by rank 0 only
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [2]
+
+
+def test_8bit_base_with_lora_trains(cli, write_recipe, tmp_path):
+    recipe = write_recipe(data=ON_TRAIN, model={"quantization": {"bits": 8}}, plugins={"dpo": {"beta": 0.5}})
+    summary, _ = _run(cli, recipe, tmp_path / "run")
+    assert summary["after"]["heldout"]["loss"] < summary["before"]["heldout"]["loss"]

@@ -115,7 +115,6 @@ class AcmeHooks(Plugin):
 
     @hookimpl
     def posttrain_token_mask(self, completion_mask):
-        import torch
 
         self._seen("token_mask")
         first = (completion_mask.cumsum(dim=1) == 1) & (completion_mask == 1)
