@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def platform_defaults() -> dict:
     if not torch.cuda.is_available():
         # TRL defaults to bf16 and gradient checkpointing, which on a CPU are slow or need use_cpu.
         defaults.update(use_cpu=True, bf16=False, gradient_checkpointing=False)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU processes (torchrun, accelerate, DeepSpeed)
+            defaults["ddp_backend"] = "gloo"
     elif not gpu_supports_bf16():
         defaults.update(bf16=False, fp16=True)
     return defaults
@@ -95,6 +98,25 @@ def answer_metrics(plan: Plan, trainer, heldout) -> dict | None:
                      for p, c, r in list(zip(prompts, completions, rewards.total))[:3]],
     }
     return out
+
+
+class BeforeEvaluation(TrainerCallback):
+    """Evaluates the starting model when training begins, and writes eval_before.json.
+
+    At ``on_train_begin`` the model is already wrapped for the run's backend (DDP, DeepSpeed,
+    FSDP) and no step has been taken; evaluating earlier fails under DeepSpeed ZeRO-1/2, which has
+    no inference engine before training."""
+
+    def __init__(self, plan: Plan, trainer, heldout, path: Path, main: bool):
+        self.plan, self.trainer, self.heldout, self.path, self.main = plan, trainer, heldout, path, main
+        self.result: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.plan.recipe.eval.before and self.heldout is not None:
+            self.result = {"heldout": heldout_metrics(self.trainer),
+                           "answers": answer_metrics(self.plan, self.trainer, self.heldout)}
+        if self.main:
+            self.path.write_text(json.dumps(self.result, indent=2))
 
 
 def _text(prompt) -> str:
@@ -167,17 +189,15 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
         else:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
+    evaluation = BeforeEvaluation(plan, trainer, heldout, before_path, main)
     if checkpoint is not None and before_path.exists():
-        before = json.loads(before_path.read_text())
+        evaluation.result = json.loads(before_path.read_text())
     else:
-        before = {}
-        if plan.recipe.eval.before and heldout is not None:
-            before = {"heldout": heldout_metrics(trainer), "answers": answer_metrics(plan, trainer, heldout)}
-        if main:
-            before_path.write_text(json.dumps(before, indent=2))
+        trainer.add_callback(evaluation)
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    before = evaluation.result
     train_seconds = time.time() - started
     final_dir = run_dir / "final"
     trainer.save_model(str(final_dir))
