@@ -120,8 +120,22 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
     print(f"  summary: {run_dir / 'summary.json'}")
 
 
+def _quiet_third_party_noise() -> None:
+    """Deprecation chatter from the libraries we drive is not the user's to act on."""
+    if os.environ.get("POSTTRAIN_DEBUG"):
+        return
+    import logging
+    import warnings
+
+    for module in ("transformers", "trl", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional "kernels" package
+
+
 def _cmd_run(args) -> int:
     from .run import is_main_process, run
+
+    _quiet_third_party_noise()
 
     run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, resume=args.resume,
                            overwrite=args.overwrite)

@@ -34,7 +34,7 @@ def source_kind(source: str) -> str:
     return "dataset"
 
 
-def _peek_columns(path: Path) -> tuple[list[str], dict]:
+def _peek_columns(path: Path, where: str) -> tuple[list[str], dict]:
     """Column names and the first record of a local data file, read cheaply."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or suffix == ".json":
@@ -46,20 +46,20 @@ def _peek_columns(path: Path) -> tuple[list[str], dict]:
             if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
                 return list(data), {k: v[0] for k, v in data.items() if v}
             raise UserError("a .json data file must hold a list of records or a mapping of columns",
-                            field="data.source", fix="write one JSON object per record, or use .jsonl")
+                            field=where, fix="write one JSON object per record, or use .jsonl")
         with path.open(encoding="utf-8") as f:
             for line in f:
                 if line.strip():
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise UserError(f"{path}: first record is not valid JSON ({e})", field="data.source",
+                        raise UserError(f"{path}: first record is not valid JSON ({e})", field=where,
                                         fix="write one JSON object per line") from None
                     if not isinstance(record, dict):
-                        raise UserError(f"{path}: records must be JSON objects", field="data.source",
+                        raise UserError(f"{path}: records must be JSON objects", field=where,
                                         fix="write one JSON object per line")
                     return list(record), record
-        raise UserError(f"{path} is empty", field="data.source", fix="point data.source at a file with records")
+        raise UserError(f"{path} is empty", field=where, fix=f"point {where} at a file with records")
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
@@ -69,8 +69,7 @@ def _peek_columns(path: Path) -> tuple[list[str], dict]:
         import pyarrow.parquet as pq  # light (no torch); present with `datasets`
 
         return list(pq.read_schema(path).names), {}
-    raise UserError(f"unsupported data file type '{suffix}'", field="data.source",
-                    fix=f"use one of {', '.join(FILE_FORMATS)}")
+    raise UserError(f"unsupported data file type '{suffix}'", field=where, fix=f"use one of {', '.join(FILE_FORMATS)}")
 
 
 def _check_columns(columns: list[str], mapping: dict[str, str], stage: str, where: str, first: dict) -> None:
@@ -114,14 +113,14 @@ def check_source(source: str, *, columns: dict, options: dict, stage: str, where
         if path.suffix.lower() not in FILE_FORMATS:
             raise UserError(f"unsupported data file type '{path.suffix}'", field=where,
                             fix=f"use one of {', '.join(FILE_FORMATS)}")
-        names, first = _peek_columns(path)
+        names, first = _peek_columns(path, where)
         _check_columns(names, columns, stage, source, first)
     if kind != "builtin" and options:
         raise UserError("data.options only applies to built-in datasets", field="data.options",
                         fix="remove data.options")
 
 
-def _load_one(source: str, split: str | None, options: dict, seed: int):
+def _load_one(source: str, split: str | None, options: dict, where: str):
     import datasets
 
     kind = source_kind(source)
@@ -137,8 +136,7 @@ def _load_one(source: str, split: str | None, options: dict, seed: int):
     except Exception as e:  # offline, private, misspelt, no such split...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"cannot load dataset '{source}' (split {split or 'train'}): {type(e).__name__}: {first_line}",
-                        field="data.source",
-                        fix="check the id/folder and the split, or point at a local data file") from None
+                        field=where, fix="check the id/folder and the split, or point at a local data file") from None
 
 
 def _rename(dataset, mapping: dict[str, str]):
@@ -153,10 +151,11 @@ def _rename(dataset, mapping: dict[str, str]):
 def load_splits(recipe) -> tuple[Any, Any]:
     """The training and held-out datasets of a recipe, with columns renamed."""
     data = recipe.data
-    train = _rename(_load_one(data.source, data.split, data.options, recipe.seed), data.columns)
+    train = _rename(_load_one(data.source, data.split, data.options, "data.source"), data.columns)
     ev = data.eval
     if ev.source or ev.split:
-        held = _load_one(ev.source or data.source, ev.split, data.options if not ev.source else {}, recipe.seed)
+        held = _load_one(ev.source or data.source, ev.split, data.options if not ev.source else {},
+                         "data.eval.source" if ev.source else "data.eval.split")
         held = _rename(held, data.columns)
     elif ev.fraction > 0:
         parts = train.train_test_split(test_size=ev.fraction, seed=recipe.seed)

@@ -28,14 +28,16 @@ HELDOUT_KEYS = {
 }
 
 
-def platform_defaults() -> dict:
-    """TRL config values that suit the hardware, applied unless the recipe sets them."""
+def platform_defaults(chosen: dict) -> dict:
+    """TRL config values that suit the hardware, for the keys the recipe (``chosen``) leaves unset."""
     import torch
 
     defaults = {"report_to": "none", "logging_steps": 10, "save_strategy": "steps"}
     if not torch.cuda.is_available():
         # TRL defaults to bf16 and gradient checkpointing, which on a CPU are slow or need use_cpu.
-        defaults.update(use_cpu=True, bf16=False, gradient_checkpointing=False)
+        defaults.update(use_cpu=True, bf16=False)
+        if "gradient_checkpointing" not in chosen:  # the deprecated name, honoured when the recipe uses it
+            defaults["activation_checkpointing"] = False
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU processes (torchrun, accelerate, DeepSpeed)
             defaults["ddp_backend"] = "gloo"
     elif not gpu_supports_bf16():
@@ -78,6 +80,9 @@ def answer_metrics(plan: Plan, trainer, heldout) -> dict | None:
         return None
     if not plan.plugins.implementers("posttrain_reward"):
         return None
+    ds_plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    if ds_plugin is not None and ds_plugin.zero_stage == 3:
+        return {"skipped": "greedy answers are not generated under DeepSpeed ZeRO-3 (the weights are sharded)"}
     subset = heldout.select(range(min(n, len(heldout))))
     prompts = subset["prompt"]
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -129,7 +134,7 @@ def _transform(plan: Plan, dataset, split: str):
     if dataset is None:
         return None
     out, last = plan.plugins.chain("posttrain_transform_dataset", "dataset", dataset, split=split, stage=STAGE)
-    if len(out) == 0:
+    if len(out) == 0 and last is not None:
         raise UserError(f"the {split} data is empty after plugin '{last}' transformed it", field=f"plugins.{last}",
                         fix=f"relax the options of '{last}' or use more data")
     return out
@@ -142,13 +147,16 @@ def build_trainer(plan: Plan, run_dir: Path):
     heldout = _transform(plan, heldout, "eval")
     if len(train) == 0:
         raise UserError("the training data is empty", field="data.source", fix="point data.source at some examples")
+    if heldout is not None and len(heldout) == 0:
+        raise UserError("the held-out data is empty", field="data.eval",
+                        fix="use a larger data.eval.fraction, another data.eval source/split, or fraction: 0 for none")
 
     from trl import DPOConfig
 
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe, path)
     model, peft_config = load_model(recipe, path)
-    trl_values = {**platform_defaults(), **plan.trl_config}
+    trl_values = {**platform_defaults(plan.trl_config), **plan.trl_config}
     config = DPOConfig(output_dir=str(run_dir), seed=recipe.seed, **trl_values)
     callbacks = [MetricsWriter(run_dir / "metrics.jsonl")]
     for extra in plan.plugins.call("posttrain_callbacks", stage=STAGE, recipe=recipe.to_dict()):

@@ -9,9 +9,12 @@ DeepSpeed/FSDP preparation, checkpointing and logging are TRL's and transformers
 
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer
+from trl.trainer import dpo_trainer as dpo_trainer_module
 
 from .errors import UserError
 from .registry import PluginSet
@@ -43,7 +46,15 @@ class PreferenceTrainer(DPOTrainer):
         self.plugins = plugins
         self.stage = stage
         self.uses_reference = reference_needed(plugins, stage)
-        super().__init__(*args, **kwargs)
+        if self.uses_reference:
+            super().__init__(*args, **kwargs)
+        else:
+            # TRL builds a reference copy of the model (full fine-tuning) with `create_model_from_path` and
+            # has no switch to go without one. When no plugin needs a reference (a reference-free loss
+            # such as SimPO), that call yields None, and TRL then skips everything it does with the
+            # reference. The policy is always passed in as a model, so it is not built by that function.
+            with mock.patch.object(dpo_trainer_module, "create_model_from_path", lambda *a, **k: None):
+                super().__init__(*args, **kwargs)
         collator = plugins.call("posttrain_data_collator", tokenizer=self.processing_class,
                                 default=self.data_collator, stage=stage)
         if collator is not None:

@@ -115,3 +115,12 @@ def test_missing_split_is_a_user_error(write_recipe, tmp_path):
     recipe = load_recipe(write_recipe(data={"source": str(folder), "options": {}, "eval": {"split": "validation"}}))
     with pytest.raises(UserError, match="cannot load dataset"):
         load_splits(recipe)
+
+
+def test_empty_heldout_split_is_refused(cli, write_recipe, tmp_path):
+    train_file, eval_file = tmp_path / "t.jsonl", tmp_path / "e.jsonl"
+    train_file.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    eval_file.write_text("")
+    recipe = write_recipe(data={"source": str(train_file), "options": {}, "eval": {"source": str(eval_file)}})
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and "data.eval.source" in err and "empty" in err

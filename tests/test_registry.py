@@ -54,7 +54,7 @@ def test_env_var_restricts_loading(cli, third_party, monkeypatch):
 def test_unknown_plugin_suggests(cli, write_recipe):
     code, _, err = cli("validate", write_recipe(plugins={"dpoo": {}}))
     assert code == 2
-    assert "plugins.dpoo: unknown plugin 'dpoo' (did you mean 'dpo'?)" in err
+    assert "plugins.dpoo: unknown plugin 'dpoo' (did you mean 'dpo'" in err
     assert "posttrain plugins" in err
 
 

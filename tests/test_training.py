@@ -11,6 +11,14 @@ from pathlib import Path
 import pytest
 from conftest import read_jsonl
 
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 # Evaluate on examples the run trains on (the first 16 of the same generator): "the loss goes
 # down" is then a statement about optimisation, not about generalisation of a random model.
 ON_TRAIN = {"eval": {"source": "builtin:arithmetic", "max_examples": 16, "fraction": 0.0}}
@@ -221,7 +229,7 @@ def test_two_process_ddp_run(write_recipe, tmp_path):
     run = tmp_path / "run"
     recipe = write_recipe(training={"max_steps": 3, "per_device_train_batch_size": 4}, eval={"generate": 4})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", "29533", "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
+           "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -254,12 +262,12 @@ def test_deepspeed_zero2_matches_ddp(write_recipe, tmp_path):
     ds = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--use_deepspeed", "--main_process_ip", "127.0.0.1",
-         "--main_process_port", "29541", "-m", "posttrain.cli", "run", str(ds_recipe), "--output-dir",
+         "--main_process_port", free_port(), "-m", "posttrain.cli", "run", str(ds_recipe), "--output-dir",
          str(tmp_path / "ds")], capture_output=True, text=True, env=env, timeout=900)
     assert ds.returncode == 0, ds.stderr[-3000:]
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", "29542", "-m", "posttrain.cli", "run", str(ddp_recipe), "--output-dir",
+         "--master_port", free_port(), "-m", "posttrain.cli", "run", str(ddp_recipe), "--output-dir",
          str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=900)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
 
