@@ -20,6 +20,8 @@ class ArithmeticOptions:
                 "with the number as the response."})
     operations: list[str] = field(default_factory=lambda: ["+", "-", "*"], metadata={"help": "Any of + - *."})
     max_operand: int = field(default=99, metadata={"help": "Largest operand of + and - (products use up to 12 x max)."})
+    reference: bool = field(default=False, metadata={
+        "help": "Add a 'reference' column, a gold response (the right answer), for triple-preference methods (TPO)."})
 
     def validate(self):
         if self.n < 1:
@@ -78,6 +80,8 @@ def arithmetic(options: ArithmeticOptions) -> list[dict]:
             # same choice the pairs teach (a chat model's own phrasing would come first otherwise).
             record = {"prompt": f"Question: {question}\nAnswer: {a} {op} {b} =", "chosen": f" {right}",
                       "rejected": f" {wrong}"}
+        if options.reference:
+            record["reference"] = record["chosen"]
         record["ground_truth"] = str(right)
         records.append(record)
     return records
@@ -87,12 +91,14 @@ def arithmetic(options: ArithmeticOptions) -> list[dict]:
 class Generator:
     fn: Callable[..., list[dict]]
     options: type
-    columns: tuple[str, ...]
+    columns: Callable[..., list[str]]  # the columns made with the given options
     stages: tuple[str, ...]
     description: str
 
 
 BUILTIN_DATASETS = {
-    "arithmetic": Generator(arithmetic, ArithmeticOptions, ("prompt", "chosen", "rejected", "ground_truth"),
-                            ("preference",), "arithmetic questions, right answer preferred to a near miss"),
+    "arithmetic": Generator(
+        arithmetic, ArithmeticOptions,
+        lambda o: ["prompt", "chosen", "rejected", "ground_truth"] + (["reference"] if o.reference else []),
+        ("preference",), "arithmetic questions, right answer preferred to a near miss"),
 }

@@ -72,27 +72,32 @@ def _peek_columns(path: Path, where: str) -> tuple[list[str], dict]:
     raise UserError(f"unsupported data file type '{suffix}'", field=where, fix=f"use one of {', '.join(FILE_FORMATS)}")
 
 
-def _check_columns(columns: list[str], mapping: dict[str, str], stage: str, where: str, first: dict) -> None:
+def _check_columns(columns: list[str], mapping: dict[str, str], stage: str, where: str, first: dict,
+                   required: dict[str, str] | None = None) -> None:
+    """``required`` maps extra needed columns to the plugin that needs them."""
     for ours, theirs in mapping.items():
         if theirs not in columns:
             raise UserError(f"column mapping {ours}: {theirs} names a column the data does not have"
                             f"{did_you_mean(theirs, columns)}; it has: {', '.join(columns)}",
                             field=f"data.columns.{ours}", fix="map to one of the data's columns")
     renamed = {ours for ours in mapping} | {c for c in columns if c not in mapping.values()}
-    for needed in REQUIRED_COLUMNS[stage]:
+    needs = {name: f"the {stage} stage" for name in REQUIRED_COLUMNS[stage]}
+    needs.update({name: f"plugin '{plugin}'" for name, plugin in (required or {}).items()})
+    for needed, who in needs.items():
         if needed in renamed:
             continue
         if needed == "prompt" and isinstance(first.get(mapping.get("chosen", "chosen")), list):
             continue  # conversational pairs may carry the prompt inside chosen/rejected
         raise UserError(
-            f"the {stage} stage needs a '{needed}' column; {where} has: {', '.join(columns)}",
+            f"{who} needs a '{needed}' column; {where} has: {', '.join(columns)}",
             field=f"data.columns.{needed}",
             fix=f"map it, e.g. `columns: {{{needed}: <your column>}}`",
         )
 
 
-def check_source(source: str, *, columns: dict, options: dict, stage: str, where: str) -> None:
-    """Validate a data source without loading it."""
+def check_source(source: str, *, columns: dict, options: dict, stage: str, where: str,
+                 required: dict[str, str] | None = None) -> None:
+    """Validate a data source without loading it. ``required``: extra column -> plugin needing it."""
     kind = source_kind(source)
     if kind == "builtin":
         name = source.split(":", 1)[1]
@@ -103,8 +108,9 @@ def check_source(source: str, *, columns: dict, options: dict, stage: str, where
         if stage not in gen.stages:
             raise UserError(f"built-in dataset '{name}' is for the {', '.join(gen.stages)} stage, not {stage}",
                             field=where, fix="choose a dataset made for this stage")
-        parse_options(gen.options, options, where="data.options", owner=f"built-in dataset '{name}'")
-        _check_columns(list(gen.columns), columns, stage, source, {"chosen": [] if options.get("conversational", True) else ""})
+        opts = parse_options(gen.options, options, where="data.options", owner=f"built-in dataset '{name}'")
+        _check_columns(gen.columns(opts), columns, stage, source,
+                       {"chosen": [] if getattr(opts, "conversational", True) else ""}, required)
     elif kind == "file":
         path = Path(source).expanduser()
         if not path.is_file():
@@ -114,7 +120,7 @@ def check_source(source: str, *, columns: dict, options: dict, stage: str, where
             raise UserError(f"unsupported data file type '{path.suffix}'", field=where,
                             fix=f"use one of {', '.join(FILE_FORMATS)}")
         names, first = _peek_columns(path, where)
-        _check_columns(names, columns, stage, source, first)
+        _check_columns(names, columns, stage, source, first, required)
     if kind != "builtin" and options:
         raise UserError("data.options only applies to built-in datasets", field="data.options",
                         fix="remove data.options")
@@ -148,8 +154,8 @@ def _rename(dataset, mapping: dict[str, str]):
     return dataset.rename_columns({theirs: ours for ours, theirs in mapping.items() if ours != theirs})
 
 
-def load_splits(recipe) -> tuple[Any, Any]:
-    """The training and held-out datasets of a recipe, with columns renamed."""
+def load_splits(recipe, required: dict[str, str] | None = None) -> tuple[Any, Any]:
+    """The training and held-out datasets of a recipe, with columns renamed and checked."""
     data = recipe.data
     train = _rename(_load_one(data.source, data.split, data.options, "data.source"), data.columns)
     ev = data.eval
@@ -165,7 +171,7 @@ def load_splits(recipe) -> tuple[Any, Any]:
     for name, dataset in (("data.source", train), ("data.eval", held)):
         if dataset is not None:
             first = dataset[0] if len(dataset) else {}
-            _check_columns(dataset.column_names, {}, recipe.stage, name, first)
+            _check_columns(dataset.column_names, {}, recipe.stage, name, first, required)
     if data.max_examples is not None:
         train = train.select(range(min(data.max_examples, len(train))))
     if held is not None and ev.max_examples is not None:

@@ -140,6 +140,19 @@ def posttrain_reference_needed(stage: str) -> bool | None:
     """
 
 
+@hookspec
+def posttrain_required_columns(stage: str) -> list | None:
+    """Name the dataset columns this plugin needs, beyond the stage's own.
+
+    Called during validation, so data without them is refused before any model is loaded, with
+    the plugin named. One column has a meaning to the preference stage: ``reference``, a gold
+    response per example (TPO). When a plugin requires it, the core tokenises it like the other
+    responses, runs the policy on it in the same forward pass, and fills ``logps.gold_*``.
+
+    Combine: *all results*, united.
+    """
+
+
 # --------------------------------------------------------------------------------------
 # Sampler family
 # --------------------------------------------------------------------------------------

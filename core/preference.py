@@ -17,7 +17,7 @@ from .models import gpu_supports_bf16, load_model, load_tokenizer, resolve_model
 from .rewards import score
 from .sampling import sample
 from .trainer import PreferenceTrainer
-from .validate import Plan
+from .validate import Plan, required_columns
 
 STAGE = "preference"
 HELDOUT_KEYS = {
@@ -142,7 +142,7 @@ def _transform(plan: Plan, dataset, split: str):
 
 def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
-    train, heldout = load_splits(recipe)
+    train, heldout = load_splits(recipe, required_columns(plan.plugins, STAGE))
     train = _transform(plan, train, "train")
     heldout = _transform(plan, heldout, "eval")
     if len(train) == 0:

@@ -21,6 +21,7 @@ from .registry import PluginSet
 from .types import PreferenceLogps
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it
 
 
 def reference_needed(plugins: PluginSet, stage: str) -> bool:
@@ -43,9 +44,12 @@ class PreferenceTrainer(DPOTrainer):
     updates come from the enabled plugins."""
 
     def __init__(self, *args, plugins: PluginSet, stage: str = "preference", **kwargs):
+        from .validate import required_columns
+
         self.plugins = plugins
         self.stage = stage
         self.uses_reference = reference_needed(plugins, stage)
+        self.uses_gold = GOLD_COLUMN in required_columns(plugins, stage)
         if self.uses_reference:
             super().__init__(*args, **kwargs)
         else:
@@ -55,12 +59,34 @@ class PreferenceTrainer(DPOTrainer):
             # reference. The policy is always passed in as a model, so it is not built by that function.
             with mock.patch.object(dpo_trainer_module, "create_model_from_path", lambda *a, **k: None):
                 super().__init__(*args, **kwargs)
+        if self.uses_gold:
+            from trl.experimental.tpo.tpo_trainer import DataCollatorForTriplePreference
+
+            # batches laid out as [chosen; rejected; gold]
+            self.data_collator = DataCollatorForTriplePreference(
+                pad_token_id=self._tokenizer.pad_token_id, max_length=self.args.max_length,
+                truncation_mode=self.args.truncation_mode, pad_to_multiple_of=self.args.pad_to_multiple_of)
         collator = plugins.call("posttrain_data_collator", tokenizer=self.processing_class,
                                 default=self.data_collator, stage=stage)
         if collator is not None:
             self.data_collator = collator
         if plugins.implementers("posttrain_update_reference"):
             self.add_callback(_ReferenceUpdateCallback(self))
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if self.uses_gold and "prompt" not in next(iter(dataset)):
+            raise UserError(f"the gold '{GOLD_COLUMN}' responses need an explicit 'prompt' column",
+                            field="data.columns.prompt", fix="add or map a prompt column")
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if self.uses_gold and "reference_ids" not in dataset.column_names:
+            dataset = dataset.map(_tokenize_gold, fn_kwargs={"tokenizer": self._tokenizer},
+                                  desc=f"Tokenizing the gold responses of the {dataset_name} dataset")
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.uses_gold and "reference_ids" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "reference_ids"]
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -69,15 +95,25 @@ class PreferenceTrainer(DPOTrainer):
                                     stage=self.stage)
         return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
 
+    def _pair_rows(self, inputs: dict) -> dict:
+        """The chosen and rejected rows of a batch (without the gold rows, if any)."""
+        if not self.uses_gold:
+            return inputs
+        rows = inputs["input_ids"].shape[0] // 3 * 2
+        return {k: (v[:rows] if k in ("input_ids", "attention_mask", "completion_mask") else v)
+                for k, v in inputs.items()}
+
     def _apply_token_masks(self, inputs: dict) -> dict:
-        masks = self.plugins.call("posttrain_token_mask", input_ids=inputs["input_ids"],
-                                  completion_mask=inputs["completion_mask"], tokenizer=self.processing_class)
+        pairs = self._pair_rows(inputs)
+        masks = self.plugins.call("posttrain_token_mask", input_ids=pairs["input_ids"],
+                                  completion_mask=pairs["completion_mask"], tokenizer=self.processing_class)
+        masks = [m for m in masks or [] if m is not None]
         if not masks:
             return inputs
-        mask = inputs["completion_mask"]
+        mask = inputs["completion_mask"].clone()
+        rows = pairs["completion_mask"].shape[0]
         for m in masks:
-            if m is not None:
-                mask = mask * m.to(device=mask.device, dtype=mask.dtype)
+            mask[:rows] = mask[:rows] * m.to(device=mask.device, dtype=mask.dtype)
         return {**inputs, "completion_mask": mask}
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -93,7 +129,8 @@ class PreferenceTrainer(DPOTrainer):
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
         seq_len = shift_mask.size(1)
         per_token_logps = outputs.log_probs[:, -seq_len:] * shift_mask
-        chosen_logps, rejected_logps = per_token_logps.sum(dim=1).chunk(2, dim=0)
+        blocks = 3 if self.uses_gold else 2  # [chosen; rejected] or [chosen; rejected; gold]
+        token_blocks, mask_blocks = per_token_logps.chunk(blocks, dim=0), shift_mask.chunk(blocks, dim=0)
 
         ref_chosen = ref_rejected = None
         if self.uses_reference:
@@ -101,17 +138,18 @@ class PreferenceTrainer(DPOTrainer):
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(
-                    self.ref_model if self.ref_model is not None else model, inputs)
+                    self.ref_model if self.ref_model is not None else model, self._pair_rows(inputs))
 
-        chosen_mask, rejected_mask = shift_mask.chunk(2, dim=0)
-        chosen_tok, rejected_tok = per_token_logps.chunk(2, dim=0)
         logps = PreferenceLogps(
-            chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+            chosen_logps=token_blocks[0].sum(dim=1), rejected_logps=token_blocks[1].sum(dim=1),
             ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-            chosen_lengths=chosen_mask.sum(dim=1), rejected_lengths=rejected_mask.sum(dim=1),
-            chosen_token_logps=chosen_tok, rejected_token_logps=rejected_tok,
-            chosen_mask=chosen_mask, rejected_mask=rejected_mask, training=mode == "train",
+            chosen_lengths=mask_blocks[0].sum(dim=1), rejected_lengths=mask_blocks[1].sum(dim=1),
+            chosen_token_logps=token_blocks[0], rejected_token_logps=token_blocks[1],
+            chosen_mask=mask_blocks[0], rejected_mask=mask_blocks[1], training=mode == "train",
         )
+        if self.uses_gold:
+            logps.gold_token_logps, logps.gold_mask = token_blocks[2], mask_blocks[2]
+            logps.gold_logps, logps.gold_lengths = token_blocks[2].sum(dim=1), mask_blocks[2].sum(dim=1)
         result = self.plugins.call("posttrain_preference_loss", logps=logps)
         loss = result.losses.mean()
 
@@ -164,3 +202,19 @@ class PreferenceTrainer(DPOTrainer):
         metrics["logps/chosen"].append(c.mean().item())
         metrics["logps/rejected"].append(r.mean().item())
         metrics["logps/accuracies"].append(((c > r).float() + 0.5 * (c == r).float()).mean().item())
+
+
+def _tokenize_gold(example: dict, tokenizer) -> dict:
+    """Token ids of the gold response, continuing the example's tokenised prompt (as TRL does for
+    chosen and rejected: the prompt rendered alone, then prompt + response, split where they part)."""
+    from trl.data_utils import _tokenize, is_conversational
+
+    gold = example[GOLD_COLUMN]
+    if is_conversational(example):
+        kwargs = example.get("chat_template_kwargs") or {}
+        full = _tokenize(tokenizer, example["prompt"] + gold, **kwargs)["input_ids"]
+    else:
+        if not gold.endswith(tokenizer.eos_token):
+            gold = gold + tokenizer.eos_token
+        full = _tokenize(tokenizer, example["prompt"] + gold)["input_ids"]
+    return {"reference_ids": full[len(example["prompt_ids"]):]}

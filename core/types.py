@@ -25,6 +25,11 @@ class PreferenceLogps:
     chosen_mask: Any  # (B, T) 1 where a response token is in the loss
     rejected_mask: Any  # (B, T)
     training: bool = True
+    # The gold ("reference" column) response, when a plugin requires that column; else None.
+    gold_logps: Any | None = None  # (B,)
+    gold_lengths: Any | None = None  # (B,)
+    gold_token_logps: Any | None = None  # (B, T)
+    gold_mask: Any | None = None  # (B, T)
 
     @property
     def chosen_logratios(self):

@@ -68,14 +68,26 @@ def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
     return {**contributed, **recipe.training}
 
 
+def required_columns(plugins: PluginSet, stage: str) -> dict[str, str]:
+    """Columns the enabled plugins need (``posttrain_required_columns``), each with the plugin asking."""
+    out: dict[str, str] = {}
+    for name, columns in plugins.call_each("posttrain_required_columns", stage=stage):
+        for column in columns or []:
+            out.setdefault(column, name)
+    return out
+
+
 def validate(recipe: Recipe) -> Plan:
     plugins = build_plugin_set(recipe.plugins, recipe.stage)
     check_model(recipe)
     data = recipe.data
-    check_source(data.source, columns=data.columns, options=data.options, stage=recipe.stage, where="data.source")
+    required = required_columns(plugins, recipe.stage)
+    check_source(data.source, columns=data.columns, options=data.options, stage=recipe.stage, where="data.source",
+                 required=required)
     ev = data.eval
     if ev.source:
-        check_source(ev.source, columns=data.columns, options={}, stage=recipe.stage, where="data.eval.source")
+        check_source(ev.source, columns=data.columns, options={}, stage=recipe.stage, where="data.eval.source",
+                     required=required)
     if not 0 <= ev.fraction < 1:
         raise UserError(f"must be in [0, 1), got {ev.fraction}", field="data.eval.fraction",
                         fix="use e.g. 0.1 to hold out 10% of the training data, or 0 for no held-out set")
