@@ -144,6 +144,15 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from .compare import compare, table
+
+    runs, out = compare(args.runs, args.output, args.overwrite)
+    print(table(runs))
+    print(f"\nfigure: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description="LLM post-training methods as plugins, "
                                      "composed by YAML recipes into TRL trainers.")
@@ -170,13 +179,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plugins)
 
+    p = sub.add_parser("compare", help="compare runs: a table and a PNG of their curves")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `posttrain run`")
+    p.add_argument("--output", default="compare.png", help="PNG to write (default: compare.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    p.set_defaults(func=_cmd_compare)
+
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=_cmd_recipes)
     return parser
 
 
+def _end_distributed_process(code: int) -> None:
+    """End a rank of a multi-process run without the C++ teardown at interpreter exit.
+
+    After a complete run (summary written, process group destroyed), a communication thread left
+    in torch/DeepSpeed can still abort the process during finalisation ("terminate called without
+    an active exception"), turning success into exit status -6 for the launcher. Python's own exit
+    handlers run first (trackers flush there); then the process ends with the real status.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _dispatch(args)
+    if args.func is _cmd_run and int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
+        _end_distributed_process(code)
+    return code
+
+
+def _dispatch(args) -> int:
     try:
         return args.func(args)
     except UserError as e:

@@ -231,4 +231,16 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
     }
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _close_process_group()
     return summary
+
+
+def _close_process_group() -> None:
+    """Tear down the distributed process group of a multi-process run. Left to interpreter exit,
+    its communication threads can abort the process ("terminate called without an active
+    exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

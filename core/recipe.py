@@ -128,6 +128,15 @@ MANAGED_TRL_FIELDS = {
 }
 
 
+# Fields that older transformers/TRL versions had, with what to write instead here.
+RENAMED_TRL_FIELDS = {
+    "warmup_ratio": "use warmup_steps: a float below 1 is a ratio of the total steps (e.g. warmup_steps: 0.1)",
+    "evaluation_strategy": "use eval_strategy",
+    "max_prompt_length": "use max_length (TRL truncates prompt + response together)",
+    "max_completion_length": "use max_length (TRL truncates prompt + response together)",
+}
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads 1e-4 as a float (YAML 1.1 wants 1.0e-4)."""
 

@@ -1,13 +1,25 @@
-"""Helpers for tests and benchmarks, also for third-party plugin authors' own tests.
+"""Helpers for plugin authors' tests (and posttrain's own tests and benchmarks).
 
-``build_tiny_model`` writes a random Llama and a byte-level BPE tokenizer (trained here on
-text the project generates, with a ChatML chat template) to a folder, so tests run offline
-on a real model class and a real tokenizer in well under a second per training step.
+- ``build_tiny_model`` / the ``tiny_model_dir`` fixture: a random Llama and a byte-level BPE
+  tokenizer trained here (with a ChatML chat template), saved to a folder: a real model class and
+  a real tokenizer, offline, well under a second per training step.
+- ``make_logps``: a batch of :class:`~posttrain.types.PreferenceLogps` with consistent
+  per-token and per-sequence values, to test a loss formula by hand.
+- ``run_recipe``: run a recipe (a dict or a file) for a few steps on the tiny model and return
+  its summary, the one-call "does my plugin train" check.
+- ``assert_plugin_conforms``: the plugin's hooks match the specs, its options schema is valid.
+
+Use the fixtures from your ``conftest.py`` with ``pytest_plugins = ["posttrain.testing"]``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -49,3 +61,123 @@ def build_tiny_model(folder: str | Path, *, hidden: int = 64, layers: int = 2, v
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
+
+
+def make_logps(batch: int = 4, length: int = 6, *, seed: int = 0, reference: bool = True, gold: bool = False,
+               requires_grad: bool = False):
+    """A random but self-consistent PreferenceLogps: sequence log-probs are the sums of the
+    per-token ones under the masks, lengths are the mask sums."""
+    import torch
+
+    from .types import PreferenceLogps
+
+    g = torch.Generator().manual_seed(seed)
+
+    def block():
+        lengths = torch.randint(1, length + 1, (batch,), generator=g)
+        mask = (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+        tokens = -torch.rand(batch, length, generator=g, dtype=torch.float64) * 3 * mask
+        tokens.requires_grad_(requires_grad)
+        return tokens, mask
+
+    (ct, cm), (rt, rm) = block(), block()
+    lp = PreferenceLogps(
+        chosen_logps=ct.sum(1), rejected_logps=rt.sum(1),
+        ref_chosen_logps=(ct.detach().sum(1) + torch.randn(batch, generator=g, dtype=torch.float64)) if reference else None,
+        ref_rejected_logps=(rt.detach().sum(1) + torch.randn(batch, generator=g, dtype=torch.float64)) if reference else None,
+        chosen_lengths=cm.sum(1), rejected_lengths=rm.sum(1),
+        chosen_token_logps=ct, rejected_token_logps=rt, chosen_mask=cm, rejected_mask=rm)
+    if gold:
+        gt, gm = block()
+        lp.gold_token_logps, lp.gold_mask, lp.gold_logps, lp.gold_lengths = gt, gm, gt.sum(1), gm.sum(1)
+    return lp
+
+
+_TINY: dict[str, Path] = {}
+
+
+def tiny_model() -> Path:
+    """The tiny model folder, built once per process in a temporary directory."""
+    if "path" not in _TINY:
+        _TINY["path"] = build_tiny_model(Path(tempfile.mkdtemp(prefix="posttrain-tiny-")) / "model")
+    return _TINY["path"]
+
+
+def run_recipe(recipe: dict | str | Path, *, steps: int = 3, output_dir: str | Path | None = None,
+               overrides: list[str] = ()) -> dict:
+    """Run a recipe for ``steps`` optimizer steps and return its summary.
+
+    A dict recipe may leave out ``model`` (the tiny model with LoRA is used) and ``data`` (96
+    built-in arithmetic pairs). Small batch and logging settings are filled in unless given.
+    Raises ``posttrain.UserError`` for recipe problems, like the CLI would report them.
+    """
+    import yaml
+
+    from .run import run
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if isinstance(recipe, dict):
+        data = copy.deepcopy(recipe)
+        data.setdefault("model", {"name_or_path": str(tiny_model()), "lora": {"r": 8, "alpha": 16}})
+        data.setdefault("data", {"source": "builtin:arithmetic", "options": {"n": 96}, "eval": {"fraction": 0.25}})
+        training = data.setdefault("training", {})
+        for key, value in {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "logging_steps": 1,
+                           "learning_rate": 5e-3, "max_length": 64, "save_strategy": "no"}.items():
+            training.setdefault(key, value)
+        data.setdefault("eval", {"generate": 0})
+        folder = Path(tempfile.mkdtemp(prefix="posttrain-recipe-"))
+        path = folder / "recipe.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path = Path(recipe)
+    out = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="posttrain-run-")) / "run"
+    _, summary = run(str(path), [*overrides, f"training.max_steps={steps}"], str(out))
+    summary["metrics"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    return summary
+
+
+def assert_plugin_conforms(cls: Any) -> None:
+    """Fail with every problem found: hooks that match no spec or ask for arguments the hook does
+    not pass, a missing name/description, an options schema that cannot be built or listed."""
+    import dataclasses
+
+    from .registry import check_plugin_class
+
+    problems = []
+    try:
+        hooks = check_plugin_class(cls)
+        if not hooks:
+            problems.append("implements no hook")
+    except ValueError as e:
+        problems.append(str(e))
+    if not getattr(cls, "description", ""):
+        problems.append("has no description (shown by `posttrain plugins`)")
+    options = getattr(cls, "Options", None)
+    if options is None or not dataclasses.is_dataclass(options):
+        problems.append("Options is not a dataclass")
+    else:
+        try:
+            schema = cls.options_schema()
+            required = [o["name"] for o in schema if o["default"] == "<required>"]
+            if not required:
+                cls(cls.parse_options({}, where=f"plugins.{cls.name}"))
+        except Exception as e:  # noqa: BLE001 - reported as a conformance problem
+            problems.append(f"options schema: {type(e).__name__}: {e}")
+    if problems:
+        raise AssertionError(f"plugin {getattr(cls, '__name__', cls)!r} does not conform: " + "; ".join(problems))
+
+
+try:  # fixtures for plugin authors' tests: `pytest_plugins = ["posttrain.testing"]`
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def tiny_model_dir() -> Path:
+        """Folder of the tiny random Llama and its tokenizer."""
+        return tiny_model()
+
+    @pytest.fixture
+    def preference_logps() -> Any:
+        """A random, self-consistent PreferenceLogps batch (4 pairs, reference included)."""
+        return make_logps()
+except ImportError:  # pytest is only needed for the fixtures
+    pass

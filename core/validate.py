@@ -9,7 +9,7 @@ from . import trl_fields
 from .data import check_source
 from .errors import UserError, did_you_mean
 from .models import BUILTIN_MODELS
-from .recipe import MANAGED_TRL_FIELDS, Recipe
+from .recipe import MANAGED_TRL_FIELDS, RENAMED_TRL_FIELDS, Recipe
 from .registry import PluginSet, build_plugin_set
 
 
@@ -50,9 +50,16 @@ def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
         if key in MANAGED_TRL_FIELDS:
             raise UserError(f"'{key}' is not set here: {MANAGED_TRL_FIELDS[key]}", field=f"training.{key}",
                             fix=f"remove training.{key}")
+        if key not in fields and key in RENAMED_TRL_FIELDS:
+            raise UserError(f"{cls_name} has no field '{key}' (any more)", field=f"training.{key}",
+                            fix=RENAMED_TRL_FIELDS[key])
         if key not in fields:
             raise UserError(f"{cls_name} has no field '{key}'{did_you_mean(key, fields)}", field=f"training.{key}",
                             fix=f"use a {cls_name} field (see TRL's documentation of {cls_name})")
+        if key == "deepspeed" and isinstance(value, str) and not Path(value).expanduser().is_file():
+            raise UserError(f"DeepSpeed config file '{value}' does not exist", field="training.deepspeed",
+                            fix="give the path of a DeepSpeed JSON file (relative to where you run posttrain) "
+                                "or write the config inline as a mapping")
         if not trl_fields.value_matches(fields[key], value):
             raise UserError(f"expected {fields[key]}, got {value!r}", field=f"training.{key}",
                             fix=f"give training.{key} a value of type {fields[key]}")

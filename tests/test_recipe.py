@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO
 from posttrain import trl_fields
 from posttrain.errors import UserError
 from posttrain.recipe import apply_override, load_recipe
@@ -171,9 +172,10 @@ def test_validate_and_plugins_do_not_import_torch(write_recipe, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_shipped_recipes_validate(cli):
+def test_shipped_recipes_validate(cli, monkeypatch):
     from posttrain.cli import recipes_dir
 
+    monkeypatch.chdir(REPO)  # paths inside recipes (DeepSpeed files) are relative to the repository root
     recipes = sorted(recipes_dir().glob("*.yaml"))
     assert recipes
     for path in recipes:
@@ -223,3 +225,27 @@ def test_internal_errors_exit_1_with_a_traceback(cli, write_recipe, monkeypatch)
     monkeypatch.setattr(posttrain.validate, "validate", broken)
     code, _, err = cli("validate", write_recipe())
     assert code == 1 and "Traceback" in err and "a bug in posttrain" in err and "internal error" in err
+
+
+def test_renamed_trl_field_says_what_to_write(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(training={"warmup_ratio": 0.1}))
+    assert code == 2 and "training.warmup_ratio" in err and "warmup_steps: 0.1" in err
+
+
+def test_deepspeed_file_must_exist(cli, write_recipe, tmp_path):
+    code, _, err = cli("validate", write_recipe(training={"deepspeed": str(tmp_path / "zero9.json")}))
+    assert code == 2 and "training.deepspeed" in err and "does not exist" in err
+
+
+CPU_RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml") if p.stem != "tulu3-dpo-norm-8b")
+
+
+@pytest.mark.parametrize("name", CPU_RECIPES)
+def test_shipped_cpu_recipes_run_on_the_tiny_model(cli, tiny_model_dir, tmp_path, name):
+    """Every shipped CPU recipe runs as written, with only the model and the length swapped."""
+    code, out, err = cli("run", REPO / "recipes" / f"{name}.yaml", "--output-dir", tmp_path / "run",
+                         "--set", f"model.name_or_path={tiny_model_dir}", "--set", "training.max_steps=2",
+                         "--set", "eval.generate=4", "--set", "data.options.n=80")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["after"]["heldout"]

@@ -222,3 +222,21 @@ def test_single_owner_hooks_are_enforced_for_all_of_them(monkeypatch):
                             lambda name: registry.PluginInfo(name, classes[name], "0", "test", "test"))
         with pytest.raises(UserError, match=f"'own1' and 'own2' both implement '{hook}'"):
             build_plugin_set({"own1": {}, "own2": {}}, "stage-without-requirements")
+
+
+def test_every_builtin_plugin_has_a_methods_section_and_conforms():
+    from posttrain.cli import recipes_dir
+    from posttrain.testing import assert_plugin_conforms
+
+    doc = (recipes_dir().parent / "docs" / "methods.md").read_text()
+    readme = (recipes_dir().parent / "README.md").read_text()
+    found, _ = discover()
+    builtin = [info for info in found.values() if info.distribution == "posttrain"]
+    assert len(builtin) >= 9
+    for info in builtin:
+        assert f"## `{info.name}`" in doc, f"docs/methods.md has no section for {info.name}"
+        assert f"| `{info.name}` |" in readme, f"README's methods table lacks {info.name}"
+        for option in info.cls.options_schema():
+            assert f"`{option['name']}`" in doc.split(f"## `{info.name}`")[1].split("\n## ")[0], \
+                f"docs/methods.md does not document option {option['name']} of {info.name}"
+        assert_plugin_conforms(info.cls)

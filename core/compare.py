@@ -1,0 +1,124 @@
+"""``posttrain compare``: several runs side by side, as a table and a PNG.
+
+Reads each run directory's ``metrics.jsonl`` and ``summary.json`` (no torch import) and draws,
+one line per run: the training loss, the reward margin, the chosen and rejected log-probs, and
+the held-out preference accuracy before and after training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+PANELS = (
+    ("loss", "training loss"),
+    ("rewards/margins", "reward margin (chosen - rejected)"),
+    ("logps", "log-probs: chosen (solid), rejected (dashed)"),
+    ("heldout", "held-out preference accuracy"),
+)
+
+
+@dataclass
+class Run:
+    label: str
+    path: Path
+    metrics: list[dict]
+    summary: dict
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        points = [(m["step"], m[key]) for m in self.metrics if key in m and "eval_loss" not in m]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def heldout(self, when: str, key: str = "preference_accuracy"):
+        return ((self.summary.get(when) or {}).get("heldout") or {}).get(key)
+
+    def answers(self, when: str):
+        return ((self.summary.get(when) or {}).get("answers") or {}).get("answer_accuracy")
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    metrics_file = path / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise UserError(f"'{path}' is not a run directory (no metrics.jsonl)", field="RUN_DIR",
+                        fix="give directories written by `posttrain run`")
+    metrics = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    summary_file = path / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+    plugins = "+".join(summary.get("plugins", []))
+    label = f"{path.name} ({plugins})" if plugins else path.name
+    return Run(label, path, metrics, summary)
+
+
+def table(runs: list[Run]) -> str:
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    header = ["run", "steps", "final loss", "final margin", "pref acc before", "pref acc after",
+              "answer acc before", "answer acc after"]
+    rows = []
+    for run in runs:
+        _, losses = run.series("loss")
+        _, margins = run.series("rewards/margins")
+        rows.append([run.label, str(run.summary.get("global_step", len(losses)) or "-"),
+                     fmt(losses[-1] if losses else None), fmt(margins[-1] if margins else None),
+                     fmt(run.heldout("before")), fmt(run.heldout("after")),
+                     fmt(run.answers("before")), fmt(run.answers("after"))])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def figure(runs: list[Run]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        color = colors[i % len(colors)]
+        for ax, key in ((axes[0][0], "loss"), (axes[0][1], "rewards/margins")):
+            steps, values = run.series(key)
+            ax.plot(steps, values, color=color, label=run.label)
+        steps, chosen = run.series("logps/chosen")
+        axes[1][0].plot(steps, chosen, color=color, label=run.label)
+        steps, rejected = run.series("logps/rejected")
+        axes[1][0].plot(steps, rejected, color=color, linestyle="--")
+        before, after = run.heldout("before"), run.heldout("after")
+        axes[1][1].plot([0, 1], [before if before is not None else float("nan"),
+                                 after if after is not None else float("nan")],
+                        color=color, marker="o", label=run.label)
+    for ax, (_, title) in zip([axes[0][0], axes[0][1], axes[1][0], axes[1][1]], PANELS, strict=True):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (axes[0][0], axes[0][1], axes[1][0]):
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1][1].set_xticks([0, 1], ["before", "after"])
+    axes[1][1].set_ylim(0, 1)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def compare(paths: list[str], output: str, overwrite: bool = False) -> tuple[list[Run], Path]:
+    if not paths:
+        raise UserError("no run directories given", field="RUN_DIR", fix="posttrain compare runs/a runs/b ...")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise UserError(f"'{out}' already exists", field="--output", fix="choose another --output or pass --overwrite")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"'{out}' is not a .png file name", field="--output", fix="use a name ending in .png")
+    runs = [load_run(p) for p in paths]
+    fig = figure(runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return runs, out

@@ -1,0 +1,1 @@
+pytest_plugins = ["posttrain.testing"]  # the tiny_model_dir and preference_logps fixtures
