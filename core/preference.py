@@ -17,7 +17,8 @@ from .models import gpu_supports_bf16, load_model, load_tokenizer, resolve_model
 from .rewards import score
 from .sampling import sample
 from .trainer import PreferenceTrainer
-from .validate import Plan, required_columns
+from .registry import required_columns
+from .validate import Plan
 
 STAGE = "preference"
 HELDOUT_KEYS = {

@@ -245,6 +245,15 @@ class PluginSet:
         return out
 
 
+def required_columns(plugins: PluginSet, stage: str) -> dict[str, str]:
+    """Columns the enabled plugins need (``posttrain_required_columns``), each with the plugin asking."""
+    out: dict[str, str] = {}
+    for name, columns in plugins.call_each("posttrain_required_columns", stage=stage):
+        for column in columns or []:
+            out.setdefault(column, name)
+    return out
+
+
 def build_plugin_set(section: dict | None, stage: str) -> PluginSet:
     """Enable the plugins a recipe names, with validated options; enforce hook ownership."""
     section = section or {}

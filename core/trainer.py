@@ -1,10 +1,12 @@
 """The preference trainer: TRL's own DPOTrainer, with the loss and batching taken from hooks.
 
-Only ``_compute_loss`` is replaced (TRL computes every preference loss in that one method);
-the forward passes use TRL's fused LM head and its reference helper
-(``compute_ref_log_probs``, which disables the LoRA adapter instead of holding a second copy
-of the model). Data preparation, tokenisation, collation, precomputed reference log-probs,
-DeepSpeed/FSDP preparation, checkpointing and logging are TRL's and transformers'.
+``_compute_loss`` is replaced (TRL computes every preference loss in that one method); the
+forward passes use TRL's fused LM head and its reference helper (``compute_ref_log_probs``,
+which disables the LoRA adapter instead of holding a second copy of the model). The other
+overrides are small: the train sampler and collator may come from plugins, and a gold
+``reference`` response is tokenised and kept when a plugin requires it. Data preparation,
+tokenisation, collation, precomputed reference log-probs, DeepSpeed/FSDP preparation,
+checkpointing and logging are TRL's and transformers'.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from trl import DPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
 
 from .errors import UserError
-from .registry import PluginSet
+from .registry import PluginSet, required_columns
 from .types import PreferenceLogps
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -44,8 +46,6 @@ class PreferenceTrainer(DPOTrainer):
     updates come from the enabled plugins."""
 
     def __init__(self, *args, plugins: PluginSet, stage: str = "preference", **kwargs):
-        from .validate import required_columns
-
         self.plugins = plugins
         self.stage = stage
         self.uses_reference = reference_needed(plugins, stage)

@@ -10,7 +10,7 @@ from .data import check_source
 from .errors import UserError, did_you_mean
 from .models import BUILTIN_MODELS
 from .recipe import MANAGED_TRL_FIELDS, RENAMED_TRL_FIELDS, Recipe
-from .registry import PluginSet, build_plugin_set
+from .registry import PluginSet, build_plugin_set, required_columns
 
 
 @dataclass
@@ -73,15 +73,6 @@ def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
             raise UserError(f"the recipe sets {key}={recipe.training[key]!r} but an enabled plugin sets {value!r}",
                             field=f"training.{key}", fix=f"remove training.{key} or change the plugin's options")
     return {**contributed, **recipe.training}
-
-
-def required_columns(plugins: PluginSet, stage: str) -> dict[str, str]:
-    """Columns the enabled plugins need (``posttrain_required_columns``), each with the plugin asking."""
-    out: dict[str, str] = {}
-    for name, columns in plugins.call_each("posttrain_required_columns", stage=stage):
-        for column in columns or []:
-            out.setdefault(column, name)
-    return out
 
 
 def validate(recipe: Recipe) -> Plan:
