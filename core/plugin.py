@@ -37,6 +37,10 @@ class Plugin:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # Modules the plugin imports when it runs, mapped to the pip requirement that provides them.
+    # A plugin whose modules are missing is listed as failed (with the install command) and a
+    # recipe enabling it is refused before anything is loaded.
+    requires: ClassVar[dict[str, str]] = {}
 
     @dataclasses.dataclass
     class Options:

@@ -9,6 +9,7 @@ Every plugin, built-in or third-party, is found the same way: an entry point in 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -82,6 +83,9 @@ def check_plugin_class(cls: Any, expected_name: str | None = None) -> list[str]:
             )
     # Options must be a dataclass whose annotations resolve.
     cls.options_schema()
+    missing = [req for module, req in cls.requires.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ValueError(f"needs {', '.join(missing)}: pip install {' '.join(repr(m) for m in missing)}")
     return hooks
 
 
