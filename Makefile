@@ -18,6 +18,9 @@ export TRL_EXPERIMENTAL_SILENCE := 1
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	# verify_code runs model-written code only inside a bubblewrap sandbox
+	command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq bubblewrap; } \
+		|| echo "note: install bubblewrap for the verify_code plugin (apt-get install bubblewrap)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "$(TORCH_SPEC)"
 	$(BIN)/pip install -e ".[test,demo,deepspeed,verifiers]"
