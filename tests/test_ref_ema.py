@@ -1,0 +1,83 @@
+"""ref_ema in the preference stage: η = 0 leaves the reference unchanged, η = 1 makes it equal to
+the policy, and in between it moves towards the policy, for full fine-tuning (a separate model)
+and for LoRA (a 'ref' adapter that TRL's reference pass uses)."""
+
+import pytest
+import torch
+
+from posttrain.preference import build_trainer
+from posttrain.recipe import load_recipe
+from posttrain.validate import validate
+
+
+def _train(write_recipe, tmp_path, lora, eta, steps=3):
+    model = {"lora": {"r": 8, "alpha": 16}} if lora else {"lora": None}
+    plan = validate(load_recipe(write_recipe(model=model, plugins={"dpo": {"beta": 0.5}, "ref_ema": {"eta": eta}},
+                                             training={"max_steps": steps, "learning_rate": 2e-2},
+                                             eval={"generate": 0})))
+    trainer, _ = build_trainer(plan, tmp_path)
+    if lora:
+        initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".default." in n}
+    else:
+        initial = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+    trainer.train()
+    return trainer, initial
+
+
+def _pairs(trainer, lora):
+    """(policy, reference) tensors, matched by name."""
+    if lora:
+        params = dict(trainer.model.named_parameters())
+        return {n: (p.detach(), params[n.replace(".default.", ".ref.")].detach())
+                for n, p in params.items() if ".default." in n}
+    ref = dict(trainer.ref_model.named_parameters())
+    return {n: (p.detach(), ref[n].detach()) for n, p in trainer.model.named_parameters()}
+
+
+def _distance(pairs, which):
+    return sum(float((a - b).pow(2).sum()) for a, b in (which(p, r) for p, r in pairs.values())) ** 0.5
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_eta_zero_keeps_the_reference(write_recipe, tmp_path, lora):
+    trainer, initial = _train(write_recipe, tmp_path, lora, eta=0.0)
+    pairs = _pairs(trainer, lora)
+    assert all(torch.equal(r, initial[n]) for n, (_, r) in pairs.items())
+    assert any(not torch.equal(p, initial[n]) for n, (p, _) in pairs.items())  # the policy did move
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_eta_one_copies_the_policy(write_recipe, tmp_path, lora):
+    trainer, initial = _train(write_recipe, tmp_path, lora, eta=1.0)
+    pairs = _pairs(trainer, lora)
+    assert all(torch.allclose(p, r) for p, r in pairs.values())
+    assert any(not torch.equal(r, initial[n]) for n, (_, r) in pairs.items())
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_eta_between_moves_towards_the_policy(write_recipe, tmp_path, lora):
+    trainer, initial = _train(write_recipe, tmp_path, lora, eta=0.5)
+    pairs = _pairs(trainer, lora)
+    moved = _distance({n: (initial[n], r) for n, (_, r) in pairs.items()}, lambda a, b: (a, b))
+    to_policy = _distance(pairs, lambda p, r: (p, r))
+    initial_to_policy = _distance({n: (p, initial[n]) for n, (p, _) in pairs.items()}, lambda a, b: (a, b))
+    assert moved > 0 and to_policy < initial_to_policy
+
+
+def test_lora_reference_pass_uses_the_ema_adapter(write_recipe, tmp_path):
+    trainer, _ = _train(write_recipe, tmp_path, lora=True, eta=1.0)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer.model.eval()
+    with torch.no_grad():
+        ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        out = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                            fused_lm_head=True)
+        policy = (out.log_probs * batch["completion_mask"][:, 1:]).sum(1)
+        with trainer.model.disable_adapter():
+            base = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=labels, fused_lm_head=True)
+        base = (base.log_probs * batch["completion_mask"][:, 1:]).sum(1)
+    ref = torch.cat([ref_chosen, ref_rejected])
+    assert torch.allclose(ref, policy, atol=1e-5)  # η = 1: the reference is the policy
+    assert not torch.allclose(ref, base, atol=1e-3)  # and not the adapter-disabled base any more
