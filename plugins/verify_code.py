@@ -25,8 +25,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from posttrain import Plugin, UserError, hookimpl
+from posttrain import UserError
 from posttrain.types import completion_text
+from posttrain.verifier import Verifier
 
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 NOBODY = 65534
@@ -68,14 +69,12 @@ def run_sandboxed(program: str, *, timeout: float = 5.0, memory_mb: int = 512, m
     return proc.returncode == 0
 
 
-class VerifyCode(Plugin):
+class VerifyCode(Verifier):
     name = "verify_code"
     description = "reward α when the completion's code passes the example's tests in a network-less sandbox"
 
     @dataclass
-    class Options:
-        alpha: float = field(default=10.0, metadata={"help": "Reward when every test passes."})
-        weight: float = field(default=1.0, metadata={"help": "Weight of this source when rewards are combined."})
+    class Options(Verifier.Options):
         column: str = field(default="tests", metadata={"help": "Dataset column holding the tests."})
         timeout_seconds: float = field(default=5.0, metadata={"help": "Wall-clock limit of one program."})
         memory_mb: int = field(default=512, metadata={"help": "Address-space limit of the program."})
@@ -93,16 +92,8 @@ class VerifyCode(Plugin):
                             field="plugins.verify_code",
                             fix="install bubblewrap and util-linux (apt-get install bubblewrap util-linux)")
 
-    def score(self, completion, tests) -> float:
+    def score(self, completion, tests):
         tests = "\n".join(tests) if isinstance(tests, list) else str(tests)
         program = extract_code(completion_text(completion)) + "\n\n" + tests + "\n"
-        passed = run_sandboxed(program, timeout=self.options.timeout_seconds, memory_mb=self.options.memory_mb,
-                               max_processes=self.options.max_processes)
-        return self.options.alpha if passed else 0.0
-
-    @hookimpl
-    def posttrain_reward(self, completions, columns):
-        tests = columns.get(self.options.column)
-        if tests is None:
-            return None
-        return [None if t is None else self.score(c, t) for c, t in zip(completions, tests, strict=True)]
+        return run_sandboxed(program, timeout=self.options.timeout_seconds, memory_mb=self.options.memory_mb,
+                             max_processes=self.options.max_processes)

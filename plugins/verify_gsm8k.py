@@ -9,11 +9,10 @@ answers (the "answer accuracy" of the summary); online stages train against it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from fractions import Fraction
 
-from posttrain import Plugin, hookimpl
 from posttrain.types import completion_text
+from posttrain.verifier import Verifier
 
 # Longest tail of a completion that is searched: a number is never that long, and this keeps
 # the cost bounded on hostile megabyte outputs.
@@ -32,27 +31,12 @@ def last_number(text: str) -> Fraction | None:
         return None
 
 
-class VerifyGSM8K(Plugin):
+class VerifyGSM8K(Verifier):
     name = "verify_gsm8k"
     description = "reward α when the completion's last number equals the gold answer (GSM8K rule)"
 
-    @dataclass
-    class Options:
-        alpha: float = field(default=10.0, metadata={"help": "Reward for a correct answer (Tülu 3 uses 10)."})
-        weight: float = field(default=1.0, metadata={"help": "Weight of this source when rewards are combined."})
-        column: str = field(default="ground_truth", metadata={"help": "Dataset column holding the gold answer."})
-
-    @hookimpl
-    def posttrain_reward(self, completions, columns):
-        golds = columns.get(self.options.column)
-        if golds is None:
+    def score(self, completion, gold):
+        want = last_number(str(gold))
+        if want is None:
             return None
-        scores = []
-        for completion, gold in zip(completions, golds, strict=True):
-            want = last_number(str(gold)) if gold is not None else None
-            if want is None:
-                scores.append(None)
-                continue
-            got = last_number(completion_text(completion))
-            scores.append(self.options.alpha if got == want else 0.0)
-        return scores
+        return last_number(completion_text(completion)) == want

@@ -18,8 +18,8 @@ import multiprocessing
 import threading
 from dataclasses import dataclass, field
 
-from posttrain import Plugin, hookimpl
 from posttrain.types import completion_text
+from posttrain.verifier import Verifier
 
 
 def _serve(conn, memory_mb: int) -> None:  # runs in the worker process
@@ -87,16 +87,13 @@ class _Worker:
             return False
 
 
-class VerifyMath(Plugin):
+class VerifyMath(Verifier):
     name = "verify_math"
     description = "reward α when the final answer equals the gold one mathematically (math-verify, sandboxed time)"
     requires = {"math_verify": "math-verify"}
 
     @dataclass
-    class Options:
-        alpha: float = field(default=10.0, metadata={"help": "Reward for a correct answer (Tülu 3 uses 10)."})
-        weight: float = field(default=1.0, metadata={"help": "Weight of this source when rewards are combined."})
-        column: str = field(default="ground_truth", metadata={"help": "Dataset column holding the gold answer."})
+    class Options(Verifier.Options):
         timeout_seconds: float = field(default=5.0, metadata={"help": "Time limit of one check."})
         memory_mb: int = field(default=2048, metadata={"help": "Memory limit of the checking process."})
         max_chars: int = field(default=4000, metadata={"help": "Characters read from the end of a completion."})
@@ -109,16 +106,6 @@ class VerifyMath(Plugin):
         super().__init__(options)
         self.worker = _Worker(self.options.memory_mb)
 
-    def score(self, completion, gold) -> float | None:
+    def score(self, completion, gold):
         answer = completion_text(completion)[-self.options.max_chars:]
-        result = self.worker.check(str(gold), answer, self.options.timeout_seconds)
-        if result is None:
-            return None
-        return self.options.alpha if result else 0.0
-
-    @hookimpl
-    def posttrain_reward(self, completions, columns):
-        golds = columns.get(self.options.column)
-        if golds is None:
-            return None
-        return [None if gold is None else self.score(c, gold) for c, gold in zip(completions, golds, strict=True)]
+        return self.worker.check(str(gold), answer, self.options.timeout_seconds)
