@@ -28,11 +28,15 @@ class DPO(Plugin):
     def posttrain_reference_needed(self):
         return True
 
+    def logratios(self, logps):
+        """The chosen and rejected log-ratios the sigmoid compares (variants override this)."""
+        return logps.chosen_logratios, logps.rejected_logratios
+
     @hookimpl
     def posttrain_preference_loss(self, logps):
         import torch.nn.functional as F
 
         beta = self.options.beta
-        chosen, rejected = logps.chosen_logratios, logps.rejected_logratios
+        chosen, rejected = self.logratios(logps)
         losses = -F.logsigmoid(beta * (chosen - rejected))
         return PreferenceLoss(losses, beta * chosen.detach(), beta * rejected.detach())

@@ -12,31 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain import Plugin, PreferenceLoss, hookimpl
+from posttrain.plugins.dpo import DPO
 
 
-class DPONorm(Plugin):
+class DPONorm(DPO):
     name = "dpo_norm"
     description = "length-normalised DPO (Tülu 3): log-ratios divided by response length (owns the loss)"
 
     @dataclass
-    class Options:
+    class Options(DPO.Options):
         beta: float = field(default=5.0, metadata={"help": "β on per-token log-ratios; Tülu 3 8B used 5."})
 
-        def validate(self):
-            if self.beta <= 0:
-                raise ValueError(f"beta must be positive, got {self.beta}")
-
-    @hookimpl
-    def posttrain_reference_needed(self):
-        return True
-
-    @hookimpl
-    def posttrain_preference_loss(self, logps):
-        import torch.nn.functional as F
-
-        beta = self.options.beta
-        chosen = logps.chosen_logratios / logps.chosen_lengths.clamp(min=1)
-        rejected = logps.rejected_logratios / logps.rejected_lengths.clamp(min=1)
-        losses = -F.logsigmoid(beta * (chosen - rejected))
-        return PreferenceLoss(losses, beta * chosen.detach(), beta * rejected.detach())
+    def logratios(self, logps):
+        return (logps.chosen_logratios / logps.chosen_lengths.clamp(min=1),
+                logps.rejected_logratios / logps.rejected_lengths.clamp(min=1))
