@@ -59,18 +59,8 @@ def _merge(base: dict, extra: dict) -> None:
     for key, value in extra.items():
         if isinstance(value, dict) and value and isinstance(base.get(key), dict):
             _merge(base[key], value)
-        elif value is _DELETE:
-            base.pop(key, None)
         else:
             base[key] = value
-
-
-_DELETE = object()
-
-
-@pytest.fixture
-def delete():
-    return _DELETE
 
 
 @pytest.fixture
