@@ -36,6 +36,7 @@ test: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/overhead.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/online.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,7 +8,7 @@ group. The hooks are documented in :mod:`posttrain.hookspecs` and docs/hooks.md.
 from .errors import UserError
 from .hookspecs import hookimpl
 from .plugin import Plugin
-from .types import PreferenceLogps, PreferenceLoss
+from .types import PreferenceLogps, PreferenceLoss, Rollouts
 
 __version__ = "0.1.0"
-__all__ = ["Plugin", "PreferenceLogps", "PreferenceLoss", "UserError", "hookimpl", "__version__"]
+__all__ = ["Plugin", "PreferenceLogps", "PreferenceLoss", "Rollouts", "UserError", "hookimpl", "__version__"]

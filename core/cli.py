@@ -105,6 +105,7 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
         ("held-out log-prob accuracy", "heldout", "logp_accuracy"),
         ("held-out reward margin", "heldout", "reward_margin"),
         ("greedy answer accuracy", "answers", "answer_accuracy"),
+        ("greedy answer mean reward", "answers", "mean_reward"),
     ]
     shown = False
     for label, group, key in rows:
@@ -117,6 +118,9 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
             shown = True
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"  {label:<30} {fmt(b):>8} {fmt(a):>8}")
+    if summary.get("reward_curve"):
+        print(f"  training reward, mean of the first / last third of the steps: "
+              f"{summary['reward_first_third']:.3f} -> {summary['reward_last_third']:.3f}")
     print(f"  summary: {run_dir / 'summary.json'}")
 
 

@@ -19,7 +19,7 @@ from .plugin import parse_options
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 # Columns each stage needs, after the recipe's column mapping.
-REQUIRED_COLUMNS = {"preference": ("prompt", "chosen", "rejected")}
+REQUIRED_COLUMNS = {"preference": ("prompt", "chosen", "rejected"), "online": ("prompt",)}
 
 
 def source_kind(source: str) -> str:

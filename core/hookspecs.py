@@ -35,14 +35,40 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 # builds the plugin set for a run, so a conflict is a recipe error, not a training crash.
 SINGLE_OWNER_HOOKS = (
     "posttrain_preference_loss",
+    "posttrain_advantage_estimate",
     "posttrain_sample",
     "posttrain_data_collator",
     "posttrain_train_sampler",
 )
 
-# Hooks that exactly one enabled plugin must implement, per stage.
+# Hooks that at least one enabled plugin must implement, per stage (exactly one for the
+# single-owner hooks above).
 REQUIRED_HOOKS = {
     "preference": ("posttrain_preference_loss",),
+    "online": ("posttrain_reward", "posttrain_advantage_estimate"),
+}
+
+# Hooks every stage calls. They do not make a plugin useful in a stage by themselves: a plugin
+# is refused in a stage that calls none of its other hooks (a preference loss in an online
+# recipe would silently do nothing). A plugin with only these hooks is accepted everywhere.
+GENERAL_HOOKS = (
+    "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
+    "posttrain_transform_dataset",
+)
+
+# The hooks each stage calls.
+STAGE_HOOKS = {
+    "preference": (
+        "posttrain_trl_config", "posttrain_callbacks", "posttrain_step_metrics", "posttrain_preference_loss",
+        "posttrain_loss_terms", "posttrain_reference_needed", "posttrain_required_columns", "posttrain_sample",
+        "posttrain_reward", "posttrain_update_reference", "posttrain_transform_dataset", "posttrain_token_mask",
+        "posttrain_data_collator", "posttrain_train_sampler",
+    ),
+    "online": (
+        "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
+        "posttrain_sample", "posttrain_reward", "posttrain_advantage_estimate", "posttrain_advantage_transform",
+        "posttrain_update_reference", "posttrain_transform_dataset",
+    ),
 }
 
 
@@ -56,8 +82,9 @@ def posttrain_trl_config(stage: str, recipe: dict) -> dict | None:
     """Contribute values to the TRL config of the run (e.g. ``DPOConfig``).
 
     Called once, while the recipe is validated (before any model is loaded); the merged result
-    is what the trainer is built with. ``recipe`` is the resolved recipe as plain data; do not
-    modify it.
+    is what the trainer is built with (``DPOConfig`` in the preference stage, ``GRPOConfig`` in
+    the online stage). ``recipe`` is the resolved recipe as plain data; do not modify it. Raise
+    :class:`posttrain.UserError` (naming the field and the fix) for settings that cannot work.
 
     Return a mapping of TRL config field names to values, or ``None``.
 
@@ -130,13 +157,16 @@ def posttrain_loss_terms(logps: Any) -> dict | None:
 def posttrain_reference_needed(stage: str) -> bool | None:
     """Say whether this plugin needs reference-model log-probs.
 
-    Called once when the trainer is built. Return ``True`` (needed), ``False`` (not needed by
-    this plugin, e.g. a reference-free loss) or ``None`` (no opinion).
+    Called while the recipe is validated and again when the trainer is built. Return ``True``
+    (needed), ``False`` (not needed by this plugin, e.g. a reference-free loss) or ``None`` (no
+    opinion).
 
-    Combine: *all results*. The reference is computed when any plugin returns ``True``, or
-    when none returns ``False``; it is skipped only when some plugin returns ``False`` and
-    none returns ``True``. When it is skipped, ``logps.ref_chosen_logps`` and
-    ``logps.ref_rejected_logps`` are ``None``.
+    Combine: *all results*. Preference stage: the reference is computed when any plugin
+    returns ``True``, or when none returns ``False``; it is skipped only when some plugin
+    returns ``False`` and none returns ``True``. When it is skipped, ``logps.ref_chosen_logps``
+    and ``logps.ref_rejected_logps`` are ``None``. Online stage: the reference exists only with
+    a KL penalty (``training.beta`` > 0); a plugin returning ``True`` there without one is a
+    recipe error.
     """
 
 
@@ -164,13 +194,18 @@ def posttrain_sample(
 ) -> list | None:
     """Produce completions for prompts.
 
-    Used wherever the core needs the policy's own outputs: the held-out greedy evaluation
-    now; online RL, iterative DPO and rejection sampling in later stages. ``prompts`` are
-    strings or message lists (conversational); ``generation`` holds generation settings
-    (``max_new_tokens``, ``do_sample``, ``temperature``, ...).
+    Used wherever the core needs the policy's own outputs: the held-out greedy evaluation of
+    both stages, and the rollouts of the online stage. ``prompts`` are strings or message lists
+    (conversational); ``generation`` holds generation settings (``max_new_tokens``,
+    ``do_sample``, ``temperature``, ``top_p``, ...). In the online stage ``model`` is the
+    current policy unwrapped for generation, ``num_samples`` is 1 and each prompt already
+    appears once per sample of its group.
 
     Return one list of ``num_samples`` completion strings per prompt, or ``None`` to leave the
-    job to the core's default sampler (``model.generate`` with the given settings).
+    job to the default sampler: ``model.generate`` for evaluation, the TRL trainer's own
+    generation (transformers or vLLM, as configured) for online rollouts. Online, returned
+    strings are tokenised (no special tokens added), cut at ``max_completion_length`` tokens
+    and end with the EOS token unless cut.
 
     Combine: *one owner* (at most one enabled plugin); without one the default sampler runs.
     """
@@ -192,8 +227,51 @@ def posttrain_reward(prompts: list, completions: list, columns: dict) -> list | 
 
     Combine: *all results*, as a weighted sum per example: each source's scores are multiplied
     by its ``weight`` option (1.0 when the plugin has none) and summed over the sources that
-    did not abstain. An example on which every source abstains has no reward (``None``).
-    Each source's scores are also reported separately, under its plugin name.
+    did not abstain. An example on which every source abstains has no reward (``None``); in
+    the online stage its advantage is 0. Each source's scores are also reported separately,
+    under its plugin name (online: ``rewards/<plugin>/mean`` in ``metrics.jsonl``).
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Advantage family (online stage)
+# --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def posttrain_advantage_estimate(rollouts: Any) -> Any:
+    """Turn the rewards of a batch of rollouts into advantages.
+
+    Called once per generation batch of the online stage, after the reward sources have
+    scored it. ``rollouts`` is a :class:`posttrain.types.Rollouts`: the combined reward of
+    every completion of the batch gathered from all processes (``NaN`` where every source
+    abstained), each source's rewards, the group size (completions per prompt; rows of a group
+    are consecutive), this process's completion mask and the slice of the gathered rows that
+    are this process's.
+
+    Return either per-sequence advantages of shape ``(N,)`` for all gathered rows, or
+    per-token advantages of shape ``(n, T)`` for this process's rows (``n`` rows of
+    ``rollouts.completion_mask``; the form a value-model/GAE estimator produces). ``NaN``
+    entries are allowed (unscorable rows); they become 0 after the transforms.
+
+    Combine: *one owner*. An online stage needs exactly one enabled plugin implementing this
+    hook (``group_relative`` for GRPO's baseline, ``leave_one_out`` for RLOO's).
+    """
+
+
+@hookspec
+def posttrain_advantage_transform(advantages: Any, rollouts: Any) -> Any:
+    """Transform advantages before they reach the loss (normalise, clip, reshape...).
+
+    Called after :func:`posttrain_advantage_estimate` with its result (or the previous
+    transform's) in ``advantages`` (shape ``(N,)`` or ``(n, T)`` as described there) and the
+    same ``rollouts``. Statistics over the whole batch must use the gathered rows, or
+    ``rollouts.gather`` for per-token values, so that every process computes the same numbers.
+
+    Return the new advantages (same shape) or ``None`` to leave them unchanged.
+
+    Combine: *all results*, chained in plugin order; each implementation receives the previous
+    one's output. ``NaN`` entries (unscorable rows) are set to 0 after the last transform.
     """
 
 
@@ -208,9 +286,10 @@ def posttrain_update_reference(trainer: Any, event: str, step: int) -> None:
 
     Called with ``event="step"`` after every optimizer step (``step`` is the global step) and
     with ``event="iteration"`` at the end of each iteration of an iterative stage. ``trainer``
-    is the running TRL trainer: ``trainer.model`` is the policy, ``trainer.ref_model`` the
-    reference (``None`` with LoRA, where the reference is the policy with its adapter
-    disabled).
+    is the running TRL trainer (the ``DPOTrainer`` or ``GRPOTrainer`` subclass):
+    ``trainer.model`` is the policy, ``trainer.ref_model`` the reference (``None`` with LoRA,
+    where the reference is the policy with its adapter disabled, or its ``ref`` adapter when
+    one exists).
 
     Without any implementation the reference stays frozen.
 
@@ -230,7 +309,8 @@ def posttrain_transform_dataset(dataset: Any, split: str, stage: str) -> Any:
 
     Called once per split (``"train"``, ``"eval"``) after the recipe's column mapping and
     before tokenisation. ``dataset`` is a ``datasets.Dataset`` with the stage's columns
-    (``prompt``, ``chosen``, ``rejected`` for preference data) plus any others of the source.
+    (``prompt``, ``chosen``, ``rejected`` for preference data; ``prompt`` online) plus any others
+    of the source.
     Return a new dataset, or ``None`` to leave it unchanged.
 
     Combine: *all results*, chained: each implementation receives the previous one's output,

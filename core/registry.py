@@ -184,7 +184,7 @@ class PluginSet:
             self.pm.enable_tracing()
 
     def implementers(self, hook: str) -> list[str]:
-        return [impl.plugin_name for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls())]
+        return [impl.plugin_name for impl in self._impls(hook)]
 
     def _raise_named(self, hook: str, error: Exception):
         """Re-raise ``error`` as a PluginHookError naming the plugin whose code raised it."""
@@ -201,21 +201,35 @@ class PluginSet:
         """Call a hook the pluggy way: a list of results, or the first result for firstresult hooks."""
         try:
             return getattr(self.pm.hook, hook)(**kwargs)
-        except PluginHookError:
+        except UserError:  # already names the field and the fix (a PluginHookError or the plugin's own)
             raise
         except Exception as e:
             self._raise_named(hook, e)
 
+    def _impls(self, hook: str) -> list:
+        """The implementations of ``hook``, in recipe order."""
+        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
+
+    @staticmethod
+    def _invoke(impl, hook: str, kwargs: dict) -> Any:
+        """Call one implementation with the arguments it accepts; name the plugin if it raises."""
+        try:
+            return impl.function(**{k: kwargs[k] for k in impl.argnames})
+        except UserError:
+            raise
+        except Exception as e:
+            raise PluginHookError(impl.plugin_name, hook, e) from e
+
     def call_each(self, hook: str, **kwargs) -> list[tuple[str, Any]]:
         """Call every implementation in recipe order: ``[(plugin_name, result), ...]`` (None included)."""
-        out = []
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
-            try:
-                result = impl.function(**{k: kwargs[k] for k in impl.argnames})
-            except Exception as e:
-                raise PluginHookError(impl.plugin_name, hook, e) from e
-            out.append((impl.plugin_name, result))
-        return out
+        return [(impl.plugin_name, self._invoke(impl, hook, kwargs)) for impl in self._impls(hook)]
+
+    def call_one(self, plugin: str, hook: str, **kwargs) -> Any:
+        """Call one plugin's implementation of ``hook``."""
+        impl = next((i for i in self._impls(hook) if i.plugin_name == plugin), None)
+        if impl is None:
+            raise KeyError(f"plugin '{plugin}' does not implement {hook}")
+        return self._invoke(impl, hook, kwargs)
 
     def chain(self, hook: str, value_arg: str, value: Any, **kwargs) -> tuple[Any, str | None]:
         """Pass ``value`` through every implementation; ``None`` results leave it unchanged.
@@ -223,12 +237,8 @@ class PluginSet:
         Returns the final value and the name of the last plugin that changed it.
         """
         last = None
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
-            args = {**kwargs, value_arg: value}
-            try:
-                result = impl.function(**{k: args[k] for k in impl.argnames})
-            except Exception as e:
-                raise PluginHookError(impl.plugin_name, hook, e) from e
+        for impl in self._impls(hook):
+            result = self._invoke(impl, hook, {**kwargs, value_arg: value})
             if result is not None:
                 value, last = result, impl.plugin_name
         return value, last
@@ -274,13 +284,26 @@ def build_plugin_set(section: dict | None, stage: str) -> PluginSet:
                 field="plugins",
                 fix=f"enable only one of {', '.join(owners)}",
             )
+    used = set(hookspecs.STAGE_HOOKS[stage])
+    for p in plugins:
+        hooks = hook_methods(type(p))
+        specific = [h for h in hooks if h not in hookspecs.GENERAL_HOOKS] or hooks
+        if specific and not used.intersection(specific):
+            raise UserError(
+                f"plugin '{p.name}' does nothing in the {stage} stage: none of its hooks "
+                f"({', '.join(h.removeprefix('posttrain_') for h in specific)}) is called there",
+                field=f"plugins.{p.name}",
+                fix=f"remove '{p.name}' from this recipe, or use it in a stage it works in",
+            )
     for hook in hookspecs.REQUIRED_HOOKS.get(stage, ()):
         if not any(hook in hook_methods(type(p)) for p in plugins):
             found, _ = discover()
             providers = [n for n, info in found.items() if hook in info.hooks]
+            example = providers[0] if providers else "name"
             raise UserError(
                 f"no enabled plugin implements '{hook}', which the {stage} stage needs",
                 field="plugins",
-                fix=f"enable one of: {', '.join(providers) or '(none installed)'} (e.g. `plugins: {{dpo: {{}}}}`)",
+                fix=f"enable one of: {', '.join(providers) or '(none installed)'} "
+                    f"(e.g. `plugins: {{{example}: {{}}}}`)",
             )
     return PluginSet(plugins)

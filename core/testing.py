@@ -5,8 +5,10 @@
   a real tokenizer, offline, well under a second per training step.
 - ``make_logps``: a batch of :class:`~posttrain.types.PreferenceLogps` with consistent
   per-token and per-sequence values, to test a loss formula by hand.
-- ``run_recipe``: run a recipe (a dict or a file) for a few steps on the tiny model and return
-  its summary, the one-call "does my plugin train" check.
+- ``make_rollouts``: a :class:`~posttrain.types.Rollouts` batch around given rewards, to test an
+  advantage estimator or transform by hand.
+- ``run_recipe``: run a recipe (a dict or a file, preference or online) for a few steps on the
+  tiny model and return its summary, the one-call "does my plugin train" check.
 - ``assert_plugin_conforms``: the plugin's hooks match the specs, its options schema is valid.
 
 Use the fixtures from your ``conftest.py`` with ``pytest_plugins = ["posttrain.testing"]``.
@@ -93,6 +95,24 @@ def make_logps(batch: int = 4, length: int = 6, *, seed: int = 0, reference: boo
     return lp
 
 
+def make_rollouts(rewards, group_size: int, *, sources: dict | None = None, completion_length: int = 5,
+                  seed: int = 0):
+    """A :class:`~posttrain.types.Rollouts` batch around the given rewards (a list, None = unscorable),
+    to test an advantage plugin by hand. Single process: every row is local."""
+    import torch
+
+    from .types import Rollouts
+
+    values = torch.tensor([float("nan") if r is None else float(r) for r in rewards], dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, completion_length + 1, (len(values),), generator=g)
+    mask = (torch.arange(completion_length).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return Rollouts(rewards=values, rewards_by_source=sources or {"reward": values.clone()}, group_size=group_size,
+                    completion_mask=mask, local=slice(0, len(values)), prompts=[f"p{i // group_size}" for i in
+                                                                                range(len(values))],
+                    completions=[""] * len(values), gather=lambda t: t)
+
+
 _TINY: dict[str, Path] = {}
 
 
@@ -108,7 +128,8 @@ def run_recipe(recipe: dict | str | Path, *, steps: int = 3, output_dir: str | P
     """Run a recipe for ``steps`` optimizer steps and return its summary.
 
     A dict recipe may leave out ``model`` (the tiny model with LoRA is used) and ``data`` (96
-    built-in arithmetic pairs). Small batch and logging settings are filled in unless given.
+    built-in arithmetic pairs; 64 word problems for ``stage: online``). Small batch and logging
+    settings are filled in unless given.
     Raises ``posttrain.UserError`` for recipe problems, like the CLI would report them.
     """
     import yaml
@@ -118,11 +139,16 @@ def run_recipe(recipe: dict | str | Path, *, steps: int = 3, output_dir: str | P
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if isinstance(recipe, dict):
         data = copy.deepcopy(recipe)
+        online = data.get("stage") == "online"
         data.setdefault("model", {"name_or_path": str(tiny_model()), "lora": {"r": 8, "alpha": 16}})
-        data.setdefault("data", {"source": "builtin:arithmetic", "options": {"n": 96}, "eval": {"fraction": 0.25}})
+        data.setdefault("data", {"source": "builtin:word_problems", "options": {"n": 64}, "eval": {"fraction": 0.25}}
+                        if online else
+                        {"source": "builtin:arithmetic", "options": {"n": 96}, "eval": {"fraction": 0.25}})
         training = data.setdefault("training", {})
-        for key, value in {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "logging_steps": 1,
-                           "learning_rate": 5e-3, "max_length": 64, "save_strategy": "no"}.items():
+        defaults = {"per_device_train_batch_size": 8, "logging_steps": 1, "learning_rate": 5e-3, "save_strategy": "no"}
+        defaults.update({"num_generations": 4, "max_completion_length": 16} if online else
+                        {"per_device_eval_batch_size": 8, "max_length": 64})
+        for key, value in defaults.items():
             training.setdefault(key, value)
         data.setdefault("eval", {"generate": 0})
         folder = Path(tempfile.mkdtemp(prefix="posttrain-recipe-"))

@@ -14,12 +14,12 @@ from __future__ import annotations
 from unittest import mock
 
 import torch
-from transformers import TrainerCallback
 from trl import DPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
 
 from .errors import UserError
 from .registry import PluginSet, required_columns
+from .stage import ReferenceUpdateCallback
 from .types import PreferenceLogps
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
@@ -30,15 +30,6 @@ def reference_needed(plugins: PluginSet, stage: str) -> bool:
     """Combine ``posttrain_reference_needed`` answers as its contract says."""
     answers = [a for a in plugins.call("posttrain_reference_needed", stage=stage) if a is not None]
     return True if True in answers or not answers else False
-
-
-class _ReferenceUpdateCallback(TrainerCallback):
-    def __init__(self, trainer: "PreferenceTrainer"):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.plugins.call("posttrain_update_reference", trainer=self.trainer, event="step",
-                                  step=state.global_step)
 
 
 class PreferenceTrainer(DPOTrainer):
@@ -71,7 +62,7 @@ class PreferenceTrainer(DPOTrainer):
         if collator is not None:
             self.data_collator = collator
         if plugins.implementers("posttrain_update_reference"):
-            self.add_callback(_ReferenceUpdateCallback(self))
+            self.add_callback(ReferenceUpdateCallback(self))
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.uses_gold and "prompt" not in next(iter(dataset)):

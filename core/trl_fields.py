@@ -21,6 +21,11 @@ CONFIG_CHAIN = {
         ("trl", "trainer/base_config.py", "_BaseConfig"),
         ("transformers", "training_args.py", "TrainingArguments"),
     ],
+    "online": [
+        ("trl", "trainer/grpo_config.py", "GRPOConfig"),
+        ("trl", "trainer/base_config.py", "_BaseConfig"),
+        ("transformers", "training_args.py", "TrainingArguments"),
+    ],
 }
 
 
@@ -31,10 +36,25 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+_NO_DEFAULT = object()
+
+
+def _default(value: ast.expr | None):
+    """The literal default of a dataclass field (``x: int = 3`` or ``field(default=3)``), or _NO_DEFAULT."""
+    if isinstance(value, ast.Call) and getattr(value.func, "id", getattr(value.func, "attr", "")) == "field":
+        value = next((kw.value for kw in value.keywords if kw.arg == "default"), None)
+    if value is None:
+        return _NO_DEFAULT
+    try:
+        return ast.literal_eval(value)
+    except ValueError:
+        return _NO_DEFAULT
+
+
 @lru_cache(maxsize=None)
-def config_fields(stage: str) -> dict[str, str]:
-    """``{field name: annotation source}`` of the TRL config class used by ``stage``."""
+def _read_fields(stage: str) -> tuple[dict[str, str], dict[str, object]]:
     fields: dict[str, str] = {}
+    defaults: dict[str, object] = {}
     for package, relpath, class_name in reversed(CONFIG_CHAIN[stage]):
         tree = ast.parse((_package_dir(package) / relpath).read_text(encoding="utf-8"))
         cls = next(
@@ -47,7 +67,22 @@ def config_fields(stage: str) -> dict[str, str]:
                 if "ClassVar" in ast.unparse(node.annotation) or node.target.id.startswith("_"):
                     continue
                 fields[node.target.id] = ast.unparse(node.annotation)
-    return fields
+                default = _default(node.value)
+                if default is _NO_DEFAULT:
+                    defaults.pop(node.target.id, None)
+                else:
+                    defaults[node.target.id] = default
+    return fields, defaults
+
+
+def config_fields(stage: str) -> dict[str, str]:
+    """``{field name: annotation source}`` of the TRL config class used by ``stage``."""
+    return _read_fields(stage)[0]
+
+
+def config_defaults(stage: str) -> dict[str, object]:
+    """``{field name: default}`` for the fields of that class whose default is a literal."""
+    return _read_fields(stage)[1]
 
 
 def config_class_name(stage: str) -> str:

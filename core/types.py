@@ -51,6 +51,32 @@ class PreferenceLoss:
     rejected_rewards: Any  # (B,)
 
 
+@dataclass
+class Rollouts:
+    """A scored generation batch of the online stage, as the advantage hooks see it.
+
+    Rows are completions. ``rewards`` and ``rewards_by_source`` hold every row of the batch,
+    gathered from all processes, in groups of ``group_size`` consecutive rows that share a
+    prompt; ``local`` selects this process's rows, which ``completion_mask`` (and the local
+    ``prompts``/``completions``) describe.
+    """
+
+    rewards: Any  # (N,) weighted sum of the sources; NaN where every source abstained
+    rewards_by_source: dict  # plugin name -> (N,) its unweighted rewards, NaN where it abstained
+    group_size: int  # completions per prompt
+    completion_mask: Any  # (n, T) this process's completion tokens
+    local: slice  # this process's rows within the N gathered rows
+    prompts: list  # this process's prompts (n)
+    completions: list  # this process's completions (n)
+    training: bool = True
+    gather: Any = None  # gather(tensor) -> the tensor concatenated over processes (dim 0)
+
+    @property
+    def grouped_rewards(self):
+        """``rewards`` as (number of prompts, group_size)."""
+        return self.rewards.view(-1, self.group_size)
+
+
 def completion_text(completion: Any) -> str:
     """The text of a completion: a string, or the content of the last message of a message list."""
     if isinstance(completion, str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +47,13 @@ def check_model(recipe: Recipe) -> None:
 def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
     fields = trl_fields.config_fields(recipe.stage)
     cls_name = trl_fields.config_class_name(recipe.stage)
+    managed, renamed = MANAGED_TRL_FIELDS[recipe.stage], RENAMED_TRL_FIELDS[recipe.stage]
     for key, value in recipe.training.items():
-        if key in MANAGED_TRL_FIELDS:
-            raise UserError(f"'{key}' is not set here: {MANAGED_TRL_FIELDS[key]}", field=f"training.{key}",
+        if key in managed:
+            raise UserError(f"'{key}' is not set here: {managed[key]}", field=f"training.{key}",
                             fix=f"remove training.{key}")
-        if key not in fields and key in RENAMED_TRL_FIELDS:
-            raise UserError(f"{cls_name} has no field '{key}' (any more)", field=f"training.{key}",
-                            fix=RENAMED_TRL_FIELDS[key])
+        if key not in fields and key in renamed:
+            raise UserError(f"{cls_name} has no field '{key}'", field=f"training.{key}", fix=renamed[key])
         if key not in fields:
             raise UserError(f"{cls_name} has no field '{key}'{did_you_mean(key, fields)}", field=f"training.{key}",
                             fix=f"use a {cls_name} field (see TRL's documentation of {cls_name})")
@@ -93,4 +94,48 @@ def validate(recipe: Recipe) -> Plan:
         raise UserError("eval.generate must be >= 0 and eval.max_new_tokens >= 1", field="eval",
                         fix="use e.g. generate: 64, max_new_tokens: 32")
     trl_config = check_training(recipe, plugins)
+    if recipe.stage == "online":
+        check_online(trl_config, plugins)
     return Plan(recipe, plugins, trl_config)
+
+
+def world_size() -> int:
+    """Processes of the launch this runs in (torchrun / accelerate / deepspeed set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def online_batch(trl_config: dict) -> dict:
+    """The online stage's batch arithmetic, as GRPOConfig derives it (defaults read from TRL's source)."""
+    defaults = trl_fields.config_defaults("online")
+    value = lambda key: trl_config.get(key, defaults.get(key))  # noqa: E731
+    per_device, accumulation = value("per_device_train_batch_size"), value("gradient_accumulation_steps")
+    group = value("num_generations")
+    steps = value("steps_per_generation")
+    generation = value("generation_batch_size")
+    if generation is None:
+        steps = steps or accumulation
+        generation = per_device * world_size() * steps
+    return {"per_device": per_device, "accumulation": accumulation, "group": group, "generation_batch": generation,
+            "completions_per_update": per_device * world_size() * accumulation}
+
+
+def check_online(trl_config: dict, plugins: PluginSet) -> None:
+    """What GRPOConfig and GRPOTrainer would refuse, said in recipe terms before anything loads."""
+    batch = online_batch(trl_config)
+    if batch["group"] is None or batch["group"] < 2:
+        raise UserError(f"num_generations must be at least 2 (completions per prompt), got {batch['group']}",
+                        field="training.num_generations", fix="use e.g. num_generations: 4")
+    if batch["generation_batch"] % batch["group"]:
+        raise UserError(
+            f"a generation batch of {batch['generation_batch']} completions (per_device_train_batch_size "
+            f"{batch['per_device']} x {world_size()} process(es) x steps_per_generation) does not split into groups "
+            f"of num_generations={batch['group']}", field="training.num_generations",
+            fix="make per_device_train_batch_size x processes x gradient_accumulation_steps a multiple of "
+                "num_generations, or let the large_batch plugin derive them from prompts_per_update")
+    beta = trl_config.get("beta", trl_fields.config_defaults("online").get("beta"))
+    wanting = [name for name, needed in plugins.call_each("posttrain_reference_needed", stage="online") if needed]
+    if wanting and not beta:
+        raise UserError(
+            f"plugin '{wanting[0]}' needs a reference model, which the online stage only has with a KL penalty "
+            f"(training.beta is {beta})", field="training.beta",
+            fix="set training.beta > 0 (e.g. 0.05, Tülu 3's RLVR value), or remove the plugin")

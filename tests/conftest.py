@@ -55,6 +55,32 @@ def write_recipe(tmp_path, tiny_model_dir):
     return write
 
 
+GROUP_PLUS_NORM = {"group_relative": {}, "advantage_norm": {"scope": "group"}}  # GRPO's advantages
+
+
+@pytest.fixture
+def online_recipe(tmp_path, tiny_model_dir):
+    """Write a small online recipe for the tiny model; keyword arguments deep-merge into it (an empty
+    mapping replaces the section, None sets the key to null, `plugins` is replaced whole)."""
+
+    def write(name="online", plugins=None, **overrides):
+        data = {
+            "stage": "online",
+            "model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+            "data": {"source": "builtin:word_problems", "options": {"n": 64}, "eval": {"fraction": 0.25}},
+            "plugins": plugins if plugins is not None else {"online_plugins:DigitShare": {}, **GROUP_PLUS_NORM},
+            "training": {"learning_rate": 5e-3, "per_device_train_batch_size": 8, "num_generations": 4,
+                         "max_completion_length": 12, "max_steps": 3, "logging_steps": 1, "save_strategy": "no"},
+            "eval": {"generate": 4, "max_new_tokens": 6},
+        }
+        _merge(data, overrides)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    return write
+
+
 def _merge(base: dict, extra: dict) -> None:
     for key, value in extra.items():
         if isinstance(value, dict) and value and isinstance(base.get(key), dict):

@@ -86,7 +86,7 @@ def test_local_jsonl_with_column_mapping_trains(cli, write_recipe, tmp_path):
                                 "columns": {"prompt": "question", "chosen": "good", "rejected": "bad"}},
                           training={"max_steps": 2})
     summary, _ = _run(cli, recipe, tmp_path / "run")
-    assert summary["global_step"] == 2 and summary["heldout_pairs"] == 10
+    assert summary["global_step"] == 2 and summary["heldout_examples"] == 10
 
 
 def test_full_finetuning_keeps_a_frozen_reference(write_recipe, tmp_path):
@@ -209,7 +209,7 @@ def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_
     assert calls["data_collator"] == 1 and calls["train_sampler"] >= 1
     assert calls["update_reference:step"] == 3
     assert calls["token_mask"] >= 3 and calls["collate"] >= 3
-    assert summary["heldout_pairs"] == 24 - 1  # the transform dropped one held-out example
+    assert summary["heldout_examples"] == 24 - 1  # the transform dropped one held-out example
     # every response lost its first token to the mask: lengths agree with the tokenised data minus one
     import yaml
     from posttrain.preference import build_trainer

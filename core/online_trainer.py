@@ -1,0 +1,162 @@
+"""The online trainer: TRL's own GRPOTrainer, with rollouts, rewards, advantages and reference
+updates taken from hooks.
+
+What is TRL's: the data loader that repeats each prompt ``num_generations`` times, generation
+(transformers or vLLM), the policy/reference log-prob passes (with LoRA, the reference is the
+adapter-disabled model, or the ``ref`` adapter when one exists), the clipped policy loss and its
+variants (``loss_type``), the KL penalty (``beta``), multiple iterations per batch, checkpointing,
+logging. What is ours, through four small overrides:
+
+- reward sources: each enabled ``posttrain_reward`` plugin is one of TRL's reward functions, with
+  its ``weight`` as TRL's reward weight (so TRL logs each source's mean and std, and a source
+  returning None abstains);
+- advantages: TRL computes advantages inline in ``_generate_and_score_completions`` (there is no
+  narrower override point). We let it, then replace them with the output of the
+  ``posttrain_advantage_estimate`` owner passed through the ``posttrain_advantage_transform``
+  chain, computed from the same gathered rewards TRL used;
+- rollouts: when a plugin owns ``posttrain_sample``, completions come from it instead of TRL's
+  generation;
+- reference updates: ``posttrain_update_reference`` after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from .errors import UserError
+from .registry import PluginSet
+from .rewards import RewardSource, source_weight
+from .stage import ReferenceUpdateCallback
+from .types import Rollouts
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    """Standard deviation (Bessel-corrected) of the non-NaN entries."""
+    values = x[~torch.isnan(x)]
+    return values.std() if values.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+class OnlineTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose reward sources, advantage estimate and transforms, sampler and
+    reference updates come from the enabled plugins."""
+
+    def __init__(self, *args, plugins: PluginSet, stage: str = "online", **kwargs):
+        self.plugins = plugins
+        self.stage = stage
+        sources = plugins.implementers("posttrain_reward")
+        config = kwargs["args"]
+        config.reward_weights = [source_weight(plugins, name) for name in sources]
+        self.samples_from_plugin = bool(plugins.implementers("posttrain_sample"))
+        self._scored = None
+        self._rollout_prompts: list = []
+        super().__init__(*args, reward_funcs=[RewardSource(plugins, name) for name in sources], **kwargs)
+        if plugins.implementers("posttrain_update_reference"):
+            self.add_callback(ReferenceUpdateCallback(self))
+
+    # -- rewards and advantages ---------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._scored = (rewards_per_func, prompts, completions)  # gathered over processes, (N, sources)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        rewards_per_func, prompts, completions = self._scored
+        self._scored = None
+        mode = "train" if self.model.training else "eval"
+        rollouts = self.rollouts(rewards_per_func, prompts, completions, output["completion_mask"], mode)
+        advantages = self.advantages(rollouts)
+        output["advantages"] = advantages if advantages.dim() == 2 else advantages[rollouts.local]
+
+        # TRL logged its own advantages for the completions table: log ours instead.
+        logged = advantages if advantages.dim() == 1 else self.accelerator.gather(
+            (advantages * rollouts.completion_mask).sum(1) / rollouts.completion_mask.sum(1).clamp(min=1))
+        table = self._logs["advantages"]
+        for _ in range(min(len(logged), len(table))):
+            table.pop()
+        table.extend(logged.tolist())
+        metrics = self._metrics[mode]
+        metrics["advantages/mean"].append(logged.mean().item())
+        metrics["advantages/std"].append(logged.std().item() if logged.numel() > 1 else 0.0)
+        metrics["advantages/abs_mean"].append(logged.abs().mean().item())
+        return output
+
+    def rollouts(self, rewards_per_func, prompts, completions, completion_mask, mode: str = "train") -> Rollouts:
+        """The scored batch as the advantage hooks see it: rewards combined by weight (NaN where every
+        source abstained), each source's rewards, the group size and this process's rows."""
+        weights = self.reward_weights.to(rewards_per_func.device)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable] = torch.nan
+        n, rank = len(prompts), self.accelerator.process_index
+        return Rollouts(
+            rewards=rewards,
+            rewards_by_source={name: rewards_per_func[:, i] for i, name in enumerate(self.reward_func_names)},
+            group_size=self.num_generations if mode == "train" else self.num_generations_eval,
+            completion_mask=completion_mask,
+            local=slice(rank * n, (rank + 1) * n),
+            prompts=list(prompts),
+            completions=list(completions),
+            training=mode == "train",
+            gather=self.accelerator.gather,
+        )
+
+    def advantages(self, rollouts: Rollouts) -> torch.Tensor:
+        """Estimate (one owner), then transform (chained); unscorable rows end at 0."""
+        owner = self.plugins.implementers("posttrain_advantage_estimate")[0]
+        advantages = self.plugins.call("posttrain_advantage_estimate", rollouts=rollouts)
+        self._check_shape(advantages, rollouts, owner)
+        for name in self.plugins.implementers("posttrain_advantage_transform"):
+            result = self.plugins.call_one(name, "posttrain_advantage_transform", advantages=advantages,
+                                           rollouts=rollouts)
+            if result is not None:
+                self._check_shape(result, rollouts, name)
+                advantages = result
+        return torch.nan_to_num(advantages.to(torch.float32), nan=0.0)
+
+    @staticmethod
+    def _check_shape(advantages, rollouts: Rollouts, plugin: str) -> None:
+        per_sequence = (rollouts.rewards.shape[0],)
+        per_token = tuple(rollouts.completion_mask.shape)
+        shape = tuple(getattr(advantages, "shape", ()))
+        if not isinstance(advantages, torch.Tensor) or shape not in (per_sequence, per_token):
+            raise UserError(
+                f"plugin '{plugin}' returned advantages of shape {shape or type(advantages).__name__}; expected a "
+                f"tensor of shape {per_sequence} (one per completion of the gathered batch) or {per_token} "
+                f"(per token of this process's completions)", field=f"plugins.{plugin}",
+                fix="report this to the plugin's author")
+
+    # -- rollouts from a sampler plugin --------------------------------------------------------
+
+    def _generate(self, prompts: list):
+        self._rollout_prompts = prompts
+        return super()._generate(prompts)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if not self.samples_from_plugin:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        generation = {"max_new_tokens": self.max_completion_length, "do_sample": True,
+                      "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                      "min_p": self.min_p, "repetition_penalty": self.repetition_penalty}
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+        ) as model, torch.no_grad():
+            samples = self.plugins.call("posttrain_sample", model=model, tokenizer=self.processing_class,
+                                        prompts=self._rollout_prompts, num_samples=1, generation=generation)
+        owner = self.plugins.implementers("posttrain_sample")[0]
+        if samples is None or len(samples) != len(prompt_ids) or any(len(s) != 1 for s in samples):
+            raise UserError(f"plugin '{owner}' returned {len(samples or [])} sample lists for {len(prompt_ids)} "
+                            "prompts; expected one list of one completion per prompt", field=f"plugins.{owner}",
+                            fix="report this to the plugin's author")
+        return [self._completion_ids(s[0]) for s in samples], None
+
+    def _completion_ids(self, text: str) -> list[int]:
+        """Token ids of a sampled completion: no special tokens added, cut at max_completion_length,
+        ended with EOS unless cut."""
+        ids = self._tokenizer(str(text), add_special_tokens=False)["input_ids"][: self.max_completion_length]
+        return ids + [self._tokenizer.eos_token_id] if len(ids) < self.max_completion_length else ids

@@ -1,0 +1,266 @@
+"""What every stage shares: the run loop (build, evaluate before, train, save, evaluate after,
+summarise), the metric and progress callbacks, and the held-out greedy-answer evaluation.
+
+A stage is a module with three functions:
+
+- ``build_trainer(plan, run_dir) -> (trainer, heldout)``: the TRL trainer subclass, ready to
+  train, and the held-out dataset (or ``None``);
+- ``heldout_metrics(plan, trainer, heldout) -> dict``: the stage's own held-out numbers (the
+  preference stage's TRL evaluation; nothing extra online);
+- ``summary_extras(trainer) -> dict``: stage-specific entries of ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from .errors import UserError
+from .rewards import score
+from .sampling import sample
+from .validate import Plan
+
+STAGE_MODULES = {"preference": "posttrain.preference", "online": "posttrain.online"}
+
+
+def platform_defaults(chosen: dict) -> dict:
+    """TRL config values that suit the hardware, for the keys the recipe (``chosen``) leaves unset."""
+    import torch
+
+    from .models import gpu_supports_bf16
+
+    defaults = {"report_to": "none", "logging_steps": 10, "save_strategy": "steps"}
+    if not torch.cuda.is_available():
+        # TRL defaults to bf16 and gradient checkpointing, which on a CPU are slow or need use_cpu.
+        defaults.update(use_cpu=True, bf16=False)
+        if "gradient_checkpointing" not in chosen:  # the deprecated name, honoured when the recipe uses it
+            defaults["activation_checkpointing"] = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU processes (torchrun, accelerate, DeepSpeed)
+            defaults["ddp_backend"] = "gloo"
+    elif not gpu_supports_bf16():
+        defaults.update(bf16=False, fp16=True)
+    return defaults
+
+
+class MetricsWriter(TrainerCallback):
+    """Appends one JSON line per logged step to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Progress(ProgressCallback):
+    """The usual progress bar, with the latest headline metrics in it instead of printed dicts."""
+
+    shown = ("loss", "rewards/margins", "rewards/accuracies", "reward")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: logs[k] for k in self.shown if k in logs}
+            if shown:
+                self.training_bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
+
+
+class ReferenceUpdateCallback(TrainerCallback):
+    """Calls ``posttrain_update_reference`` after every optimizer step (both trainers add it when a
+    plugin implements the hook)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.plugins.call("posttrain_update_reference", trainer=self.trainer, event="step",
+                                  step=state.global_step)
+
+
+def transform(plan: Plan, dataset, split: str):
+    """Pass a split through the ``posttrain_transform_dataset`` chain."""
+    if dataset is None:
+        return None
+    out, last = plan.plugins.chain("posttrain_transform_dataset", "dataset", dataset, split=split,
+                                   stage=plan.recipe.stage)
+    if len(out) == 0 and last is not None:
+        raise UserError(f"the {split} data is empty after plugin '{last}' transformed it", field=f"plugins.{last}",
+                        fix=f"relax the options of '{last}' or use more data")
+    return out
+
+
+def load_data(plan: Plan):
+    """Training and held-out splits, loaded, checked and transformed by the plugins."""
+    from .data import load_splits
+    from .registry import required_columns
+
+    train, heldout = load_splits(plan.recipe, required_columns(plan.plugins, plan.recipe.stage))
+    train, heldout = transform(plan, train, "train"), transform(plan, heldout, "eval")
+    if len(train) == 0:
+        raise UserError("the training data is empty", field="data.source", fix="point data.source at some examples")
+    if heldout is not None and len(heldout) == 0:
+        raise UserError("the held-out data is empty", field="data.eval",
+                        fix="use a larger data.eval.fraction, another data.eval source/split, or fraction: 0 for none")
+    return train, heldout
+
+
+def trainer_callbacks(plan: Plan, run_dir: Path) -> list:
+    callbacks = [MetricsWriter(run_dir / "metrics.jsonl")]
+    for extra in plan.plugins.call("posttrain_callbacks", stage=plan.recipe.stage, recipe=plan.recipe.to_dict()):
+        callbacks.extend(extra or [])
+    return callbacks
+
+
+def finish_trainer(trainer):
+    """Our progress bar instead of the printed dicts."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(Progress)
+    return trainer
+
+
+def _text(prompt) -> str:
+    if isinstance(prompt, list):
+        return " | ".join(str(m.get("content", "")) for m in prompt)
+    return str(prompt)
+
+
+def answer_metrics(plan: Plan, trainer, heldout) -> dict | None:
+    """Greedy answers to held-out prompts, scored by the enabled reward plugins."""
+    n = plan.recipe.eval.generate
+    if n == 0 or heldout is None or "prompt" not in heldout.column_names:
+        return None
+    if not plan.plugins.implementers("posttrain_reward"):
+        return None
+    ds_plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    if ds_plugin is not None and ds_plugin.zero_stage == 3:
+        return {"skipped": "greedy answers are not generated under DeepSpeed ZeRO-3 (the weights are sharded)"}
+    subset = heldout.select(range(min(n, len(heldout))))
+    prompts = subset["prompt"]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    generation = {"max_new_tokens": plan.recipe.eval.max_new_tokens, "do_sample": False}
+    completions = [c[0] for c in sample(plan.plugins, model, trainer.processing_class, prompts, 1, generation)]
+    columns = {c: subset[c] for c in subset.column_names}
+    rewards = score(plan.plugins, prompts, completions, columns)
+    scored = [r for r in rewards.total if r is not None]
+    if not scored:
+        return None
+    return {
+        "n": len(scored),
+        "answer_accuracy": sum(r > 0 for r in scored) / len(scored),
+        "mean_reward": sum(scored) / len(scored),
+        "by_source": {name: sum(s for s in v if s is not None) / max(1, sum(s is not None for s in v))
+                      for name, v in rewards.by_source.items()},
+        "examples": [{"prompt": _text(p), "completion": c, "reward": r}
+                     for p, c, r in list(zip(prompts, completions, rewards.total))[:3]],
+    }
+
+
+def evaluate(stage, plan: Plan, trainer, heldout) -> dict:
+    """The held-out numbers of the stage, and the greedy answers scored by the reward plugins."""
+    if heldout is None:
+        return {}
+    return {"heldout": stage.heldout_metrics(plan, trainer, heldout),
+            "answers": answer_metrics(plan, trainer, heldout)}
+
+
+class BeforeEvaluation(TrainerCallback):
+    """Evaluates the starting model when training begins, and writes eval_before.json.
+
+    At ``on_train_begin`` the model is already wrapped for the run's backend (DDP, DeepSpeed,
+    FSDP) and no step has been taken; evaluating earlier fails under DeepSpeed ZeRO-1/2, which has
+    no inference engine before training."""
+
+    def __init__(self, stage, plan: Plan, trainer, heldout, path: Path, main: bool):
+        self.stage, self.plan, self.trainer, self.heldout, self.path, self.main = stage, plan, trainer, heldout, path, main
+        self.result: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.plan.recipe.eval.before:
+            self.result = evaluate(self.stage, self.plan, self.trainer, self.heldout)
+        if self.main:
+            self.path.write_text(json.dumps(self.result, indent=2))
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def _trim_metrics(run_dir: Path, upto_step: int) -> None:
+    """On resume, forget the metric lines logged after the checkpoint (they are logged again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
+    """Build, evaluate, train, save, evaluate, summarise. In a distributed launch every rank runs
+    this (training and evaluation are collective); only the main process writes files."""
+    stage = importlib.import_module(STAGE_MODULES[plan.recipe.stage])
+    trainer, heldout = stage.build_trainer(plan, run_dir)
+    main = trainer.is_world_process_zero()
+    before_path = run_dir / "eval_before.json"
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    if main:
+        if checkpoint is not None:
+            _trim_metrics(run_dir, int(checkpoint.name.split("-")[-1]))
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    evaluation = BeforeEvaluation(stage, plan, trainer, heldout, before_path, main)
+    if checkpoint is not None and before_path.exists():
+        evaluation.result = json.loads(before_path.read_text())
+    else:
+        trainer.add_callback(evaluation)
+
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.time() - started
+    final_dir = run_dir / "final"
+    trainer.save_model(str(final_dir))
+
+    after = evaluate(stage, plan, trainer, heldout)
+    logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
+    summary = {
+        "recipe": plan.recipe.name,
+        "stage": plan.recipe.stage,
+        "plugins": list(plan.plugins.by_name),
+        "global_step": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "train_seconds_this_session": round(train_seconds, 1),
+        "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
+        "last_logged": logs[-1] if logs else {},
+        "heldout_examples": len(heldout) if heldout is not None else 0,
+        **stage.summary_extras(trainer),
+        "before": evaluation.result,
+        "after": after,
+        "final_model": str(final_dir),
+    }
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _close_process_group()
+    return summary
+
+
+def _close_process_group() -> None:
+    """Tear down the distributed process group of a multi-process run. Left to interpreter exit,
+    its communication threads can abort the process ("terminate called without an active
+    exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,71 @@
+"""Plugins the online-stage tests enable by import path (``online_plugins:Name``): a graded reward
+a tiny random model can move, a reward that abstains on some examples, a fixed sampler, and a
+per-token advantage estimator (the shape a value-model estimator would return)."""
+
+from dataclasses import dataclass
+
+from posttrain import Plugin, hookimpl
+from posttrain.types import completion_text
+
+
+class DigitShare(Plugin):
+    name = "digit_share"
+    description = "reward: the share of the completion's characters that are digits"
+
+    @dataclass
+    class Options:
+        weight: float = 1.0
+
+    @hookimpl
+    def posttrain_reward(self, completions):
+        texts = [completion_text(c) for c in completions]
+        return [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts]
+
+
+class ScoreWhenAsked(Plugin):
+    name = "score_when_asked"
+    description = "reward 1 where the example's `score_me` column is true, abstains elsewhere"
+
+    @dataclass
+    class Options:
+        weight: float = 1.0
+
+    @hookimpl
+    def posttrain_reward(self, completions, columns):
+        if "score_me" not in columns:
+            return None
+        return [float(len(completion_text(c)) % 3) if ask else None
+                for c, ask in zip(completions, columns["score_me"], strict=True)]
+
+
+class FixedSampler(Plugin):
+    name = "fixed_sampler"
+    description = "every rollout is the same text"
+
+    @dataclass
+    class Options:
+        text: str = "The answer is 42"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.calls = []
+
+    @hookimpl
+    def posttrain_sample(self, model, prompts, num_samples, generation):
+        self.calls.append((len(prompts), num_samples, dict(generation), model.training))
+        return [[self.options.text] * num_samples for _ in prompts]
+
+
+class TokenAdvantage(Plugin):
+    name = "token_advantage"
+    description = "group-relative advantages spread over each completion's tokens, halving along it"
+
+    @hookimpl
+    def posttrain_advantage_estimate(self, rollouts):
+        import torch
+
+        grouped = rollouts.grouped_rewards
+        per_sequence = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).reshape(-1)[rollouts.local]
+        mask = rollouts.completion_mask.float()
+        decay = 0.5 ** torch.arange(mask.shape[1], dtype=torch.float32, device=mask.device)
+        return per_sequence.unsqueeze(1) * decay.unsqueeze(0) * mask
