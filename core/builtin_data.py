@@ -10,6 +10,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .builtin_instructions import InstructionFollowingOptions, instruction_following
+
 
 @dataclass
 class ArithmeticOptions:
@@ -88,6 +90,86 @@ def arithmetic(options: ArithmeticOptions) -> list[dict]:
 
 
 @dataclass
+class WordProblemOptions:
+    n: int = field(default=2000, metadata={"help": "Number of problems."})
+    seed: int = field(default=0, metadata={"help": "Generator seed (independent of the run seed)."})
+    conversational: bool = field(default=True, metadata={
+        "help": "Message lists (chat); false gives plain text ending in 'Answer:'."})
+    operations: list[str] = field(default_factory=lambda: ["+", "-", "*"], metadata={
+        "help": "Any of + - * (one step each)."})
+    max_operand: int = field(default=20, metadata={"help": "Largest number in a problem (products: up to 10 x it)."})
+    two_step: float = field(default=0.0, metadata={
+        "help": "Fraction of problems with two steps (gain then loss), e.g. 0.3."})
+    instruction: str = field(default="Give the final answer as a number.", metadata={
+        "help": "Appended to every question ('' for none)."})
+
+    def validate(self):
+        if self.n < 1:
+            raise ValueError("n must be at least 1")
+        bad = set(self.operations) - {"+", "-", "*"}
+        if bad or not self.operations:
+            raise ValueError(f"operations must be a non-empty list of '+', '-', '*' (got {self.operations})")
+        if self.max_operand < 2:
+            raise ValueError("max_operand must be at least 2")
+        if not 0 <= self.two_step <= 1:
+            raise ValueError("two_step must be in [0, 1]")
+
+
+_NAMES = ["Ava", "Ben", "Chloe", "Dan", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Omar", "Priya",
+          "Sam", "Tara", "Yuki"]
+_THINGS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells", "cards", "coins"]
+_CONTAINERS = ["boxes", "bags", "jars", "packs", "baskets"]
+
+
+def _word_problem(rng: random.Random, op: str, top: int) -> tuple[str, int]:
+    name, friend = rng.sample(_NAMES, 2)
+    things = rng.choice(_THINGS)
+    if op == "+":
+        a, b = rng.randint(1, top), rng.randint(1, top)
+        return rng.choice([
+            f"{name} has {a} {things}. {friend} gives {name} {b} more. How many {things} does {name} have now?",
+            f"There are {a} {things} on a table and {b} more in a drawer. How many {things} are there in all?",
+        ]), a + b
+    if op == "-":
+        a = rng.randint(2, top)
+        b = rng.randint(1, a - 1)
+        return rng.choice([
+            f"{name} had {a} {things} and gave {b} of them to {friend}. How many {things} does {name} have left?",
+            f"A shelf holds {a} {things}. {name} takes {b} away. How many {things} are still on the shelf?",
+        ]), a - b
+    a, b = rng.randint(2, min(top, 10)), rng.randint(2, top)
+    container = rng.choice(_CONTAINERS)
+    return (f"{name} buys {a} {container} with {b} {things} in each. How many {things} does {name} buy in total?",
+            a * b)
+
+
+def word_problems(options: WordProblemOptions) -> list[dict]:
+    """Short arithmetic word problems with their answer in a `ground_truth` column (for verify_gsm8k).
+
+    Prompts only: for the online stage, where the policy writes the answers and a verifier scores them.
+    """
+    rng = random.Random(options.seed)
+    records = []
+    for _ in range(options.n):
+        if rng.random() < options.two_step:
+            name, friend = rng.sample(_NAMES, 2)
+            things = rng.choice(_THINGS)
+            a, b = rng.randint(1, options.max_operand), rng.randint(1, options.max_operand)
+            c = rng.randint(1, a + b - 1) if a + b > 1 else 0
+            question = (f"{name} has {a} {things}, buys {b} more and then gives {c} to {friend}. "
+                        f"How many {things} does {name} have now?")
+            answer = a + b - c
+        else:
+            question, answer = _word_problem(rng, rng.choice(options.operations), options.max_operand)
+        if options.instruction:
+            question = f"{question} {options.instruction}"
+        prompt = [{"role": "user", "content": question}] if options.conversational else \
+            f"Question: {question}\nAnswer:"
+        records.append({"prompt": prompt, "ground_truth": str(answer)})
+    return records
+
+
+@dataclass
 class Generator:
     fn: Callable[..., list[dict]]
     options: type
@@ -100,5 +182,11 @@ BUILTIN_DATASETS = {
     "arithmetic": Generator(
         arithmetic, ArithmeticOptions,
         lambda o: ["prompt", "chosen", "rejected", "ground_truth"] + (["reference"] if o.reference else []),
-        ("preference",), "arithmetic questions, right answer preferred to a near miss"),
+        ("preference", "online"), "arithmetic questions, right answer preferred to a near miss"),
+    "word_problems": Generator(
+        word_problems, WordProblemOptions, lambda o: ["prompt", "ground_truth"],
+        ("online",), "arithmetic word problems (prompts + ground_truth) for RL with a verifier"),
+    "instructions": Generator(
+        instruction_following, InstructionFollowingOptions, lambda o: ["prompt", "instruction_id_list", "kwargs"],
+        ("online",), "writing tasks with machine-checkable IFEval constraints (for verify_ifeval)"),
 }
