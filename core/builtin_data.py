@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .builtin_instructions import InstructionFollowingOptions, instruction_following
+from .builtin_reasoning_gym import ReasoningGymOptions, reasoning_gym_tasks
+from .builtin_reasoning_gym import columns as reasoning_gym_columns
 
 
 @dataclass
@@ -189,4 +191,7 @@ BUILTIN_DATASETS = {
     "instructions": Generator(
         instruction_following, InstructionFollowingOptions, lambda o: ["prompt", "instruction_id_list", "kwargs"],
         ("online",), "writing tasks with machine-checkable IFEval constraints (for verify_ifeval)"),
+    "reasoning_gym": Generator(
+        reasoning_gym_tasks, ReasoningGymOptions, reasoning_gym_columns,
+        ("online",), "reasoning-gym tasks (gsm_symbolic, chain_sum, ...; optional package reasoning-gym)"),
 }

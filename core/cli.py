@@ -229,6 +229,9 @@ def _dispatch(args) -> int:
     except KeyboardInterrupt:
         print("posttrain: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`posttrain plugins | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception:
         traceback.print_exc()
         print("posttrain: internal error (the traceback above); please report it", file=sys.stderr)

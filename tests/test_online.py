@@ -327,3 +327,60 @@ def test_trl_refusal_is_a_user_error_before_the_model_loads(cli, online_recipe, 
     code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
     assert code == 2 and "TRL refuses these settings" in err
     assert not (tmp_path / "run").exists()
+
+
+# -- other reward sources and several processes --------------------------------------------------
+
+
+def test_instruction_prompts_train_against_verify_ifeval(cli, online_recipe, tmp_path):
+    """The built-in IFEval-style prompts, scored by verify_ifeval (partial credit) next to a second
+    source: both logged on their own, the run completes."""
+    recipe = online_recipe(data={"source": "builtin:instructions", "options": {"n": 32}},
+                           plugins={"verify_ifeval": {"partial": True, "alpha": 1.0},
+                                    "online_plugins:DigitShare": {"weight": 0.1}, "group_relative": {}},
+                           training={"max_steps": 2, "max_completion_length": 24})
+    summary, metrics, _ = _run(cli, recipe, tmp_path / "run")
+    steps = [m for m in metrics if "reward" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert 0.0 <= m["rewards/verify_ifeval/mean"] <= 1.0
+        assert m["reward"] == pytest.approx(m["rewards/verify_ifeval/mean"] + 0.1 * m["rewards/digit_share/mean"],
+                                            abs=1e-6)
+
+
+def test_two_process_run_whitens_over_the_gathered_batch(online_recipe, tmp_path):
+    """Two CPU processes (torchrun, gloo): each generates its own completions; the advantages are
+    whitened over both processes' rows, so the logged (gathered) advantages have mean 0, std 1."""
+    import os
+    import subprocess
+    import sys
+
+    from test_training import free_port
+
+    run = tmp_path / "run"
+    recipe = online_recipe(plugins={"online_plugins:DigitShare": {}, "group_relative": {},
+                                    "advantage_norm": {"scope": "batch"}},
+                           training={"max_steps": 2, "per_device_train_batch_size": 4}, eval={"generate": 0})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    for m in (m for m in read_jsonl(run / "metrics.jsonl") if "reward" in m):
+        assert m["advantages/mean"] == pytest.approx(0, abs=1e-5)
+        assert m["advantages/std"] == pytest.approx(1, abs=1e-2)
+
+
+def test_reasoning_gym_tasks_are_a_built_in_source(cli, online_recipe, tmp_path):
+    pytest.importorskip("reasoning_gym")
+    recipe = online_recipe(data={"source": "builtin:reasoning_gym",
+                                 "options": {"task": "chain_sum", "n": 32, "config": {"max_terms": 2, "max_digits": 1}}},
+                           plugins={"verify_gsm8k": {"alpha": 1.0}, "group_relative": {}},
+                           training={"max_steps": 2})
+    summary, metrics, _ = _run(cli, recipe, tmp_path / "run")
+    assert [m["step"] for m in metrics if "rewards/verify_gsm8k/mean" in m] == [1, 2]
+    code, _, err = cli("validate", online_recipe(data={"source": "builtin:reasoning_gym",
+                                                       "options": {"task": "chain_summ"}}))
+    assert code == 2 and "chain_sum" in err and "data.options" in err
