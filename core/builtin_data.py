@@ -15,6 +15,17 @@ from .builtin_reasoning_gym import ReasoningGymOptions, reasoning_gym_tasks
 from .builtin_reasoning_gym import columns as reasoning_gym_columns
 
 
+def _check_arithmetic(options) -> None:
+    """The checks the arithmetic generators share (n, operations, max_operand)."""
+    if options.n < 1:
+        raise ValueError("n must be at least 1")
+    bad = set(options.operations) - {"+", "-", "*"}
+    if bad or not options.operations:
+        raise ValueError(f"operations must be a non-empty list of '+', '-', '*' (got {options.operations})")
+    if options.max_operand < 2:
+        raise ValueError("max_operand must be at least 2")
+
+
 @dataclass
 class ArithmeticOptions:
     n: int = field(default=2000, metadata={"help": "Number of pairs."})
@@ -28,13 +39,7 @@ class ArithmeticOptions:
         "help": "Add a 'reference' column, a gold response (the right answer), for triple-preference methods (TPO)."})
 
     def validate(self):
-        if self.n < 1:
-            raise ValueError("n must be at least 1")
-        bad = set(self.operations) - {"+", "-", "*"}
-        if bad or not self.operations:
-            raise ValueError(f"operations must be a non-empty list of '+', '-', '*' (got {self.operations})")
-        if self.max_operand < 2:
-            raise ValueError("max_operand must be at least 2")
+        _check_arithmetic(self)
 
 
 def _wrong_answer(rng: random.Random, right: int) -> int:
@@ -106,13 +111,7 @@ class WordProblemOptions:
         "help": "Appended to every question ('' for none)."})
 
     def validate(self):
-        if self.n < 1:
-            raise ValueError("n must be at least 1")
-        bad = set(self.operations) - {"+", "-", "*"}
-        if bad or not self.operations:
-            raise ValueError(f"operations must be a non-empty list of '+', '-', '*' (got {self.operations})")
-        if self.max_operand < 2:
-            raise ValueError("max_operand must be at least 2")
+        _check_arithmetic(self)
         if not 0 <= self.two_step <= 1:
             raise ValueError("two_step must be in [0, 1]")
 

@@ -32,12 +32,6 @@ from .stage import ReferenceUpdateCallback
 from .types import Rollouts
 
 
-def _nanstd(x: torch.Tensor) -> torch.Tensor:
-    """Standard deviation (Bessel-corrected) of the non-NaN entries."""
-    values = x[~torch.isnan(x)]
-    return values.std() if values.numel() > 1 else torch.zeros((), dtype=x.dtype, device=x.device)
-
-
 class OnlineTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose reward sources, advantage estimate and transforms, sampler and
     reference updates come from the enabled plugins."""
