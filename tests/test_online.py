@@ -234,14 +234,45 @@ def test_what_reaches_the_loss_is_whitened_only_with_advantage_norm(online_recip
         assert any(a.abs().max() > 0 and abs(a.std().item() - 1) > 0.05 for a in seen)
 
 
+@pytest.mark.parametrize("prompts_per_update", [None, 6], ids=["off", "6_prompts"])
+def test_large_batch_sets_prompts_per_policy_update(online_recipe, tmp_path, prompts_per_update):
+    """large_batch on: each optimizer step follows one generation batch of prompts_per_update
+    prompts (x num_generations completions), split into passes of the per-device batch; off: TRL's
+    settings (one pass of 8 completions = 2 prompts per step)."""
+    plugins = {"online_plugins:DigitShare": {}, "group_relative": {}}
+    if prompts_per_update:
+        plugins["large_batch"] = {"prompts_per_update": prompts_per_update}
+    trainer, _ = _build(online_recipe(plugins=plugins, training={"max_steps": 2}, eval={"generate": 0}),
+                        tmp_path / "run")
+    generations, passes = [], []
+    generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss
+
+    def spy_generate(inputs):
+        generations.append((trainer.state.global_step, len(inputs), len({str(x["prompt"]) for x in inputs})))
+        return generate(inputs)
+
+    def spy_loss(model, inputs):
+        passes.append(inputs["completion_ids"].shape[0])
+        return compute_loss(model, inputs)
+
+    trainer._generate_and_score_completions, trainer._compute_loss = spy_generate, spy_loss
+    trainer.train()
+    prompts = prompts_per_update or 2
+    assert trainer.args.gradient_accumulation_steps == prompts * 4 // 8
+    assert [g[0] for g in generations] == [0, 1]  # one generation batch per optimizer step
+    assert all(size == prompts * 4 and distinct == prompts for _, size, distinct in generations)
+    assert passes == [8] * (2 * prompts * 4 // 8)
+
+
 # -- the sampler hook and per-token advantages ---------------------------------------------------
 
 
 def test_sampler_plugin_provides_the_rollouts(online_recipe, tmp_path):
-    rows = [{"prompt": f"Q{i}", "ground_truth": "42" if i % 2 else "7"} for i in range(16)]
+    rows = [{"prompt": f"Q{i}", "answer": "42" if i % 2 else "7"} for i in range(16)]  # the gold under another name
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = online_recipe(data={"source": str(data), "options": {}, "eval": {"fraction": 0.0}}, eval={"generate": 0},
+    recipe = online_recipe(data={"source": str(data), "options": {}, "columns": {"ground_truth": "answer"},
+                                 "eval": {"fraction": 0.0}}, eval={"generate": 0},
                            plugins={"online_plugins:FixedSampler": {"text": "The answer is 42"},
                                     "verify_gsm8k": {"alpha": 1.0}, "group_relative": {}})
     trainer, _ = _build(recipe, tmp_path / "run")
