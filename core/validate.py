@@ -115,8 +115,7 @@ def online_batch(trl_config: dict) -> dict:
     if generation is None:
         steps = steps or accumulation
         generation = per_device * world_size() * steps
-    return {"per_device": per_device, "accumulation": accumulation, "group": group, "generation_batch": generation,
-            "completions_per_update": per_device * world_size() * accumulation}
+    return {"per_device": per_device, "group": group, "generation_batch": generation}
 
 
 def check_online(trl_config: dict, plugins: PluginSet) -> None:
