@@ -25,7 +25,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from overhead import StepTimer  # noqa: E402
+from overhead import StepTimer, alternate  # noqa: E402
 from posttrain import Plugin, hookimpl  # noqa: E402
 from posttrain.builtin_data import WordProblemOptions, word_problems  # noqa: E402
 from posttrain.online_trainer import OnlineTrainer  # noqa: E402
@@ -92,13 +92,8 @@ def main(argv=None) -> int:
                                      vocab=1000)
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         data = Dataset.from_list(word_problems(WordProblemOptions(n=4 * args.steps, seed=0)))
-        results: dict[str, list[dict]] = {"trl": [], "posttrain": []}
-        for i in range(args.repeats):  # alternate, so drift in machine speed hits both alike
-            order = ("trl", "posttrain") if i % 2 == 0 else ("posttrain", "trl")
-            for kind in order:
-                results[kind].append(run_once(kind, model_dir, data, args.steps, args.lora, tmp / f"r{i}"))
-    trl_step = statistics.median(r["median_step_s"] for r in results["trl"])
-    ours_step = statistics.median(r["median_step_s"] for r in results["posttrain"])
+        results, trl_step, ours_step = alternate(
+            lambda kind, i: run_once(kind, model_dir, data, args.steps, args.lora, tmp / f"r{i}"), args.repeats)
     trl_run, our_run = results["trl"][0], results["posttrain"][0]
     report = {
         "model_parameters": n_params,

@@ -48,6 +48,17 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def alternate(run, repeats: int) -> tuple[dict[str, list[dict]], float, float]:
+    """Run ``run(kind, repeat)`` for both kinds, alternating their order so that drift in machine
+    speed hits both alike. Returns every result and the median step time of each kind."""
+    results: dict[str, list[dict]] = {"trl": [], "posttrain": []}
+    for i in range(repeats):
+        for kind in (("trl", "posttrain") if i % 2 == 0 else ("posttrain", "trl")):
+            results[kind].append(run(kind, i))
+    steps = {kind: statistics.median(r["median_step_s"] for r in runs) for kind, runs in results.items()}
+    return results, steps["trl"], steps["posttrain"]
+
+
 def run_once(kind: str, model_dir: Path, data: Dataset, steps: int, lora: bool, out: Path) -> dict:
     from peft import LoraConfig
 
@@ -85,13 +96,8 @@ def main(argv=None) -> int:
                                      vocab=1000)
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         data = Dataset.from_list(arithmetic(ArithmeticOptions(n=8 * args.steps, seed=0)))
-        results: dict[str, list[dict]] = {"trl": [], "posttrain": []}
-        for i in range(args.repeats):  # alternate, so drift in machine speed hits both alike
-            order = ("trl", "posttrain") if i % 2 == 0 else ("posttrain", "trl")
-            for kind in order:
-                results[kind].append(run_once(kind, model_dir, data, args.steps, args.lora, tmp / f"r{i}"))
-    trl_step = statistics.median(r["median_step_s"] for r in results["trl"])
-    ours_step = statistics.median(r["median_step_s"] for r in results["posttrain"])
+        results, trl_step, ours_step = alternate(
+            lambda kind, i: run_once(kind, model_dir, data, args.steps, args.lora, tmp / f"r{i}"), args.repeats)
     trl_losses, our_losses = results["trl"][0]["losses"], results["posttrain"][0]["losses"]
     report = {
         "model_parameters": n_params,
