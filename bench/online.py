@@ -25,14 +25,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from overhead import StepTimer, alternate  # noqa: E402
+from overhead import StepTimer, alternate, bench_model  # noqa: E402
 from posttrain import Plugin, hookimpl  # noqa: E402
 from posttrain.builtin_data import WordProblemOptions, word_problems  # noqa: E402
 from posttrain.online_trainer import OnlineTrainer  # noqa: E402
 from posttrain.plugins.advantage_norm import AdvantageNorm  # noqa: E402
 from posttrain.plugins.group_relative import GroupRelative  # noqa: E402
 from posttrain.registry import PluginSet  # noqa: E402
-from posttrain.testing import build_tiny_model  # noqa: E402
 from posttrain.types import completion_text  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
@@ -88,9 +87,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(tmp / "model", hidden=512, layers=6, intermediate=1376, heads=8, kv_heads=8,
-                                     vocab=1000)
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+        model_dir, n_params = bench_model(tmp / "model")
         data = Dataset.from_list(word_problems(WordProblemOptions(n=4 * args.steps, seed=0)))
         results, trl_step, ours_step = alternate(
             lambda kind, i: run_once(kind, model_dir, data, args.steps, args.lora, tmp / f"r{i}"), args.repeats)

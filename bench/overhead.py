@@ -48,6 +48,12 @@ class StepTimer(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def bench_model(folder: Path) -> tuple[Path, int]:
+    """The benchmarks' model: a random ~20M-parameter Llama saved to ``folder``, and its parameter count."""
+    path = build_tiny_model(folder, hidden=512, layers=6, intermediate=1376, heads=8, kv_heads=8, vocab=1000)
+    return path, sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+
+
 def alternate(run, repeats: int) -> tuple[dict[str, list[dict]], float, float]:
     """Run ``run(kind, repeat)`` for both kinds, alternating their order so that drift in machine
     speed hits both alike. Returns every result and the median step time of each kind."""
@@ -92,9 +98,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(tmp / "model", hidden=512, layers=6, intermediate=1376, heads=8, kv_heads=8,
-                                     vocab=1000)
-        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+        model_dir, n_params = bench_model(tmp / "model")
         data = Dataset.from_list(arithmetic(ArithmeticOptions(n=8 * args.steps, seed=0)))
         results, trl_step, ours_step = alternate(
             lambda kind, i: run_once(kind, model_dir, data, args.steps, args.lora, tmp / f"r{i}"), args.repeats)
