@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from overhead import StepTimer, alternate, bench_model  # noqa: E402
 from posttrain import Plugin, hookimpl  # noqa: E402
-from posttrain.builtin_data import WordProblemOptions, word_problems  # noqa: E402
-from posttrain.online_trainer import OnlineTrainer  # noqa: E402
+from posttrain.builtin import WordProblemOptions, word_problems  # noqa: E402
+from posttrain.stages.online import OnlineTrainer  # noqa: E402
 from posttrain.plugins.advantage_norm import AdvantageNorm  # noqa: E402
 from posttrain.plugins.group_relative import GroupRelative  # noqa: E402
 from posttrain.registry import PluginSet  # noqa: E402

@@ -24,11 +24,11 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from posttrain.builtin_data import ArithmeticOptions, arithmetic  # noqa: E402
+from posttrain.builtin import ArithmeticOptions, arithmetic  # noqa: E402
 from posttrain.plugins.dpo import DPO  # noqa: E402
 from posttrain.registry import PluginSet  # noqa: E402
 from posttrain.testing import build_tiny_model  # noqa: E402
-from posttrain.trainer import PreferenceTrainer  # noqa: E402
+from posttrain.stages.preference import PreferenceTrainer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402

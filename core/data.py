@@ -12,14 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .builtin_data import BUILTIN_DATASETS
+from .builtin import BUILTIN_DATASETS
 from .errors import UserError, did_you_mean
 from .plugin import parse_options
+from .stages import STAGES
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-# Columns each stage needs, after the recipe's column mapping.
-REQUIRED_COLUMNS = {"preference": ("prompt", "chosen", "rejected"), "online": ("prompt",)}
 
 
 def source_kind(source: str) -> str:
@@ -81,7 +79,7 @@ def _check_columns(columns: list[str], mapping: dict[str, str], stage: str, wher
                             f"{did_you_mean(theirs, columns)}; it has: {', '.join(columns)}",
                             field=f"data.columns.{ours}", fix="map to one of the data's columns")
     renamed = {ours for ours in mapping} | {c for c in columns if c not in mapping.values()}
-    needs = {name: f"the {stage} stage" for name in REQUIRED_COLUMNS[stage]}
+    needs = {name: f"the {stage} stage" for name in STAGES[stage].columns}
     needs.update({name: f"plugin '{plugin}'" for name, plugin in (required or {}).items()})
     for needed, who in needs.items():
         if needed in renamed:

@@ -19,6 +19,7 @@ import yaml
 
 from .errors import UserError, did_you_mean
 from .plugin import check_type
+from .stages import STAGES
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -93,9 +94,9 @@ class Recipe:
     data: DataSection = _help("The training data.")
     name: Union[str, None] = _help("Run name; defaults to the recipe file name.", default=None)
     description: str = _help("One line shown by `posttrain recipes`.", default="")
-    stage: Literal["preference", "online"] = _help(
-        "What kind of training: 'preference' (offline pairs, DPOTrainer) or 'online' (RL on the policy's own "
-        "completions scored by reward plugins, GRPOTrainer).", default="preference")
+    stage: Literal[tuple(STAGES)] = _help(
+        "What kind of training: " + "; ".join(f"'{k.name}' ({k.about}, {k.trainer})" for k in STAGES.values()) + ".",
+        default="preference")
     seed: int = _help("Seed for data splits, adapter init and training.", default=42)
     output_dir: Union[str, None] = _help("Run directory; defaults to runs/<name>.", default=None)
     plugins: dict[str, Union[dict, None]] = _help(
@@ -109,61 +110,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# The plugins a recipe without a `plugins` section gets, per stage.
-DEFAULT_PLUGINS = {"preference": {"dpo": {}}, "online": {}}
-
-# TRL config fields that posttrain owns: setting them under `training` would be silently
-# ignored or would fight a plugin, so the recipe is refused with the right place to say it.
-_COMMON_MANAGED = {
-    "output_dir": "use the recipe's top-level output_dir or `posttrain run --output-dir`",
-    "seed": "use the recipe's top-level seed",
-    "model_init_kwargs": "use the recipe's model section",
-    "trust_remote_code": "use model.trust_remote_code",
-    "sync_ref_model": "the reference update is a plugin: enable one implementing posttrain_update_reference "
-                      "(e.g. ref_ema)",
-    "ref_model_mixup_alpha": "the reference update is a plugin: set plugins.ref_ema.eta",
-    "ref_model_sync_steps": "the reference update is a plugin: set plugins.ref_ema.every",
-}
-PREFERENCE_MANAGED_TRL_FIELDS = {
-    "beta": "the loss plugin owns it: set plugins.<loss plugin>.beta (e.g. plugins.dpo.beta)",
-    "loss_type": "the loss is a plugin: enable the loss plugin you want under `plugins`",
-    "loss_weights": "the loss is a plugin: add terms with plugins implementing posttrain_loss_terms",
-    "label_smoothing": "the loss is a plugin: set it in the loss plugin's options",
-    "f_divergence_type": "the loss is a plugin: enable a plugin for that divergence",
-    "f_alpha_divergence_coef": "the loss is a plugin: enable a plugin for that divergence",
-    "ld_alpha": "the loss is a plugin: enable a plugin for length-desensitised DPO",
-    "use_weighting": "the loss is a plugin: enable a plugin for WPO weighting",
-    "discopop_tau": "the loss is a plugin",
-    **_COMMON_MANAGED,
-}
-ONLINE_MANAGED_TRL_FIELDS = {
-    "scale_rewards": "advantages are plugins: enable advantage_norm (scope: group or batch) to scale them",
-    "multi_objective_aggregation": "reward sources combine as a weighted sum (their `weight` options); shape "
-                                   "advantages with posttrain_advantage_transform plugins such as advantage_norm",
-    "reward_weights": "set the `weight` option of each reward plugin",
-    **_COMMON_MANAGED,
-}
-MANAGED_TRL_FIELDS = {"preference": PREFERENCE_MANAGED_TRL_FIELDS, "online": ONLINE_MANAGED_TRL_FIELDS}
-
-
-# Fields that older transformers/TRL versions had (or that another stage has), with what to write instead.
-_COMMON_RENAMED = {
-    "warmup_ratio": "use warmup_steps: a float below 1 is a ratio of the total steps (e.g. warmup_steps: 0.1)",
-    "evaluation_strategy": "use eval_strategy",
-}
-RENAMED_TRL_FIELDS = {
-    "preference": {
-        **_COMMON_RENAMED,
-        "max_prompt_length": "use max_length (TRL truncates prompt + response together)",
-        "max_completion_length": "use max_length (TRL truncates prompt + response together)",
-    },
-    "online": {
-        **_COMMON_RENAMED,
-        "max_length": "use max_completion_length (the generated part; GRPO does not truncate prompts)",
-        "max_prompt_length": "GRPOTrainer does not truncate prompts: keep them short, or drop long ones with a "
-                             "posttrain_transform_dataset plugin",
-    },
-}
+DEFAULT_PLUGINS = {name: kind.default_plugins for name, kind in STAGES.items()}
 
 
 class _Loader(yaml.SafeLoader):

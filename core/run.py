@@ -69,7 +69,7 @@ def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *
     run_dir = run_dir_for(plan, output_dir)
     if is_main_process():  # the other ranks of a distributed launch leave the run directory to rank 0
         prepare_run_dir(plan, run_dir, resume=resume, overwrite=overwrite)
-    from .stage import run_stage  # heavy: torch, transformers, trl
+    from .stages.loop import run_stage  # heavy: torch, transformers, trl
 
     try:
         return run_dir, run_stage(plan, run_dir, resume)

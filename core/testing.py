@@ -36,7 +36,7 @@ def build_tiny_model(folder: str | Path, *, hidden: int = 64, layers: int = 2, v
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from .builtin_data import ArithmeticOptions, arithmetic
+    from .builtin.arithmetic import ArithmeticOptions, arithmetic
 
     corpus = []
     for r in arithmetic(ArithmeticOptions(n=400, seed=123)):

@@ -14,21 +14,6 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
-# stage -> the config class and its bases, most derived first: (package, file, class)
-CONFIG_CHAIN = {
-    "preference": [
-        ("trl", "trainer/dpo_config.py", "DPOConfig"),
-        ("trl", "trainer/base_config.py", "_BaseConfig"),
-        ("transformers", "training_args.py", "TrainingArguments"),
-    ],
-    "online": [
-        ("trl", "trainer/grpo_config.py", "GRPOConfig"),
-        ("trl", "trainer/base_config.py", "_BaseConfig"),
-        ("transformers", "training_args.py", "TrainingArguments"),
-    ],
-}
-
-
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # top-level: locates without importing
     if spec is None or not spec.submodule_search_locations:
@@ -55,7 +40,9 @@ def _default(value: ast.expr | None):
 def _read_fields(stage: str) -> tuple[dict[str, str], dict[str, object]]:
     fields: dict[str, str] = {}
     defaults: dict[str, object] = {}
-    for package, relpath, class_name in reversed(CONFIG_CHAIN[stage]):
+    from .stages import STAGES
+
+    for package, relpath, class_name in reversed(STAGES[stage].config_chain):
         tree = ast.parse((_package_dir(package) / relpath).read_text(encoding="utf-8"))
         cls = next(
             (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None
@@ -83,10 +70,6 @@ def config_fields(stage: str) -> dict[str, str]:
 def config_defaults(stage: str) -> dict[str, object]:
     """``{field name: default}`` for the fields of that class whose default is a literal."""
     return _read_fields(stage)[1]
-
-
-def config_class_name(stage: str) -> str:
-    return CONFIG_CHAIN[stage][0][2]
 
 
 _SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),

@@ -10,8 +10,9 @@ from . import trl_fields
 from .data import check_source
 from .errors import UserError, did_you_mean
 from .models import BUILTIN_MODELS
-from .recipe import MANAGED_TRL_FIELDS, RENAMED_TRL_FIELDS, Recipe
+from .recipe import Recipe
 from .registry import PluginSet, build_plugin_set, required_columns
+from .stages import STAGES
 
 
 @dataclass
@@ -45,9 +46,10 @@ def check_model(recipe: Recipe) -> None:
 
 
 def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
+    kind = STAGES[recipe.stage]
     fields = trl_fields.config_fields(recipe.stage)
-    cls_name = trl_fields.config_class_name(recipe.stage)
-    managed, renamed = MANAGED_TRL_FIELDS[recipe.stage], RENAMED_TRL_FIELDS[recipe.stage]
+    cls_name = kind.config_class
+    managed, renamed = kind.managed, kind.renamed
     for key, value in recipe.training.items():
         if key in managed:
             raise UserError(f"'{key}' is not set here: {managed[key]}", field=f"training.{key}",

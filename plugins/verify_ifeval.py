@@ -1,7 +1,7 @@
 """IFEval verifier: the completion follows every verifiable instruction of its prompt.
 
 A reward source for instruction-following data in IFEval's format (the built-in generator
-``posttrain.builtin_instructions`` makes such data). Each example carries a list of IFEval
+``posttrain.builtin.instructions`` makes such data). Each example carries a list of IFEval
 instruction ids (column ``instruction_id_list``, e.g. ``["punctuation:no_comma",
 "length_constraints:number_words"]``) and one dict of arguments per id (column ``kwargs``, e.g.
 ``[{}, {"num_words": 50, "relation": "less than"}]``). The checkers are lm-eval's port of

@@ -8,8 +8,8 @@ import sys
 from fractions import Fraction
 
 import pytest
-from posttrain import builtin_reasoning_gym as brg
-from posttrain.builtin_reasoning_gym import ReasoningGymOptions, columns, reasoning_gym_tasks, task_names
+from posttrain.builtin import reasoning_gym as brg
+from posttrain.builtin.reasoning_gym import ReasoningGymOptions, columns, reasoning_gym_tasks, task_names
 from posttrain.errors import UserError
 from posttrain.plugin import parse_options
 from posttrain.plugins.verify_gsm8k import last_number
@@ -27,7 +27,7 @@ def rg():
 # -- without reasoning-gym -------------------------------------------------------------------------
 
 def test_installed_check_does_not_import_it():
-    code = ("import sys; from posttrain.builtin_reasoning_gym import reasoning_gym_installed as f; "
+    code = ("import sys; from posttrain.builtin.reasoning_gym import reasoning_gym_installed as f; "
             "print(f(), 'reasoning_gym' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[1] == "False"
@@ -94,7 +94,7 @@ def test_deterministic_for_a_seed(rg):
 def test_import_leaves_the_global_random_state_alone(rg):
     # In a fresh process: importing reasoning-gym (through `rich`) draws from the global generator.
     code = ("import random; random.seed(0); a = random.random(); random.seed(0); "
-            "from posttrain.builtin_reasoning_gym import task_names; task_names(); print(random.random() == a)")
+            "from posttrain.builtin.reasoning_gym import task_names; task_names(); print(random.random() == a)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "True"
 

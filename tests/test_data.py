@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from posttrain.builtin_data import ArithmeticOptions, arithmetic
+from posttrain.builtin import ArithmeticOptions, arithmetic
 from posttrain.data import load_splits
 from posttrain.plugins.verify_gsm8k import VerifyGSM8K, last_number
 from posttrain.recipe import load_recipe

@@ -135,8 +135,8 @@ def _batch_losses(tiny_model_dir, tmp_path, plugins, trl_loss, trl_extra=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from posttrain.builtin_data import ArithmeticOptions, arithmetic
-    from posttrain.trainer import PreferenceTrainer
+    from posttrain.builtin import ArithmeticOptions, arithmetic
+    from posttrain.stages.preference import PreferenceTrainer
 
     data = Dataset.from_list(arithmetic(ArithmeticOptions(n=8, seed=5)))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -207,9 +207,9 @@ def test_two_loss_owners_fail_validation_naming_both(cli, write_recipe):
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_simpo_loads_and_runs_no_reference(write_recipe, tmp_path, lora):
-    from posttrain.preference import build_trainer
+    from posttrain.stages.preference import build_trainer
     from posttrain.recipe import load_recipe
-    from posttrain.trainer import PreferenceTrainer
+    from posttrain.stages.preference import PreferenceTrainer
     from posttrain.validate import validate
 
     model = {"lora": {"r": 8, "alpha": 16}} if lora else {"lora": None}
@@ -258,7 +258,7 @@ def test_format_mask_keeps_only_unshared_or_ordinary_tokens(tiny_model_dir):
 def test_masked_tokens_do_not_affect_the_gradient(write_recipe, tmp_path):
     """The gradient of the loss with respect to each token's log-prob is zero at masked positions
     (and non-zero at the other response tokens)."""
-    from posttrain.preference import build_trainer
+    from posttrain.stages.preference import build_trainer
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
 

@@ -23,7 +23,7 @@ def _run(cli, recipe, out):
 
 
 def _build(recipe_path, run_dir):
-    from posttrain.online import build_trainer
+    from posttrain.stages.online import build_trainer
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
 
@@ -115,7 +115,7 @@ def _trl_advantages(trainer_cls, config_cls, tiny_model_dir, tmp_path, **config)
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from posttrain.builtin_data import WordProblemOptions, word_problems
+    from posttrain.builtin import WordProblemOptions, word_problems
 
     cls = type("Captured", (_Capture, trainer_cls), {})
     args = config_cls(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=16, num_generations=4,
@@ -348,12 +348,12 @@ def test_online_data_needs_a_prompt_column(cli, online_recipe, tmp_path):
 
 
 def test_trl_refusal_is_a_user_error_before_the_model_loads(cli, online_recipe, tmp_path, monkeypatch):
-    import posttrain.online
+    import posttrain.stages.online
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(posttrain.online, "load_model", no_model)
+    monkeypatch.setattr(posttrain.stages.online, "load_model", no_model)
     recipe = online_recipe(training={"generation_batch_size": 12, "steps_per_generation": 2})
     code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
     assert code == 2 and "TRL refuses these settings" in err

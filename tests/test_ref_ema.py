@@ -6,8 +6,8 @@ GRPOTrainer use)."""
 import pytest
 import torch
 
-from posttrain.online import build_trainer as online_build
-from posttrain.preference import build_trainer
+from posttrain.stages.online import build_trainer as online_build
+from posttrain.stages.preference import build_trainer
 from posttrain.recipe import load_recipe
 from posttrain.validate import validate
 

@@ -60,7 +60,7 @@ def test_qlora_4bit_run_lowers_the_loss(cli, write_recipe, tmp_path):
 
 def test_qlora_base_is_really_4bit(write_recipe, tmp_path):
     import bitsandbytes as bnb
-    from posttrain.preference import build_trainer
+    from posttrain.stages.preference import build_trainer
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
 
@@ -90,7 +90,7 @@ def test_local_jsonl_with_column_mapping_trains(cli, write_recipe, tmp_path):
 
 
 def test_full_finetuning_keeps_a_frozen_reference(write_recipe, tmp_path):
-    from posttrain.preference import build_trainer
+    from posttrain.stages.preference import build_trainer
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
 
@@ -173,7 +173,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(write_recipe, tmp_path
     gradients as training before it."""
     import bitsandbytes as bnb
     import torch
-    from posttrain.preference import build_trainer
+    from posttrain.stages.preference import build_trainer
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
 
@@ -212,7 +212,7 @@ def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_
     assert summary["heldout_examples"] == 24 - 1  # the transform dropped one held-out example
     # every response lost its first token to the mask: lengths agree with the tokenised data minus one
     import yaml
-    from posttrain.preference import build_trainer
+    from posttrain.stages.preference import build_trainer
     from posttrain.recipe import Recipe, from_data
     from posttrain.validate import validate
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from posttrain.builtin_instructions import (
+from posttrain.builtin.instructions import (
     CONFLICTS,
     INSTRUCTION_TYPES,
     InstructionFollowingOptions,

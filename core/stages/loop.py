@@ -22,19 +22,17 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from .errors import UserError
-from .rewards import score
-from .sampling import sample
-from .validate import Plan
-
-STAGE_MODULES = {"preference": "posttrain.preference", "online": "posttrain.online"}
-
+from ..errors import UserError
+from ..rewards import score
+from ..sampling import sample
+from ..validate import Plan
+from . import STAGES
 
 def platform_defaults(chosen: dict) -> dict:
     """TRL config values that suit the hardware, for the keys the recipe (``chosen``) leaves unset."""
     import torch
 
-    from .models import gpu_supports_bf16
+    from ..models import gpu_supports_bf16
 
     defaults = {"report_to": "none", "logging_steps": 10, "save_strategy": "steps"}
     if not torch.cuda.is_available():
@@ -100,8 +98,8 @@ def transform(plan: Plan, dataset, split: str):
 
 def load_data(plan: Plan):
     """Training and held-out splits, loaded, checked and transformed by the plugins."""
-    from .data import load_splits
-    from .registry import required_columns
+    from ..data import load_splits
+    from ..registry import required_columns
 
     train, heldout = load_splits(plan.recipe, required_columns(plan.plugins, plan.recipe.stage))
     train, heldout = transform(plan, train, "train"), transform(plan, heldout, "eval")
@@ -208,7 +206,7 @@ def _trim_metrics(run_dir: Path, upto_step: int) -> None:
 def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
     """Build, evaluate, train, save, evaluate, summarise. In a distributed launch every rank runs
     this (training and evaluation are collective); only the main process writes files."""
-    stage = importlib.import_module(STAGE_MODULES[plan.recipe.stage])
+    stage = importlib.import_module(STAGES[plan.recipe.stage].module)
     trainer, heldout = stage.build_trainer(plan, run_dir)
     main = trainer.is_world_process_zero()
     before_path = run_dir / "eval_before.json"

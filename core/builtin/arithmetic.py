@@ -1,18 +1,10 @@
-"""Built-in datasets the project generates itself, so the demo and tests need no download.
-
-Each generator has an options dataclass (checked like plugin options) and returns a list of
-records. ``data.source: builtin:NAME`` selects one; ``data.options`` are its options.
-"""
+"""Arithmetic data: question pairs with a right and a near-miss answer (preference), and short word
+problems with their answer (online)."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable
-
-from .builtin_instructions import InstructionFollowingOptions, instruction_following
-from .builtin_reasoning_gym import ReasoningGymOptions, reasoning_gym_tasks
-from .builtin_reasoning_gym import columns as reasoning_gym_columns
 
 
 def _check_arithmetic(options) -> None:
@@ -168,29 +160,3 @@ def word_problems(options: WordProblemOptions) -> list[dict]:
             f"Question: {question}\nAnswer:"
         records.append({"prompt": prompt, "ground_truth": str(answer)})
     return records
-
-
-@dataclass
-class Generator:
-    fn: Callable[..., list[dict]]
-    options: type
-    columns: Callable[..., list[str]]  # the columns made with the given options
-    stages: tuple[str, ...]
-    description: str
-
-
-BUILTIN_DATASETS = {
-    "arithmetic": Generator(
-        arithmetic, ArithmeticOptions,
-        lambda o: ["prompt", "chosen", "rejected", "ground_truth"] + (["reference"] if o.reference else []),
-        ("preference", "online"), "arithmetic questions, right answer preferred to a near miss"),
-    "word_problems": Generator(
-        word_problems, WordProblemOptions, lambda o: ["prompt", "ground_truth"],
-        ("online",), "arithmetic word problems (prompts + ground_truth) for RL with a verifier"),
-    "instructions": Generator(
-        instruction_following, InstructionFollowingOptions, lambda o: ["prompt", "instruction_id_list", "kwargs"],
-        ("online",), "writing tasks with machine-checkable IFEval constraints (for verify_ifeval)"),
-    "reasoning_gym": Generator(
-        reasoning_gym_tasks, ReasoningGymOptions, reasoning_gym_columns,
-        ("online",), "reasoning-gym tasks (gsm_symbolic, chain_sum, ...; optional package reasoning-gym)"),
-}

@@ -34,7 +34,7 @@ import random
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import did_you_mean
+from ..errors import did_you_mean
 
 # What to install (also named in the error when it is missing).
 REQUIREMENT = "reasoning-gym>=0.1.25,<0.2"

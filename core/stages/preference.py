@@ -1,4 +1,5 @@
-"""The preference trainer: TRL's own DPOTrainer, with the loss and batching taken from hooks.
+"""The preference stage: pairs in, a trained adapter/model and its metrics out, on ``PreferenceTrainer``,
+TRL's own DPOTrainer with the loss and batching taken from hooks.
 
 ``_compute_loss`` is replaced (TRL computes every preference loss in that one method); the
 forward passes use TRL's fused LM head and its reference helper (``compute_ref_log_probs``,
@@ -11,16 +12,19 @@ checkpointing and logging are TRL's and transformers'.
 
 from __future__ import annotations
 
+from pathlib import Path
 from unittest import mock
 
 import torch
-from trl import DPOTrainer
+from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
 
-from .errors import UserError
-from .registry import PluginSet, required_columns
-from .stage import ReferenceUpdateCallback
-from .types import PreferenceLogps
+from ..errors import UserError
+from ..models import load_model, load_tokenizer, resolve_model_path
+from ..registry import PluginSet, required_columns
+from ..types import PreferenceLogps
+from ..validate import Plan
+from .loop import ReferenceUpdateCallback, finish_trainer, load_data, platform_defaults, trainer_callbacks
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it
@@ -209,3 +213,39 @@ def _tokenize_gold(example: dict, tokenizer) -> dict:
             gold = gold + tokenizer.eos_token
         full = _tokenize(tokenizer, example["prompt"] + gold)["input_ids"]
     return {"reference_ids": full[len(example["prompt_ids"]):]}
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+STAGE = "preference"
+HELDOUT_KEYS = {
+    "loss": "loss",
+    "rewards/accuracies": "preference_accuracy",
+    "rewards/margins": "reward_margin",
+    "logps/accuracies": "logp_accuracy",
+}
+
+
+def heldout_metrics(plan: Plan, trainer, heldout) -> dict:
+    """TRL's evaluation of the held-out pairs: loss, implicit-reward accuracy and margin, log-prob accuracy."""
+    raw = trainer.evaluate()
+    return {ours: raw[f"eval_{theirs}"] for theirs, ours in HELDOUT_KEYS.items() if f"eval_{theirs}" in raw}
+
+
+def summary_extras(trainer) -> dict:
+    return {}
+
+
+def build_trainer(plan: Plan, run_dir: Path):
+    recipe = plan.recipe
+    train, heldout = load_data(plan)
+
+    path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(recipe, path)
+    model, peft_config = load_model(recipe, path)
+    trl_values = {**platform_defaults(plan.trl_config), **plan.trl_config}
+    config = DPOConfig(output_dir=str(run_dir), seed=recipe.seed, **trl_values)
+    trainer = PreferenceTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
+                                processing_class=tokenizer, peft_config=peft_config,
+                                callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
+    return finish_trainer(trainer), heldout
