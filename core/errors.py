@@ -13,6 +13,8 @@ import difflib
 class UserError(Exception):
     """A problem the user can fix. `field` names where it is, `fix` says what to do."""
 
+    keep_run_dir = False  # a failed new run removes its directory unless the error says it is worth keeping
+
     def __init__(self, message: str, *, field: str | None = None, fix: str | None = None):
         self.field = field
         self.fix = fix

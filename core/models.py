@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
@@ -70,11 +71,52 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith(("~",)) else name_or_path
 
 
-def _dtype(name: str, on_gpu_bf16: bool):
+@dataclass(frozen=True)
+class Precision:
+    """How a run stores and computes its weights (dtype names, so that validation needs no torch).
+
+    ``compute``: the dtype forward passes autocast to and frozen weights are stored in (the
+    LoRA/QLoRA base, the reference copy, reward and value models that are not trained).
+    ``trained``: the dtype the trained weights are stored and updated in; ``float32`` master
+    weights unless a recipe asks for pure bf16 training by name (``model.trained_dtype``).
+    """
+
+    compute: str
+    trained: str
+
+    @property
+    def trl_flags(self) -> dict:
+        """TRL/transformers autocast flags for the compute dtype."""
+        return {"bf16": self.compute == "bfloat16", "fp16": self.compute == "float16"}
+
+    @property
+    def pure_low_precision(self) -> bool:
+        return self.trained != "float32"
+
+
+def resolve_precision(model_section, *, cuda: bool, bf16_supported: bool) -> Precision:
+    """The run's precision from the recipe's model section and the hardware.
+
+    ``dtype: auto`` is bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on a
+    CPU. Trained weights are float32 masters unless ``trained_dtype`` says otherwise.
+    """
+    compute = model_section.dtype
+    if compute == "auto":
+        compute = ("bfloat16" if bf16_supported else "float16") if cuda else "float32"
+    return Precision(compute=compute, trained=model_section.trained_dtype)
+
+
+def run_precision(recipe) -> Precision:
+    """:func:`resolve_precision` on this machine."""
     import torch
 
-    if name == "auto":
-        return torch.bfloat16 if on_gpu_bf16 else torch.float32
+    cuda = torch.cuda.is_available()
+    return resolve_precision(recipe.model, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+
+
+def torch_dtype(name: str):
+    import torch
+
     return getattr(torch, name)
 
 
@@ -82,6 +124,14 @@ def gpu_supports_bf16() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+PURE_LOW_PRECISION_WARNING = (
+    "posttrain: model.trained_dtype is {dtype}: the trained weights are stored and updated in {dtype} with no "
+    "float32 master copy. An update smaller than about 1/256 of a weight (bf16 keeps 8 significant bits) is "
+    "rounded away, so at learning rates below about 1e-5 (Tülu 3's DPO uses 5e-7) most updates are lost and "
+    "the run looks healthy while learning little. Remove trained_dtype for float32 master weights."
+)
 
 
 def keep_4bit_layout_trainable(model) -> None:
@@ -119,22 +169,35 @@ def load_tokenizer(recipe, path: str):
     return tok
 
 
-def load_model(recipe, path: str):
-    """The policy model (quantised if asked) and the LoRA config to give the trainer, if any."""
+def _load_kwargs(recipe, dtype: str) -> dict:
+    m = recipe.model
+    kwargs = {"revision": m.revision, "trust_remote_code": m.trust_remote_code, "dtype": torch_dtype(dtype)}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    return kwargs
+
+
+def load_model(recipe, path: str, precision: Precision):
+    """The policy model (quantised if asked) and the LoRA config to give the trainer, if any.
+
+    Full fine-tuning loads the weights in ``precision.trained`` (float32 master weights by
+    default; the forward passes autocast to the compute dtype). With LoRA or quantisation the
+    base is frozen and is stored in the compute dtype; the adapter is trained in float32 (peft
+    upcasts it, and :func:`cast_trained_weights` makes sure of every trained tensor).
+    """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     m = recipe.model
-    bf16 = gpu_supports_bf16()
-    kwargs = {"revision": m.revision, "trust_remote_code": m.trust_remote_code, "dtype": _dtype(m.dtype, bf16)}
-    if m.attn_implementation:
-        kwargs["attn_implementation"] = m.attn_implementation
+    frozen_base = m.lora is not None
+    kwargs = _load_kwargs(recipe, precision.compute if frozen_base else precision.trained)
     q = m.quantization
     if q is not None:
+        compute = precision.compute if q.compute_dtype == "auto" else q.compute_dtype
         if q.bits == 4:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-                bnb_4bit_compute_dtype=_dtype(q.compute_dtype, bf16), bnb_4bit_quant_storage=torch.uint8)
+                bnb_4bit_compute_dtype=torch_dtype(compute), bnb_4bit_quant_storage=torch.uint8)
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if torch.cuda.is_available():
@@ -149,6 +212,10 @@ def load_model(recipe, path: str):
         keep_4bit_layout_trainable(model)
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if precision.pure_low_precision and not frozen_base:
+        import warnings
+
+        warnings.warn(PURE_LOW_PRECISION_WARNING.format(dtype=precision.trained), stacklevel=2)
     peft_config = None
     if m.lora is not None:
         from peft import LoraConfig
@@ -157,3 +224,28 @@ def load_model(recipe, path: str):
                                  target_modules=m.lora.target_modules, modules_to_save=m.lora.modules_to_save,
                                  task_type="CAUSAL_LM")
     return model, peft_config
+
+
+def load_frozen_model(recipe, path: str, precision: Precision):
+    """A frozen copy of a causal LM in the compute dtype (the full fine-tuning reference), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **_load_kwargs(recipe, precision.compute))
+    except (OSError, ValueError) as e:
+        raise _load_error(path, e) from None
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def cast_trained_weights(model, precision: Precision) -> int:
+    """Store every trainable parameter in ``precision.trained`` (float32 master weights), whatever
+    dtype it was loaded or created in (e.g. LoRA ``modules_to_save`` copied from a bf16 base).
+    Returns how many tensors were cast. Not for DeepSpeed, which keeps its own float32 master."""
+    dtype = torch_dtype(precision.trained)
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast

@@ -43,7 +43,7 @@ class QuantizationSection:
     bits: Literal[4, 8] = _help("Load the base model in 4-bit (QLoRA) or 8-bit through bitsandbytes.", default=4)
     quant_type: Literal["nf4", "fp4"] = _help("4-bit data type.", default="nf4")
     double_quant: bool = _help("Quantise the quantisation constants too (4-bit).", default=True)
-    compute_dtype: Dtype = _help("Dtype of the matmuls; 'auto' is bfloat16 on a GPU that supports it, else float32.",
+    compute_dtype: Dtype = _help("Dtype of the 4/8-bit layers' matmuls; 'auto' is model.dtype's compute dtype.",
                                  default="auto")
 
 
@@ -51,7 +51,14 @@ class QuantizationSection:
 class ModelSection:
     name_or_path: str = _help("'builtin:NAME', a local folder, or a hub id.")
     revision: Union[str, None] = _help("Hub revision (branch, tag or commit).", default=None)
-    dtype: Dtype = _help("Weights dtype; 'auto' is bfloat16 on a GPU that supports it, else float32.", default="auto")
+    dtype: Dtype = _help(
+        "Compute dtype: forward passes autocast to it and frozen weights (LoRA/QLoRA base, reference copy, reward "
+        "and value models) are stored in it. 'auto': bfloat16 on a GPU that supports it, float16 on other GPUs, "
+        "float32 on a CPU. Trained weights stay float32 masters (see trained_dtype).", default="auto")
+    trained_dtype: Literal["float32", "bfloat16"] = _help(
+        "Dtype the trained weights are stored and updated in. 'float32': master weights with mixed precision "
+        "(the default). 'bfloat16': pure bf16 training, half the memory of weights, gradients and optimizer state, "
+        "but updates smaller than about 1/256 of a weight are rounded away (a warning says so).", default="float32")
     trust_remote_code: bool = _help("Run model code shipped with the checkpoint. Off unless you trust it.",
                                     default=False)
     attn_implementation: Union[str, None] = _help("e.g. 'sdpa', 'eager', 'flash_attention_2'.", default=None)

@@ -73,9 +73,10 @@ def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *
 
     try:
         return run_dir, run_stage(plan, run_dir, resume)
-    except UserError:
+    except UserError as error:
         # A run that failed on user input before its first checkpoint leaves nothing worth keeping:
-        # remove the directory it created, so the corrected command can be run as it is.
-        if not resume and is_main_process() and not any(run_dir.glob("checkpoint-*")):
+        # remove the directory it created, so the corrected command can be run as it is. A run that
+        # diverged (non-finite loss) keeps it: its metrics show how it got there.
+        if not resume and is_main_process() and not any(run_dir.glob("checkpoint-*")) and not error.keep_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise

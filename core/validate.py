@@ -40,6 +40,9 @@ def check_model(recipe: Recipe) -> None:
         if not (path / "config.json").is_file():
             raise UserError(f"'{source}' has no config.json, so it is not a Hugging Face model folder",
                             field="model.name_or_path", fix="point at the folder written by save_pretrained")
+    if model.trained_dtype == "bfloat16" and model.dtype == "float16":
+        raise UserError("bfloat16 trained weights cannot be computed in float16", field="model.trained_dtype",
+                        fix="use model.dtype: bfloat16 (or auto), or remove trained_dtype for float32 master weights")
     if model.quantization is not None and model.lora is None:
         raise UserError("a quantised base model cannot be trained without an adapter", field="model.quantization",
                         fix="add `lora: {r: 16}` to the model section (QLoRA), or remove quantization")

@@ -144,5 +144,16 @@ def _fresh_registry():
     registry.clear_cache()
 
 
+def cpu_processes_env(**extra) -> dict:
+    """Environment for a multi-process launch in a test: CPU processes over gloo whatever GPUs the
+    machine has (a one-GPU machine cannot give each of two processes its own device)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def device_batch(trainer, n: int = 4) -> dict:
+    """A collated batch of the trainer's first ``n`` training examples, on the trainer's device."""
+    return trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(n)]))
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

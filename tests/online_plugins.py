@@ -69,3 +69,35 @@ class TokenAdvantage(Plugin):
         mask = rollouts.completion_mask.float()
         decay = 0.5 ** torch.arange(mask.shape[1], dtype=torch.float32, device=mask.device)
         return per_sequence.unsqueeze(1) * decay.unsqueeze(0) * mask
+
+
+class NanFromStep(Plugin):
+    name = "nan_from_step"
+    description = "from optimizer step `step` on, the policy's training forward passes produce NaN (a diverging model)"
+
+    @dataclass
+    class Options:
+        step: int = 3
+
+    @hookimpl
+    def posttrain_callbacks(self):
+        from transformers import TrainerCallback
+
+        first = self.options.step
+
+        class Poison(TrainerCallback):
+            """A forward hook on the model's final norm that turns its output into NaN in passes that build a
+            graph (training), from step `first` on; generation and the reference pass (no_grad) stay finite."""
+
+            def __init__(self):
+                self.handle = None
+
+            def on_step_begin(self, args, state, control, model=None, **kwargs):
+                import torch
+
+                if self.handle is None and state.global_step + 1 >= first:
+                    norm = [m for n, m in model.named_modules() if n.endswith("model.norm")][-1]
+                    self.handle = norm.register_forward_hook(
+                        lambda mod, inp, out: out * float("nan") if torch.is_grad_enabled() else None)
+
+        return [Poison()]

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from conftest import device_batch
 import torch
 
 from posttrain.plugins.dpo import DPO
@@ -264,7 +265,7 @@ def test_masked_tokens_do_not_affect_the_gradient(write_recipe, tmp_path):
 
     plan = validate(load_recipe(write_recipe(plugins={"dpo": {"beta": 0.5}, "mask_format_tokens": {}})))
     trainer, _ = build_trainer(plan, tmp_path)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = device_batch(trainer)
     captured = {}
     model = trainer.model
     forward = model.forward

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GROUP_PLUS_NORM, read_jsonl
+from conftest import cpu_processes_env, GROUP_PLUS_NORM, read_jsonl
 
 from posttrain.plugins.advantage_norm import AdvantageNorm
 from posttrain.plugins.group_relative import GroupRelative
@@ -394,7 +394,7 @@ def test_two_process_run_whitens_over_the_gathered_batch(online_recipe, tmp_path
                            training={"max_steps": 2, "per_device_train_batch_size": 4}, eval={"generate": 0})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = cpu_processes_env(PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())

@@ -4,6 +4,7 @@ model) and for LoRA (a 'ref' adapter that the reference passes of TRL's DPOTrain
 GRPOTrainer use)."""
 
 import pytest
+from conftest import device_batch
 import torch
 
 from posttrain.stages.online import build_trainer as online_build
@@ -80,7 +81,7 @@ def test_eta_between_moves_towards_the_policy(write_recipe, online_recipe, tmp_p
 
 def test_lora_reference_pass_uses_the_ema_adapter(write_recipe, online_recipe, tmp_path):
     trainer, _ = _train(write_recipe, online_recipe, tmp_path, lora=True, eta=1.0)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = device_batch(trainer)
     trainer.model.eval()
     with torch.no_grad():
         ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)

@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass
 
 import pytest
+from conftest import REPO
 from posttrain import Plugin, hookimpl, hookspecs
 from posttrain.errors import PluginHookError, UserError
 from posttrain.registry import PluginSet, build_plugin_set, check_plugin_class, discover
@@ -199,7 +200,7 @@ def test_class_checks():
 def test_every_hookspec_has_a_docs_section():
     from posttrain.cli import recipes_dir
 
-    doc = (recipes_dir().parent / "docs" / "hooks.md").read_text()
+    doc = (REPO / "docs" / "hooks.md").read_text()
     specs = [n for n in dir(hookspecs) if n.startswith("posttrain_")]
     assert len(specs) >= 10
     missing = [n for n in specs if f"## `{n}`" not in doc]
@@ -228,8 +229,8 @@ def test_every_builtin_plugin_has_a_methods_section_and_conforms():
     from posttrain.cli import recipes_dir
     from posttrain.testing import assert_plugin_conforms
 
-    doc = (recipes_dir().parent / "docs" / "methods.md").read_text()
-    readme = (recipes_dir().parent / "README.md").read_text()
+    doc = (REPO / "docs" / "methods.md").read_text()
+    readme = (REPO / "README.md").read_text()
     found, _ = discover()
     builtin = [info for info in found.values() if info.distribution == "posttrain"]
     assert len(builtin) >= 9

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl
+import torch
+from conftest import cpu_processes_env, device_batch, read_jsonl
 
 def free_port() -> str:
     import socket
@@ -172,14 +173,13 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(write_recipe, tmp_path
     time a layer runs in eval mode; training after the before-evaluation must still get the same
     gradients as training before it."""
     import bitsandbytes as bnb
-    import torch
     from posttrain.stages.preference import build_trainer
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
 
     plan = validate(load_recipe(write_recipe(model={"quantization": {"bits": 4}})))
     trainer, _ = build_trainer(plan, tmp_path)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = device_batch(trainer)
 
     def grads():
         trainer.model.train()
@@ -218,7 +218,7 @@ def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_
 
     plan = validate(from_data(Recipe, yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text()), ""))
     trainer, _ = build_trainer(plan, tmp_path / "again")
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    batch = device_batch(trainer)
     masked = trainer._apply_token_masks(dict(batch))["completion_mask"]
     assert (masked.sum(dim=1) == batch["completion_mask"].sum(dim=1) - 1).all()
 
@@ -230,7 +230,7 @@ def test_two_process_ddp_run(write_recipe, tmp_path):
     recipe = write_recipe(training={"max_steps": 3, "per_device_train_batch_size": 4}, eval={"generate": 4})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cpu_processes_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 3
@@ -258,7 +258,7 @@ def test_deepspeed_zero2_matches_ddp(write_recipe, tmp_path):
     quiet = {"generate": 0, "before": False}
     ds_recipe = write_recipe("ds", training={**training, "deepspeed": ds_config}, eval=quiet)
     ddp_recipe = write_recipe("ddp", training=training, eval=quiet)
-    env = os.environ.copy()
+    env = cpu_processes_env()
     ds = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--use_deepspeed", "--main_process_ip", "127.0.0.1",
@@ -280,3 +280,41 @@ def test_deepspeed_zero2_matches_ddp(write_recipe, tmp_path):
     for (l1, g1), (l2, g2) in zip(ds_steps, ddp_steps, strict=True):
         assert l1 == pytest.approx(l2, abs=1e-5) and g1 == pytest.approx(g2, rel=1e-4)
     assert json.loads((tmp_path / "ds" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_deepspeed_bf16_keeps_float32_master_weights(write_recipe, tmp_path, tiny_model_dir):
+    """Under DeepSpeed with bf16 the engine holds the module in bf16 and its ZeRO optimizer keeps a
+    float32 master copy: tiny updates (lr 1e-6) survive there, as in posttrain's own mixed precision.
+    Read back from the ZeRO checkpoint's float32 partitions (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    ds_config = {
+        "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                   "weight_decay": "auto", "torch_adam": True}},
+    }
+    recipe = write_recipe("ds-bf16", model={"lora": None, "dtype": "bfloat16"},
+                          training={"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-6,
+                                    "lr_scheduler_type": "constant", "save_steps": 3, "deepspeed": ds_config},
+                          eval={"generate": 0, "before": False}, data={"eval": {"fraction": 0.0}})
+    ds = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "bf16", "--dynamo_backend", "no", "--use_deepspeed", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir",
+         str(tmp_path / "run")], capture_output=True, text=True, env=cpu_processes_env(), timeout=900)
+    assert ds.returncode == 0, ds.stderr[-3000:]
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "run" / "checkpoint-3"))
+    start = load_file(tiny_model_dir / "model.safetensors")
+    # DeepSpeed casts the module to bf16 first and builds its float32 masters from those values
+    moved = sum(int((masters[n].float() != start[n].to(torch.bfloat16).float()).sum()) for n in start)
+    total = sum(t.numel() for t in start.values())
+    assert all(t.dtype == torch.float32 for t in masters.values())
+    assert moved / total > 0.5, moved / total
+    # the bf16 module the engine computes with (saved as the final model) moved far less: without the
+    # master copy those updates would have been lost
+    module = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    module_moved = sum(int((module[n].float() != start[n].to(torch.bfloat16).float()).sum()) for n in start)
+    assert {t.dtype for t in module.values()} == {torch.bfloat16}
+    assert module_moved < 0.1 * moved

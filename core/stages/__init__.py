@@ -46,6 +46,8 @@ _COMMON_MANAGED = {
                       "(e.g. ref_ema)",
     "ref_model_mixup_alpha": "the reference update is a plugin: set plugins.ref_ema.eta",
     "ref_model_sync_steps": "the reference update is a plugin: set plugins.ref_ema.every",
+    "bf16": "set model.dtype: bfloat16 (the compute dtype; trained weights stay float32 masters)",
+    "fp16": "set model.dtype: float16 (the compute dtype; trained weights stay float32 masters)",
 }
 
 # Fields that older transformers/TRL versions had (or that another stage has), with what to write instead.

@@ -12,12 +12,14 @@ A stage is a module with three functions:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import os
 import time
 from pathlib import Path
+from unittest import mock
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -25,26 +27,145 @@ from transformers.trainer_callback import ProgressCallback
 from ..errors import UserError
 from ..rewards import score
 from ..sampling import sample
+from ..models import Precision, cast_trained_weights
 from ..validate import Plan
 from . import STAGES
 
 def platform_defaults(chosen: dict) -> dict:
-    """TRL config values that suit the hardware, for the keys the recipe (``chosen``) leaves unset."""
+    """TRL config values that suit the hardware, for the keys the recipe (``chosen``) leaves unset.
+
+    On a GPU, activation (gradient) checkpointing is on, as in TRL: it trades about a third more
+    compute per step for activations that no longer grow with the number of layers. Turn it off
+    (``training.activation_checkpointing: false``) when the batch fits without it, for speed.
+    On a CPU it is off (memory is rarely the limit there, time is).
+    """
     import torch
 
-    from ..models import gpu_supports_bf16
-
     defaults = {"report_to": "none", "logging_steps": 10, "save_strategy": "steps"}
+    checkpointing_set = "gradient_checkpointing" in chosen or "activation_checkpointing" in chosen
     if not torch.cuda.is_available():
-        # TRL defaults to bf16 and gradient checkpointing, which on a CPU are slow or need use_cpu.
-        defaults.update(use_cpu=True, bf16=False)
-        if "gradient_checkpointing" not in chosen:  # the deprecated name, honoured when the recipe uses it
+        defaults["use_cpu"] = True  # TRL's bf16 autocast on a CPU works only with use_cpu
+        if not checkpointing_set:
             defaults["activation_checkpointing"] = False
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU processes (torchrun, accelerate, DeepSpeed)
             defaults["ddp_backend"] = "gloo"
-    elif not gpu_supports_bf16():
-        defaults.update(bf16=False, fp16=True)
+    elif not checkpointing_set:
+        defaults["activation_checkpointing"] = True
     return defaults
+
+
+def trl_values(plan: Plan, precision: Precision, stage_defaults: dict | None = None) -> dict:
+    """The TRL config values of a run: hardware defaults, then the stage's own, then the recipe's
+    and the plugins' (``plan.trl_config``), and the autocast flags of the run's precision."""
+    return {**platform_defaults(plan.trl_config), **(stage_defaults or {}), **plan.trl_config,
+            **precision.trl_flags}
+
+
+def build_config(config_cls, plan: Plan, run_dir: Path, precision: Precision, stage_defaults: dict | None = None):
+    """The stage's TRL config; TRL's own refusals become user errors (before any model is loaded)."""
+    try:
+        return config_cls(output_dir=str(run_dir), seed=plan.recipe.seed, **trl_values(plan, precision, stage_defaults))
+    except ValueError as e:
+        raise UserError(f"TRL refuses these settings: {e}", field="training",
+                        fix=f"change the training values it names ({config_cls.__name__}; see docs/recipes.md)") from None
+
+
+@contextlib.contextmanager
+def reference_from(trl_module, reference):
+    """While a TRL trainer is built, let ``reference`` answer the one call TRL makes to build a frozen
+    reference copy of the policy (``create_model_from_path``; TRL has no other way in): a callable
+    returning the model, or ``None`` for no reference at all. The policy is always passed to TRL as a
+    model, so it is not built by that function."""
+    if reference is False:  # leave TRL's own behaviour
+        yield
+        return
+    with mock.patch.object(trl_module, "create_model_from_path", lambda *a, **k: reference() if reference else None):
+        yield
+
+
+class NonFiniteTraining(UserError):
+    """Training produced a non-finite loss or gradient norm; the weights were not updated with it."""
+
+    keep_run_dir = True  # metrics.jsonl shows how the run got there
+
+
+class FiniteGuard:
+    """Watches every optimizer step of a trainer: the summed micro-batch losses and the gradient norm.
+
+    It is checked where transformers has computed the gradient norm and not yet stepped the
+    optimizer, so a non-finite step never reaches the weights. Under several processes the verdict
+    is reduced over all of them (one scalar per step), so every rank stops at the same step.
+    """
+
+    def __init__(self):
+        self.step_loss = None  # sum of this step's micro-batch losses (a tensor: no sync per micro-batch)
+        self.last_finite: tuple[int, float, float | None] | None = None  # (step, loss, grad norm)
+
+    def add_loss(self, loss) -> None:
+        loss = loss.detach().float()
+        self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+
+    def check(self, trainer, grad_norm) -> None:
+        import torch
+
+        step = trainer.state.global_step + 1
+        loss = self.step_loss if self.step_loss is not None else torch.zeros((), device=trainer.args.device)
+        self.step_loss = None
+        norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(
+            float("nan") if grad_norm is None else float(grad_norm))
+        if trainer.args.fp16:  # fp16's loss scaler skips overflowing steps itself: only the loss is ours to judge
+            norm = torch.zeros(())
+        values = torch.stack([loss.reshape(()).to(norm.device, torch.float32), norm.reshape(()).float()])
+        bad = (~torch.isfinite(values)).any().float()
+        if trainer.accelerator.num_processes > 1:
+            bad = trainer.accelerator.reduce(bad.to(trainer.accelerator.device), reduction="sum")
+        loss_value, norm_value = values.tolist()
+        if grad_norm is None or trainer.args.fp16:
+            norm_value = None
+        if not bad.item():
+            self.last_finite = (step, loss_value, norm_value)
+            return
+        raise self.error(trainer, step, loss_value, norm_value)
+
+    def error(self, trainer, step: int, loss: float, norm: float | None) -> NonFiniteTraining:
+        here = f"loss {loss:.6g}" + (f", gradient norm {norm:.6g}" if norm is not None else "")
+        if self.last_finite is None:
+            last = "no earlier step was finite in this session"
+        else:
+            s, l, n = self.last_finite
+            last = f"the last finite step was {s} (loss {l:.6g}" + (f", gradient norm {n:.6g})" if n is not None else ")")
+        checkpoint = last_checkpoint(Path(trainer.args.output_dir))
+        kept = (f"the last checkpoint, {checkpoint.name}, is kept" if checkpoint is not None else
+                "no checkpoint was written before it")
+        resume = (f"--resume with the same recipe continues from {checkpoint.name} (a changed recipe is refused)"
+                  if checkpoint is not None else "")
+        local = all(math.isfinite(v) for v in (loss, norm) if v is not None)
+        where = " here; another process had a non-finite one" if local else ""
+        return NonFiniteTraining(
+            f"training stopped at step {step}: non-finite values ({here}{where}); {last}. The weights were not "
+            f"updated with step {step}; {kept}", field="training",
+            fix="lower training.learning_rate, set training.max_grad_norm (e.g. 1.0), check the data and the reward "
+                "sources; then start again with --overwrite" + (f", or {resume}" if resume else ""))
+
+
+class GuardedTrainer:
+    """Mixed into every posttrain trainer (before its TRL base class): stops at the first non-finite
+    loss or gradient norm, before the optimizer step, with a user error (exit 2)."""
+
+    def _finite_guard(self) -> FiniteGuard:
+        if getattr(self, "_posttrain_finite", None) is None:
+            self._posttrain_finite = FiniteGuard()
+        return self._posttrain_finite
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._finite_guard().add_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._finite_guard().check(self, grad_norm)
+        return grad_norm
 
 
 class MetricsWriter(TrainerCallback):
@@ -118,8 +239,12 @@ def trainer_callbacks(plan: Plan, run_dir: Path) -> list:
     return callbacks
 
 
-def finish_trainer(trainer):
-    """Our progress bar instead of the printed dicts."""
+def finish_trainer(trainer, precision: Precision):
+    """What every stage does to its trainer once TRL has built it: trained weights in the trained
+    dtype (float32 masters; DeepSpeed keeps its own), and our progress bar instead of printed dicts."""
+    if not trainer.is_deepspeed_enabled:
+        cast_trained_weights(trainer.model, precision)
+    trainer.precision = precision
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress)
     return trainer
@@ -145,7 +270,8 @@ def answer_metrics(plan: Plan, trainer, heldout) -> dict | None:
     prompts = subset["prompt"]
     model = trainer.accelerator.unwrap_model(trainer.model)
     generation = {"max_new_tokens": plan.recipe.eval.max_new_tokens, "do_sample": False}
-    completions = [c[0] for c in sample(plan.plugins, model, trainer.processing_class, prompts, 1, generation)]
+    with trainer.accelerator.autocast():  # generate in the compute dtype, as training runs
+        completions = [c[0] for c in sample(plan.plugins, model, trainer.processing_class, prompts, 1, generation)]
     columns = {c: subset[c] for c in subset.column_names}
     rewards = score(plan.plugins, prompts, completions, columns)
     scored = [r for r in rewards.total if r is not None]

@@ -26,21 +26,25 @@ from pathlib import Path
 import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
+from trl.trainer import grpo_trainer as grpo_trainer_module
 
 from ..errors import UserError
-from ..models import load_model, load_tokenizer, resolve_model_path
+from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
 from ..registry import PluginSet
 from ..rewards import RewardSource, source_weight
 from ..types import Rollouts
 from ..validate import Plan
-from .loop import ReferenceUpdateCallback, finish_trainer, load_data, platform_defaults, trainer_callbacks
+from .loop import (GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, load_data, reference_from,
+                   trainer_callbacks)
 
 
-class OnlineTrainer(GRPOTrainer):
+class OnlineTrainer(GuardedTrainer, GRPOTrainer):
     """``trl.GRPOTrainer`` whose reward sources, advantage estimate and transforms, sampler and
     reference updates come from the enabled plugins."""
 
-    def __init__(self, *args, plugins: PluginSet, stage: str = "online", **kwargs):
+    def __init__(self, *args, plugins: PluginSet, stage: str = "online", reference=False, **kwargs):
+        """``reference``: how the frozen reference copy of full fine-tuning is built when ``beta`` > 0, a
+        callable returning the model (posttrain loads it in the compute dtype); ``False`` leaves it to TRL."""
         self.plugins = plugins
         self.stage = stage
         sources = plugins.implementers("posttrain_reward")
@@ -49,7 +53,8 @@ class OnlineTrainer(GRPOTrainer):
         self.samples_from_plugin = bool(plugins.implementers("posttrain_sample"))
         self._scored = None
         self._rollout_prompts: list = []
-        super().__init__(*args, reward_funcs=[RewardSource(plugins, name) for name in sources], **kwargs)
+        with reference_from(grpo_trainer_module, reference):
+            super().__init__(*args, reward_funcs=[RewardSource(plugins, name) for name in sources], **kwargs)
         if plugins.implementers("posttrain_update_reference"):
             self.add_callback(ReferenceUpdateCallback(self))
 
@@ -135,15 +140,18 @@ class OnlineTrainer(GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if not self.samples_from_plugin:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                 has_tool_images)
+            # TRL's transformers generation runs without autocast: with float32 master weights it would
+            # generate in float32. Autocast makes it run in the compute dtype, as training does.
+            with self.accelerator.autocast():
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
         generation = {"max_new_tokens": self.max_completion_length, "do_sample": True,
                       "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
                       "min_p": self.min_p, "repetition_penalty": self.repetition_penalty}
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        ) as model, torch.no_grad():
+        ) as model, torch.no_grad(), self.accelerator.autocast():
             samples = self.plugins.call("posttrain_sample", model=model, tokenizer=self.processing_class,
                                         prompts=self._rollout_prompts, num_samples=1, generation=generation)
         owner = self.plugins.implementers("posttrain_sample")[0]
@@ -198,24 +206,15 @@ def summary_extras(trainer) -> dict:
     }
 
 
-def build_config(plan: Plan, run_dir: Path):
-    """The GRPOConfig of the run; its own checks become user errors (before any model is loaded)."""
-    values = {**platform_defaults(plan.trl_config), **ONLINE_DEFAULTS, **plan.trl_config}
-    try:
-        return GRPOConfig(output_dir=str(run_dir), seed=plan.recipe.seed, **values)
-    except ValueError as e:
-        raise UserError(f"TRL refuses these settings: {e}", field="training",
-                        fix="change the training values it names (see docs/recipes.md, the online stage)") from None
-
-
 def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
     train, heldout = load_data(plan)
-    config = build_config(plan, run_dir)
+    precision = run_precision(recipe)
+    config = build_config(GRPOConfig, plan, run_dir, precision, ONLINE_DEFAULTS)
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path)
+    model, peft_config = load_model(recipe, path, precision)
     trainer = OnlineTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=trainer_callbacks(plan, run_dir),
-                            plugins=plan.plugins, stage=STAGE)
-    return finish_trainer(trainer), heldout
+                            peft_config=peft_config, reference=lambda: load_frozen_model(recipe, path, precision),
+                            callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
+    return finish_trainer(trainer, precision), heldout

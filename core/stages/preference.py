@@ -13,18 +13,18 @@ checkpointing and logging are TRL's and transformers'.
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import torch
 from trl import DPOConfig, DPOTrainer
 from trl.trainer import dpo_trainer as dpo_trainer_module
 
 from ..errors import UserError
-from ..models import load_model, load_tokenizer, resolve_model_path
+from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
 from ..registry import PluginSet, required_columns
 from ..types import PreferenceLogps
 from ..validate import Plan
-from .loop import ReferenceUpdateCallback, finish_trainer, load_data, platform_defaults, trainer_callbacks
+from .loop import (GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, load_data, reference_from,
+                   trainer_callbacks)
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it
@@ -36,24 +36,21 @@ def reference_needed(plugins: PluginSet, stage: str) -> bool:
     return True if True in answers or not answers else False
 
 
-class PreferenceTrainer(DPOTrainer):
+class PreferenceTrainer(GuardedTrainer, DPOTrainer):
     """``trl.DPOTrainer`` whose loss, token masks, metrics, sampler, collator and reference
     updates come from the enabled plugins."""
 
-    def __init__(self, *args, plugins: PluginSet, stage: str = "preference", **kwargs):
+    def __init__(self, *args, plugins: PluginSet, stage: str = "preference", reference=False, **kwargs):
+        """``reference``: how the frozen reference copy of full fine-tuning is built, a callable returning the
+        model (posttrain loads it in the compute dtype); ``False`` leaves it to TRL. When no plugin needs a
+        reference (a reference-free loss such as SimPO) none is built: TRL then skips everything it does
+        with the reference."""
         self.plugins = plugins
         self.stage = stage
         self.uses_reference = reference_needed(plugins, stage)
         self.uses_gold = GOLD_COLUMN in required_columns(plugins, stage)
-        if self.uses_reference:
+        with reference_from(dpo_trainer_module, reference if self.uses_reference else None):
             super().__init__(*args, **kwargs)
-        else:
-            # TRL builds a reference copy of the model (full fine-tuning) with `create_model_from_path` and
-            # has no switch to go without one. When no plugin needs a reference (a reference-free loss
-            # such as SimPO), that call yields None, and TRL then skips everything it does with the
-            # reference. The policy is always passed in as a model, so it is not built by that function.
-            with mock.patch.object(dpo_trainer_module, "create_model_from_path", lambda *a, **k: None):
-                super().__init__(*args, **kwargs)
         if self.uses_gold:
             from trl.experimental.tpo.tpo_trainer import DataCollatorForTriplePreference
 
@@ -239,13 +236,13 @@ def summary_extras(trainer) -> dict:
 def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
     train, heldout = load_data(plan)
-
+    precision = run_precision(recipe)
+    config = build_config(DPOConfig, plan, run_dir, precision)
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path)
-    trl_values = {**platform_defaults(plan.trl_config), **plan.trl_config}
-    config = DPOConfig(output_dir=str(run_dir), seed=recipe.seed, **trl_values)
+    model, peft_config = load_model(recipe, path, precision)
     trainer = PreferenceTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
                                 processing_class=tokenizer, peft_config=peft_config,
+                                reference=lambda: load_frozen_model(recipe, path, precision),
                                 callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
-    return finish_trainer(trainer), heldout
+    return finish_trainer(trainer, precision), heldout
