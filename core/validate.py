@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,9 @@ def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
         if not trl_fields.value_matches(fields[key], value):
             raise UserError(f"expected {fields[key]}, got {value!r}", field=f"training.{key}",
                             fix=f"give training.{key} a value of type {fields[key]}")
+    if recipe.training.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("use_liger_kernel needs the liger-kernel package", field="training.use_liger_kernel",
+                        fix="pip install 'posttrain[gpu]' (liger-kernel) on a CUDA machine, or remove the key")
     contributed = plugins.merged("posttrain_trl_config", "TRL config field",
                                  stage=recipe.stage, recipe=recipe.to_dict())
     for key, value in contributed.items():

@@ -258,3 +258,12 @@ def test_shipped_cpu_recipes_run_on_the_tiny_model(cli, tiny_model_dir, tmp_path
         assert [p["step"] for p in summary["reward_curve"]] == [1, 2] and summary["after"]["answers"]["n"] == 4
     else:
         assert summary["after"]["heldout"]
+
+
+def test_gpu_options_are_checked_before_anything_loads(cli, write_recipe):
+    # Liger's kernels come from the `gpu` extra (not installed on a CPU machine)
+    code, _, err = cli("validate", write_recipe(training={"use_liger_kernel": True}))
+    assert code == 2 and "training.use_liger_kernel" in err and "posttrain[gpu]" in err
+    # TRL 1.16's DPOTrainer ignores padding_free: say so instead of silently padding
+    code, _, err = cli("validate", write_recipe(training={"padding_free": True}))
+    assert code == 2 and "training.padding_free" in err and "sft" in err

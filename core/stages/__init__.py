@@ -73,6 +73,8 @@ PREFERENCE = StageKind(
         "ld_alpha": "the loss is a plugin: enable a plugin for length-desensitised DPO",
         "use_weighting": "the loss is a plugin: enable a plugin for WPO weighting",
         "discopop_tau": "the loss is a plugin",
+        "padding_free": "TRL 1.16's DPOTrainer switches padding_free off (it falls back to padding); padding-free "
+                        "batching applies to the sft stage",
         **_COMMON_MANAGED,
     },
     renamed={

@@ -63,6 +63,11 @@ def trl_values(plan: Plan, precision: Precision, stage_defaults: dict | None = N
 
 def build_config(config_cls, plan: Plan, run_dir: Path, precision: Precision, stage_defaults: dict | None = None):
     """The stage's TRL config; TRL's own refusals become user errors (before any model is loaded)."""
+    import torch
+
+    if plan.trl_config.get("use_liger_kernel") and not torch.cuda.is_available():
+        raise UserError("Liger's kernels are Triton GPU kernels: use_liger_kernel needs a CUDA GPU",
+                        field="training.use_liger_kernel", fix="remove it on a machine without a GPU")
     try:
         return config_cls(output_dir=str(run_dir), seed=plan.recipe.seed, **trl_values(plan, precision, stage_defaults))
     except ValueError as e:
