@@ -37,7 +37,7 @@ def _cmd_validate(args) -> int:
     from .recipe import load_recipe
     from .validate import validate
 
-    plan = validate(load_recipe(resolve_recipe(args.recipe), args.set))
+    plan = validate(load_recipe(resolve_recipe(args.recipe), args.set, args.unset))
     r = plan.recipe
     print(f"recipe '{r.name}' is valid")
     print(f"  stage:    {r.stage}")
@@ -119,8 +119,9 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         print(f"  {label:<30} {fmt(b):>8} {fmt(a):>8}")
     if summary.get("reward_curve"):
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (None: every completion abstained)
         print(f"  training reward, mean of the first / last third of the steps: "
-              f"{summary['reward_first_third']:.3f} -> {summary['reward_last_third']:.3f}")
+              f"{fmt(summary['reward_first_third'])} -> {fmt(summary['reward_last_third'])}")
     print(f"  summary: {run_dir / 'summary.json'}")
 
 
@@ -141,7 +142,8 @@ def _cmd_run(args) -> int:
 
     _quiet_third_party_noise()
 
-    run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, resume=args.resume,
+    run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, removals=args.unset,
+                           resume=args.resume,
                            overwrite=args.overwrite)
     if is_main_process():
         _print_summary(run_dir, summary)
@@ -166,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     def recipe_args(p):
         p.add_argument("recipe", help="a recipe file, or the name of a shipped recipe (see `posttrain recipes`)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe key, e.g. --set training.learning_rate=1e-5 (repeatable)")
+                       help="override a recipe key, e.g. --set training.learning_rate=1e-5 (repeatable); "
+                            "--set plugins.NAME={} enables a plugin with its defaults")
+        p.add_argument("--unset", action="append", default=[], metavar="KEY",
+                       help="remove a recipe key, e.g. --unset plugins.ref_ema to disable a plugin (repeatable)")
 
     p = sub.add_parser("run", help="train with a recipe")
     recipe_args(p)

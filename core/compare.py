@@ -29,7 +29,8 @@ class Run:
     summary: dict
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
-        points = [(m["step"], m[key]) for m in self.metrics if key in m and "eval_loss" not in m]
+        points = [(m["step"], m[key]) for m in self.metrics
+                  if isinstance(m.get(key), (int, float)) and "eval_loss" not in m]
         return [p[0] for p in points], [p[1] for p in points]
 
     def heldout(self, when: str, key: str = "preference_accuracy"):

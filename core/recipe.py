@@ -106,7 +106,7 @@ class Recipe:
         default="preference")
     seed: int = _help("Seed for data splits, adapter init and training.", default=42)
     output_dir: Union[str, None] = _help("Run directory; defaults to runs/<name>.", default=None)
-    plugins: dict[str, Union[dict, None]] = _help(
+    plugins: dict[str, Any] = _help(
         "Enabled plugins and their options (default: {dpo: {}} for the preference stage, none online).",
         default_factory=lambda: {"dpo": {}})
     training: dict[str, Any] = _help("Fields of the TRL config (DPOConfig for the preference stage, GRPOConfig online).",
@@ -193,6 +193,19 @@ def from_data(cls: type, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
+def remove_key(data: dict, key: str) -> None:
+    """Apply one ``--unset a.b.c``: remove that key from recipe data, in place (e.g. disable a plugin
+    with ``--unset plugins.ref_ema``)."""
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise UserError(f"the recipe has no key '{key}' to remove", field=f"--unset {key}",
+                        fix="give the dotted path of a key the recipe sets, e.g. --unset plugins.ref_ema")
+    del node[parts[-1]]
+
+
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one ``--set a.b.c=value`` (value parsed as YAML) to recipe data, in place."""
     key, sep, raw_value = assignment.partition("=")
@@ -212,7 +225,7 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_recipe_data(path: str | Path, overrides: list[str] = ()) -> dict:
+def load_recipe_data(path: str | Path, overrides: list[str] = (), removals: list[str] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file '{path}' does not exist", field="recipe",
@@ -225,6 +238,8 @@ def load_recipe_data(path: str | Path, overrides: list[str] = ()) -> dict:
     data = copy.deepcopy(data)
     for assignment in overrides:
         apply_override(data, assignment)
+    for key in removals:
+        remove_key(data, key)
     data.setdefault("name", path.stem)
     stage = data.get("stage", "preference")
     if "plugins" not in data and stage in DEFAULT_PLUGINS:
@@ -232,9 +247,9 @@ def load_recipe_data(path: str | Path, overrides: list[str] = ()) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), removals: list[str] = ()) -> Recipe:
     """Read, override and schema-check a recipe. Deeper checks: :func:`posttrain.validate.validate`."""
-    return from_data(Recipe, load_recipe_data(path, overrides), "")
+    return from_data(Recipe, load_recipe_data(path, overrides, removals), "")
 
 
 def schema_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -70,6 +70,11 @@ def check_plugin_class(cls: Any, expected_name: str | None = None) -> list[str]:
     if expected_name is not None and cls.name != expected_name:
         raise ValueError(f"entry point is named '{expected_name}' but the plugin calls itself '{cls.name}'")
     hooks = hook_methods(cls)
+    if not hooks:
+        unmarked = sorted(n for n in dir(cls) if n.startswith("posttrain_") and callable(getattr(cls, n)))
+        detail = (f": its method(s) {', '.join(unmarked)} lack the @hookimpl marker" if unmarked else
+                  ": no method is marked with @hookimpl")
+        raise ValueError(f"{cls.__qualname__} implements no hook{detail} (from posttrain import hookimpl)")
     for hook in hooks:
         if hook not in HOOK_NAMES:
             raise ValueError(f"method '{hook}' is marked @hookimpl but matches no hook{did_you_mean(hook, HOOK_NAMES)}")
@@ -158,15 +163,88 @@ def find_plugin(name: str) -> PluginInfo:
     raise UserError(
         f"unknown plugin '{name}'{did_you_mean(name, found)}{restricted}",
         field=f"plugins.{name}",
-        fix="run `posttrain plugins` to see the installed plugins",
+        fix=f"run `posttrain plugins` to see the installed plugins. A plugin is found through an entry point in the "
+            f"'{ENTRY_POINT_GROUP}' group of its package (`[project.entry-points.\"{ENTRY_POINT_GROUP}\"]`, "
+            f"then reinstall the package: an editable install must be reinstalled after its entry points change), "
+            f"or name it by import path, `package.module:ClassName`",
     )
+
+
+def _describe(value: Any, limit: int = 80) -> str:
+    """A short description of a hook argument or result, for traces and contract errors."""
+    kind = type(value).__name__
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"{kind}(shape={tuple(shape)}, dtype={value.dtype})"
+    if kind == "Dataset" and hasattr(value, "num_rows"):
+        return f"Dataset({value.num_rows} rows, columns {value.column_names})"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_describe(v, 20) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"{kind}[{len(value)}]({inner})"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}: {_describe(v, 20)}" for k, v in list(value.items())[:4])
+        return "{" + inner + (", ..." if len(value) > 4 else "") + "}"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_tensor(value) -> bool:
+    return type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "shape")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_dataset(value) -> bool:
+    return type(value).__name__ in ("Dataset", "IterableDataset") and hasattr(value, "column_names")
+
+
+# What each hook must return when it returns something other than None: (check, what the contract
+# says). Shapes that depend on the batch are checked where the result is used.
+RESULT_CONTRACT = {
+    "posttrain_trl_config": (lambda r: isinstance(r, dict) and all(isinstance(k, str) for k in r),
+                             "a dict of TRL config field names to values"),
+    "posttrain_callbacks": (lambda r: isinstance(r, (list, tuple)), "a list of transformers.TrainerCallback objects"),
+    "posttrain_step_metrics": (lambda r: isinstance(r, dict) and all(_is_number(v) or _is_tensor(v) and v.numel() == 1
+                                                                      for v in r.values()),
+                               "a dict of metric names to numbers"),
+    "posttrain_preference_loss": (lambda r: type(r).__name__ == "PreferenceLoss",
+                                  "a posttrain.PreferenceLoss (losses, chosen_rewards, rejected_rewards: one per pair)"),
+    "posttrain_loss_terms": (lambda r: isinstance(r, dict) and all(_is_tensor(v) and v.numel() == 1 for v in r.values()),
+                             "a dict of term names to scalar tensors"),
+    "posttrain_reference_needed": (lambda r: isinstance(r, bool), "True, False or None"),
+    "posttrain_required_columns": (lambda r: isinstance(r, (list, tuple)) and all(isinstance(c, str) for c in r),
+                                   "a list of column names"),
+    "posttrain_sample": (lambda r: isinstance(r, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in r),
+                         "one list of completion strings per prompt"),
+    "posttrain_reward": (lambda r: isinstance(r, (list, tuple)) and all(r_ is None or _is_number(r_) for r_ in r),
+                         "a list with one float (or None to abstain) per completion"),
+    "posttrain_advantage_estimate": (_is_tensor, "a tensor of advantages"),
+    "posttrain_advantage_transform": (_is_tensor, "a tensor of advantages"),
+    "posttrain_transform_dataset": (_is_dataset, "a datasets.Dataset"),
+    "posttrain_token_mask": (_is_tensor, "a 0/1 or boolean tensor shaped like the completion mask"),
+    "posttrain_data_collator": (callable, "a collator (a callable that turns examples into a batch)"),
+    "posttrain_train_sampler": (lambda r: hasattr(r, "__iter__"), "a torch.utils.data.Sampler"),
+    "posttrain_update_reference": (lambda r: True, "nothing (the result is ignored)"),
+}
+
+
+def contract_error(plugin: str, hook: str, got: Any, expected: str) -> UserError:
+    """The error for a hook result that breaks the hook's contract (the plugin's fault, not the core's)."""
+    return UserError(f"plugin '{plugin}' returned {_describe(got)} from hook '{hook}'; expected {expected}",
+                     field=f"plugins.{plugin}",
+                     fix=f"fix the plugin (see `{hook}` in docs/hooks.md) or disable it; report it to its author")
 
 
 class PluginSet:
     """The plugins enabled for one run, with their options, and the calls into their hooks.
 
-    Hooks are called in the order the recipe lists the plugins. An exception inside a hook
-    implementation becomes a :class:`PluginHookError` that names the plugin and the hook.
+    Every call goes through :meth:`_invoke`: implementations are called in the order the recipe
+    lists the plugins, with the arguments each accepts; an exception inside one becomes a
+    :class:`PluginHookError` naming the plugin and the hook; a result that is not what the hook's
+    contract says (:data:`RESULT_CONTRACT`) is a user error naming the plugin, the hook, what came
+    back and what was expected; with ``POSTTRAIN_TRACE_HOOKS=1`` every call is printed to stderr.
     """
 
     def __init__(self, plugins: list[Plugin]):
@@ -179,46 +257,45 @@ class PluginSet:
         for plugin in reversed(plugins):
             self.pm.register(plugin, name=plugin.name)
         self.pm.check_pending()
-        if os.environ.get(ENV_TRACE):
-            self.pm.trace.root.setwriter(lambda text: sys.stderr.write(text))
-            self.pm.enable_tracing()
+        self.trace = bool(os.environ.get(ENV_TRACE))
 
     def implementers(self, hook: str) -> list[str]:
         return [impl.plugin_name for impl in self._impls(hook)]
-
-    def _raise_named(self, hook: str, error: Exception):
-        """Re-raise ``error`` as a PluginHookError naming the plugin whose code raised it."""
-        impls = getattr(self.pm.hook, hook).get_hookimpls()
-        codes = {getattr(impl.function, "__func__", impl.function).__code__: impl.plugin_name for impl in impls}
-        tb = error.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code in codes:
-                raise PluginHookError(codes[tb.tb_frame.f_code], hook, error) from error
-            tb = tb.tb_next
-        raise error
-
-    def call(self, hook: str, **kwargs) -> Any:
-        """Call a hook the pluggy way: a list of results, or the first result for firstresult hooks."""
-        try:
-            return getattr(self.pm.hook, hook)(**kwargs)
-        except UserError:  # already names the field and the fix (a PluginHookError or the plugin's own)
-            raise
-        except Exception as e:
-            self._raise_named(hook, e)
 
     def _impls(self, hook: str) -> list:
         """The implementations of ``hook``, in recipe order."""
         return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
 
-    @staticmethod
-    def _invoke(impl, hook: str, kwargs: dict) -> Any:
-        """Call one implementation with the arguments it accepts; name the plugin if it raises."""
+    def _invoke(self, impl, hook: str, kwargs: dict) -> Any:
+        """Call one implementation with the arguments it accepts; name the plugin if it raises or
+        returns something the hook's contract does not allow."""
+        args = {k: kwargs[k] for k in impl.argnames}
         try:
-            return impl.function(**{k: kwargs[k] for k in impl.argnames})
+            result = impl.function(**args)
         except UserError:
             raise
         except Exception as e:
             raise PluginHookError(impl.plugin_name, hook, e) from e
+        if self.trace:
+            shown = ", ".join(f"{k}={_describe(v, 40)}" for k, v in args.items())
+            sys.stderr.write(f"posttrain hook: {impl.plugin_name}.{hook}({shown}) -> {_describe(result)}\n")
+        check, expected = RESULT_CONTRACT[hook]
+        if result is not None and not check(result):
+            raise contract_error(impl.plugin_name, hook, result, expected)
+        return result
+
+    def call(self, hook: str, **kwargs) -> Any:
+        """Call a hook the pluggy way: for a first-result hook the first non-None result (or None),
+        else the list of non-None results, in recipe order."""
+        firstresult = getattr(self.pm.hook, hook).spec.opts.get("firstresult")
+        results = []
+        for impl in self._impls(hook):
+            result = self._invoke(impl, hook, kwargs)
+            if result is not None:
+                if firstresult:
+                    return result
+                results.append(result)
+        return None if firstresult else results
 
     def call_each(self, hook: str, **kwargs) -> list[tuple[str, Any]]:
         """Call every implementation in recipe order: ``[(plugin_name, result), ...]`` (None included)."""

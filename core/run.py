@@ -63,9 +63,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *, resume: bool = False,
+def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *, removals: list[str] = (),
+        resume: bool = False,
         overwrite: bool = False) -> tuple[Path, dict]:
-    plan = validate(load_recipe(recipe_path, overrides))
+    plan = validate(load_recipe(recipe_path, overrides, removals))
     run_dir = run_dir_for(plan, output_dir)
     if is_main_process():  # the other ranks of a distributed launch leave the run directory to rank 0
         prepare_run_dir(plan, run_dir, resume=resume, overwrite=overwrite)

@@ -128,6 +128,7 @@ def third_party(tmp_path, monkeypatch):
         "acme_broken": "acme_posttrain.missing:Nothing",
         "acme_misnamed": "acme_posttrain:AcmeMisnamedHook",
         "acme_hooks": "acme_posttrain:AcmeHooks",
+        "acme_unmarked": "acme_posttrain:AcmeUnmarked",
     })
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))

@@ -101,3 +101,29 @@ class NanFromStep(Plugin):
                         lambda mod, inp, out: out * float("nan") if torch.is_grad_enabled() else None)
 
         return [Poison()]
+
+
+class TupleLoss(Plugin):
+    name = "tuple_loss"
+    description = "a loss that returns a tuple instead of a PreferenceLoss (a contract violation)"
+
+    @hookimpl
+    def posttrain_reference_needed(self):
+        return True
+
+    @hookimpl
+    def posttrain_preference_loss(self, logps):
+        loss = -(logps.chosen_logps - logps.rejected_logps)
+        return loss, loss.detach(), loss.detach()
+
+
+class ScalarLoss(Plugin):
+    name = "scalar_loss"
+    description = "a loss that returns one number for the batch instead of one per pair"
+
+    @hookimpl
+    def posttrain_preference_loss(self, logps):
+        from posttrain import PreferenceLoss
+
+        margin = logps.chosen_logps - logps.rejected_logps
+        return PreferenceLoss(-margin.mean(), margin.detach(), margin.detach())

@@ -117,7 +117,7 @@ class Tag(Plugin):
 
     @hookimpl
     def posttrain_transform_dataset(self, dataset):
-        return dataset + [self.options.text]
+        return dataset.add_item({"tag": self.options.text})
 
     @hookimpl
     def posttrain_reward(self, completions):
@@ -135,8 +135,11 @@ def _tag(text, **kw):
 
 def test_hooks_run_in_recipe_order_and_chain():
     plugins = PluginSet([_tag("a"), _tag("b"), _tag("c")])
-    out, last = plugins.chain("posttrain_transform_dataset", "dataset", [], split="train", stage="preference")
-    assert out == ["a", "b", "c"] and last == "tag_c"
+    from datasets import Dataset
+
+    out, last = plugins.chain("posttrain_transform_dataset", "dataset", Dataset.from_dict({"tag": []}),
+                              split="train", stage="preference")
+    assert out["tag"] == ["a", "b", "c"] and last == "tag_c"
     assert plugins.implementers("posttrain_reward") == ["tag_a", "tag_b", "tag_c"]
 
 

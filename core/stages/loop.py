@@ -193,9 +193,11 @@ class Progress(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs:
-            shown = {k: logs[k] for k in self.shown if k in logs}
+            # a step whose every completion abstained logs its reward as None: show "-"
+            shown = {k.split("/")[-1]: ("-" if not isinstance(logs[k], (int, float)) else f"{logs[k]:.3g}")
+                     for k in self.shown if k in logs}
             if shown:
-                self.training_bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()})
+                self.training_bar.set_postfix(shown)
 
 
 class ReferenceUpdateCallback(TrainerCallback):

@@ -22,6 +22,7 @@ logging. What is ours, through four small overrides:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 import torch
 from trl import GRPOConfig, GRPOTrainer
@@ -36,6 +37,17 @@ from ..types import Rollouts
 from ..validate import Plan
 from .loop import (GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, load_data, reference_from,
                    trainer_callbacks)
+
+
+class _NoAbstentionWarning(logging.Filter):
+    """Drops TRL's warning for rows on which every reward function returned None: abstaining is part of
+    the reward hook's contract here, and the share of such rows is logged as ``rewards/unscored``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "All reward functions returned None" not in str(record.msg)  # accelerate prefixes "[RANK n] "
+
+
+logging.getLogger(grpo_trainer_module.__name__).addFilter(_NoAbstentionWarning())
 
 
 class OnlineTrainer(GuardedTrainer, GRPOTrainer):
@@ -85,6 +97,9 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         metrics["advantages/mean"].append(logged.mean().item())
         metrics["advantages/std"].append(logged.std().item() if logged.numel() > 1 else 0.0)
         metrics["advantages/abs_mean"].append(logged.abs().mean().item())
+        # completions no source scored (every one abstained): advantage 0, so only the KL term (beta > 0)
+        # trains on them. TRL warns once per such batch with a whole example; this share replaces it.
+        metrics["rewards/unscored"].append(torch.isnan(rollouts.rewards).float().mean().item())
         return output
 
     def rollouts(self, rewards_per_func, prompts, completions, completion_mask, mode: str = "train") -> Rollouts:
@@ -198,7 +213,11 @@ def summary_extras(trainer) -> dict:
     if not curve:
         return {"reward_curve": []}
     third = max(1, len(curve) // 3)
-    mean = lambda points: sum(p["reward"] for p in points) / len(points)  # noqa: E731
+
+    def mean(points):  # steps on which every completion abstained have no reward (None)
+        scored = [p["reward"] for p in points if p["reward"] is not None]
+        return sum(scored) / len(scored) if scored else None
+
     return {
         "reward_curve": curve,
         "reward_first_third": mean(curve[:third]),

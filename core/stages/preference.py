@@ -20,7 +20,7 @@ from trl.trainer import dpo_trainer as dpo_trainer_module
 
 from ..errors import UserError
 from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
-from ..registry import PluginSet, required_columns
+from ..registry import PluginSet, contract_error, required_columns
 from ..types import PreferenceLogps
 from ..validate import Plan
 from .loop import (GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, load_data, reference_from,
@@ -97,14 +97,17 @@ class PreferenceTrainer(GuardedTrainer, DPOTrainer):
 
     def _apply_token_masks(self, inputs: dict) -> dict:
         pairs = self._pair_rows(inputs)
-        masks = self.plugins.call("posttrain_token_mask", input_ids=pairs["input_ids"],
-                                  completion_mask=pairs["completion_mask"], tokenizer=self.processing_class)
-        masks = [m for m in masks or [] if m is not None]
+        masks = [(name, m) for name, m in self.plugins.call_each(
+            "posttrain_token_mask", input_ids=pairs["input_ids"], completion_mask=pairs["completion_mask"],
+            tokenizer=self.processing_class) if m is not None]
         if not masks:
             return inputs
         mask = inputs["completion_mask"].clone()
         rows = pairs["completion_mask"].shape[0]
-        for m in masks:
+        for name, m in masks:
+            if tuple(m.shape) != tuple(pairs["completion_mask"].shape):
+                raise contract_error(name, "posttrain_token_mask", m, "a mask of shape "
+                                     f"{tuple(pairs['completion_mask'].shape)}, like the completion mask")
             mask[:rows] = mask[:rows] * m.to(device=mask.device, dtype=mask.dtype)
         return {**inputs, "completion_mask": mask}
 
@@ -142,7 +145,7 @@ class PreferenceTrainer(GuardedTrainer, DPOTrainer):
         if self.uses_gold:
             logps.gold_token_logps, logps.gold_mask = token_blocks[2], mask_blocks[2]
             logps.gold_logps, logps.gold_lengths = token_blocks[2].sum(dim=1), mask_blocks[2].sum(dim=1)
-        result = self.plugins.call("posttrain_preference_loss", logps=logps)
+        result = self.preference_loss(logps)
         loss = result.losses.mean()
 
         metrics = self._metrics[mode]
@@ -175,6 +178,21 @@ class PreferenceTrainer(GuardedTrainer, DPOTrainer):
                 outputs = model(**model_kwargs)
             return loss, outputs
         return loss
+
+    def preference_loss(self, logps: PreferenceLogps):
+        """The loss owner's result, checked against the hook's contract: one loss and one reward of each
+        response per pair."""
+        owner = self.plugins.implementers("posttrain_preference_loss")[0]
+        result = self.plugins.call("posttrain_preference_loss", logps=logps)
+        pairs = (logps.chosen_logps.shape[0],)
+        expected = f"a posttrain.PreferenceLoss whose losses, chosen_rewards and rejected_rewards have shape {pairs}"
+        if result is None:
+            raise contract_error(owner, "posttrain_preference_loss", result, expected)
+        for part in ("losses", "chosen_rewards", "rejected_rewards"):
+            value = getattr(result, part)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != pairs:
+                raise contract_error(owner, "posttrain_preference_loss", value, f"{part}: {expected}")
+        return result
 
     def _log_pair_metrics(self, metrics, mode, inputs, logps: PreferenceLogps, result) -> None:
         gather = self.accelerator.gather_for_metrics

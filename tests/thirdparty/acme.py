@@ -98,6 +98,14 @@ class AcmeMisnamedHook(Plugin):
         return None
 
 
+class AcmeUnmarked(Plugin):
+    name = "acme_unmarked"
+    description = "a reward whose method lacks @hookimpl (a common slip)"
+
+    def posttrain_reward(self, completions):
+        return [1.0 for _ in completions]
+
+
 class AcmeHooks(Plugin):
     """Implements the batching and reference-update hooks and records that they ran."""
 

@@ -1,0 +1,158 @@
+"""Regression tests for what a plugin author and an outside check found (issue 9, the core's part):
+an online step on which every completion abstains, hook results that break their contract, a plugin
+without @hookimpl, hook tracing, disabling a plugin from the command line, option errors that name
+the field, and the hint for a plugin whose entry point is missing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import GROUP_PLUS_NORM, read_jsonl
+
+TESTS = Path(__file__).resolve().parent
+
+
+# --- abstention ----------------------------------------------------------------------------------
+
+
+def test_a_step_on_which_every_completion_abstains_trains_and_logs(tmp_path, tiny_model_dir):
+    """verify_gsm8k + group_relative on data whose gold answer is missing on most rows (2 prompts per
+    step): some steps have no reward at all. They train (advantage 0: the loss is the KL term alone,
+    here 0), log the reward as null and `rewards/unscored` as 1, and the run finishes; TRL's warning
+    for such rows is replaced by that metric."""
+    from posttrain.builtin import WordProblemOptions, word_problems
+
+    rows = word_problems(WordProblemOptions(n=40, seed=1))
+    for i, row in enumerate(rows):
+        if i % 8:
+            row["ground_truth"] = None
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "stage": "online", "seed": 42, "model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 8}},
+        "data": {"source": str(data), "eval": {"fraction": 0.0}},
+        "plugins": {"verify_gsm8k": {}, "group_relative": {}},
+        "training": {"per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 8,
+                     "max_steps": 6, "logging_steps": 1, "save_strategy": "no", "learning_rate": 1e-4},
+        "eval": {"generate": 0}}))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "All reward functions returned None" not in proc.stderr
+    steps = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    silent = [r for r in steps if r["reward"] is None]
+    assert silent, "no step on which every completion abstained: change the data"
+    for r in silent:
+        assert r["rewards/unscored"] == 1.0 and r["advantages/abs_mean"] == 0.0 and r["loss"] == 0.0
+    assert all(0 <= r["rewards/unscored"] <= 1 for r in steps)
+    summary = json.loads((run / "summary.json").read_text())
+    assert any(p["reward"] is None for p in summary["reward_curve"])
+
+
+# --- hook results against their contract ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("plugin, got", [("online_plugins:TupleLoss", "tuple[3]"),
+                                         ("online_plugins:ScalarLoss", "Tensor(shape=()")])
+def test_a_loss_breaking_the_contract_is_the_plugins_error(cli, write_recipe, tmp_path, plugin, got):
+    run = tmp_path / "run"
+    code, _, err = cli("run", write_recipe(plugins={plugin: {}}, eval={"generate": 0}), "--output-dir", run)
+    assert code == 2, err
+    name = plugin.split(":")[1].replace("Loss", "_loss").lower()
+    assert f"plugins.{name}: plugin '{name}' returned {got}" in err
+    assert "from hook 'posttrain_preference_loss'; expected" in err and "PreferenceLoss" in err
+    if "Scalar" in plugin:
+        assert "shape (8,)" in err  # one loss per pair of the batch
+    assert "internal error" not in err
+    assert not run.exists()  # removed, as for other hook errors
+
+
+def test_reward_of_the_wrong_type_is_refused_naming_the_plugin():
+    from posttrain import Plugin, hookimpl
+    from posttrain.registry import PluginSet
+    from posttrain.rewards import score
+    from posttrain.errors import UserError
+
+    class Words(Plugin):
+        name = "words"
+
+        @hookimpl
+        def posttrain_reward(self, completions):
+            return ["good" for _ in completions]
+
+    with pytest.raises(UserError, match=r"plugin 'words' returned list\[2\]\('good'.* from hook 'posttrain_reward'"):
+        score(PluginSet([Words()]), ["p", "q"], ["x", "y"], {})
+
+
+# --- plugins without hooks -----------------------------------------------------------------------
+
+
+def test_a_plugin_without_hookimpl_is_refused(cli, write_recipe, third_party):
+    code, out, _ = cli("plugins", "--json")
+    failed = {f["name"]: f["reason"] for f in json.loads(out)["failed"]}
+    assert "implements no hook" in failed["acme_unmarked"] and "posttrain_reward" in failed["acme_unmarked"]
+    assert "acme_unmarked" not in {p["name"] for p in json.loads(out)["plugins"]}
+    code, _, err = cli("validate", write_recipe(plugins={"dpo": {}, "acme_unmarked": {}}))
+    assert code == 2 and "failed to load" in err and "lack the @hookimpl marker" in err
+    import acme_posttrain
+    from posttrain.testing import assert_plugin_conforms
+
+    with pytest.raises(AssertionError, match="implements no hook"):
+        assert_plugin_conforms(acme_posttrain.AcmeUnmarked)
+
+
+# --- tracing -------------------------------------------------------------------------------------
+
+
+def test_trace_prints_the_validation_time_hooks(cli, write_recipe, online_recipe, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_TRACE_HOOKS", "1")
+    code, _, err = cli("validate", write_recipe(plugins={"tpo": {}}, data={"options": {"n": 96, "reference": True}}))
+    assert code == 0, err
+    assert "posttrain hook: tpo.posttrain_required_columns() -> list[1]('reference')" in err
+    recipe = online_recipe(plugins={"online_plugins:DigitShare": {}, "group_relative": {}, "ref_ema": {},
+                                    "large_batch": {"prompts_per_update": 4}}, training={"beta": 0.05})
+    code, _, err = cli("validate", recipe)
+    assert code == 0, err
+    assert "posttrain hook: large_batch.posttrain_trl_config(stage='online', recipe={" in err
+    assert "posttrain hook: ref_ema.posttrain_reference_needed() -> True" in err
+
+
+def test_trace_covers_reward_calls(capsys, monkeypatch):
+    monkeypatch.setenv("POSTTRAIN_TRACE_HOOKS", "1")
+    from posttrain.plugins.verify_gsm8k import VerifyGSM8K
+    from posttrain.registry import PluginSet
+    from posttrain.rewards import score
+
+    score(PluginSet([VerifyGSM8K()]), ["p"], ["= 4"], {"ground_truth": ["4"]})
+    err = capsys.readouterr().err
+    assert "posttrain hook: verify_gsm8k.posttrain_reward(" in err and "-> list[1](10.0)" in err
+
+
+# --- the command line and recipe errors ----------------------------------------------------------
+
+
+def test_unset_disables_a_plugin(cli, write_recipe):
+    recipe = write_recipe(plugins={"dpo": {}, "rpo": {"alpha": 0.5}})
+    code, out, err = cli("validate", recipe, "--unset", "plugins.rpo")
+    assert code == 0, err
+    assert "plugin:   dpo" in out and "rpo" not in out
+    code, _, err = cli("validate", recipe, "--unset", "plugins.ref_ema")
+    assert code == 2 and "--unset plugins.ref_ema" in err and "no key" in err
+
+
+def test_plugin_options_as_a_list_name_the_plugin(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(plugins={"dpo": [0.1]}))
+    assert code == 2 and "plugins.dpo:" in err and "expected a mapping of options, got list" in err
+
+
+def test_unknown_plugin_explains_entry_points(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(plugins={"odds_ratio": {}}))
+    assert code == 2
+    assert "posttrain.plugins" in err and "entry point" in err and "editable install" in err
+    assert "module:ClassName" in err
