@@ -70,8 +70,12 @@ def _cmd_plugins(args) -> int:
     for row in rows:
         print(f"{row['name']}  {row['distribution']} {row['version']}  -  {row['description']}")
         print(f"    hooks:   {', '.join(h.removeprefix('posttrain_') for h in row['hooks'])}")
-        opts = ", ".join(f"{o['name']}: {o['type']} = {o['default']!r}" for o in row["options"]) or "none"
-        print(f"    options: {opts}")
+        if not row["options"]:
+            print("    options: none")
+        for i, o in enumerate(row["options"]):
+            label = "    options: " if i == 0 else " " * 13
+            about = f"  -  {o['help']}" if o["help"] else ""
+            print(f"{label}{o['name']}: {o['type']} = {o['default']!r}{about}")
     for f in failed:
         print(f"FAILED {f['name']}  ({f['distribution']}, {f['entry_point']}): {f['reason']}")
     if not rows and not failed:

@@ -156,3 +156,9 @@ def test_unknown_plugin_explains_entry_points(cli, write_recipe):
     assert code == 2
     assert "posttrain.plugins" in err and "entry point" in err and "editable install" in err
     assert "module:ClassName" in err
+
+
+def test_plugins_listing_shows_option_help(cli):
+    code, out, _ = cli("plugins")
+    assert code == 0
+    assert "beta: float = 0.1  -  Inverse temperature" in out
