@@ -33,23 +33,36 @@ def resolve_recipe(arg: str) -> str:
     return str(shipped) if shipped.is_file() else arg
 
 
-def _cmd_validate(args) -> int:
-    from .recipe import load_recipe
-    from .validate import validate
-
-    plan = validate(load_recipe(resolve_recipe(args.recipe), args.set, args.unset))
+def _describe_plan(plan, indent: str = "  ") -> None:
     r = plan.recipe
-    print(f"recipe '{r.name}' is valid")
-    print(f"  stage:    {r.stage}")
+    print(f"{indent}stage:    {r.stage}")
     lora = f", LoRA r={r.model.lora.r}" if r.model.lora else ", full fine-tuning"
     quant = f", {r.model.quantization.bits}-bit base" if r.model.quantization else ""
-    print(f"  model:    {r.model.name_or_path}{lora}{quant}")
-    print(f"  data:     {r.data.source} (held out: "
+    print(f"{indent}model:    {r.model.name_or_path}{lora}{quant}")
+    print(f"{indent}data:     {r.data.source} (held out: "
           f"{r.data.eval.source or r.data.eval.split or f'{r.data.eval.fraction:.0%} of the training data'})")
     for p in plan.plugins.plugins:
-        print(f"  plugin:   {p.name} {vars(p.options) if hasattr(p.options, '__dict__') else ''}")
+        print(f"{indent}plugin:   {p.name} {vars(p.options) if hasattr(p.options, '__dict__') else ''}")
     if plan.trl_config:
-        print("  training: " + ", ".join(f"{k}={v}" for k, v in plan.trl_config.items()))
+        print(f"{indent}training: " + ", ".join(f"{k}={v}" for k, v in plan.trl_config.items()))
+
+
+def _cmd_validate(args) -> int:
+    from .recipe import Recipe, from_data, load_recipe_data
+    from .stages.pipeline import is_pipeline, parse_pipeline, validate_pipeline
+    from .validate import validate
+
+    data = load_recipe_data(resolve_recipe(args.recipe), args.set, args.unset)
+    if is_pipeline(data):
+        pipeline = validate_pipeline(parse_pipeline(data))
+        print(f"pipeline '{pipeline.name}' is valid: {len(pipeline.stages)} stages")
+        for stage, plan in zip(pipeline.stages, pipeline.plans, strict=True):
+            print(f"  {stage.dir_name}")
+            _describe_plan(plan, "    ")
+        return 0
+    plan = validate(from_data(Recipe, data, ""))
+    print(f"recipe '{plan.recipe.name}' is valid")
+    _describe_plan(plan)
     return 0
 
 
@@ -101,31 +114,49 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
-def _print_summary(run_dir: Path, summary: dict) -> None:
+SUMMARY_ROWS = [
+    ("held-out preference accuracy", "heldout", "preference_accuracy"),
+    ("held-out log-prob accuracy", "heldout", "logp_accuracy"),
+    ("held-out reward margin", "heldout", "reward_margin"),
+    ("held-out pairwise accuracy", "heldout", "pairwise_accuracy"),
+    ("held-out completion NLL", "heldout", "completion_nll"),
+    ("held-out perplexity", "heldout", "perplexity"),
+    ("greedy answer accuracy", "answers", "answer_accuracy"),
+    ("greedy answer mean reward", "answers", "mean_reward"),
+]
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"  # None: not measured, or every completion abstained
+
+
+def _print_metrics(summary: dict, indent: str = "  ") -> None:
     before, after = summary.get("before") or {}, summary.get("after") or {}
-    print(f"\nrun '{summary['recipe']}' finished: {summary['global_step']} steps -> {run_dir}")
-    rows = [
-        ("held-out preference accuracy", "heldout", "preference_accuracy"),
-        ("held-out log-prob accuracy", "heldout", "logp_accuracy"),
-        ("held-out reward margin", "heldout", "reward_margin"),
-        ("greedy answer accuracy", "answers", "answer_accuracy"),
-        ("greedy answer mean reward", "answers", "mean_reward"),
-    ]
     shown = False
-    for label, group, key in rows:
+    for label, group, key in SUMMARY_ROWS:
         b = ((before.get(group) or {}).get(key))
         a = ((after.get(group) or {}).get(key))
         if a is None and b is None:
             continue
         if not shown:
-            print(f"  {'metric':<30} {'before':>8} {'after':>8}")
+            print(f"{indent}{'metric':<30} {'before':>8} {'after':>8}")
             shown = True
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"  {label:<30} {fmt(b):>8} {fmt(a):>8}")
-    if summary.get("reward_curve"):
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731 (None: every completion abstained)
-        print(f"  training reward, mean of the first / last third of the steps: "
-              f"{fmt(summary['reward_first_third'])} -> {fmt(summary['reward_last_third'])}")
+        print(f"{indent}{label:<30} {_fmt(b):>8} {_fmt(a):>8}")
+    if summary.get("reward_first_third") is not None or summary.get("reward_curve"):
+        print(f"{indent}training reward, mean of the first / last third of the steps: "
+              f"{_fmt(summary.get('reward_first_third'))} -> {_fmt(summary.get('reward_last_third'))}")
+
+
+def _print_summary(run_dir: Path, summary: dict) -> None:
+    if "stages" in summary:  # a pipeline
+        print(f"\npipeline '{summary['pipeline']}' finished -> {run_dir}")
+        for stage in summary["stages"]:
+            took = f", {stage['seconds']:.0f} s" if stage.get("seconds") is not None else ""
+            print(f"  {stage['dir']} ({stage['stage']}, {stage['global_step']} steps{took})")
+            _print_metrics(stage, "    ")
+    else:
+        print(f"\nrun '{summary['recipe']}' finished: {summary['global_step']} steps -> {run_dir}")
+        _print_metrics(summary)
     print(f"  summary: {run_dir / 'summary.json'}")
 
 
@@ -147,8 +178,7 @@ def _cmd_run(args) -> int:
     _quiet_third_party_noise()
 
     run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, removals=args.unset,
-                           resume=args.resume,
-                           overwrite=args.overwrite)
+                           resume=args.resume, overwrite=args.overwrite, start_from=args.start_from)
     if is_main_process():
         _print_summary(run_dir, summary)
     return 0
@@ -182,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, else runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run directory from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run directory and start again")
+    p.add_argument("--from", dest="start_from", metavar="STAGE",
+                   help="pipelines: run again from this stage, keeping the earlier stages' outputs")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("validate", help="check a recipe without loading anything heavy")

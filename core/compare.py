@@ -40,17 +40,32 @@ class Run:
         return ((self.summary.get(when) or {}).get("answers") or {}).get("answer_accuracy")
 
 
-def load_run(path: str | Path) -> Run:
+def pipeline_stages(path: Path) -> list[Path]:
+    """The stage run directories of a pipeline directory (``01-sft``, ``02-dpo``...), in order."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and p.name[:2].isdigit() and p.name[2:3] == "-"
+                  and (p / "metrics.jsonl").is_file()) if path.is_dir() else []
+
+
+def load_runs(path: str | Path) -> list[Run]:
+    """A run directory, or every stage of a pipeline directory."""
+    path = Path(path)
+    if not (path / "metrics.jsonl").is_file() and pipeline_stages(path):
+        return [load_run(stage, label=f"{path.name}/{stage.name}") for stage in pipeline_stages(path)]
+    return [load_run(path)]
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
     path = Path(path)
     metrics_file = path / "metrics.jsonl"
     if not metrics_file.is_file():
-        raise UserError(f"'{path}' is not a run directory (no metrics.jsonl)", field="RUN_DIR",
-                        fix="give directories written by `posttrain run`")
+        raise UserError(f"'{path}' is not a run directory (no metrics.jsonl) or a pipeline directory",
+                        field="RUN_DIR", fix="give directories written by `posttrain run`")
     metrics = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     plugins = "+".join(summary.get("plugins", []))
-    label = f"{path.name} ({plugins})" if plugins else path.name
+    label = label or path.name
+    label = f"{label} ({plugins})" if plugins else label
     return Run(label, path, metrics, summary)
 
 
@@ -118,7 +133,7 @@ def compare(paths: list[str], output: str, overwrite: bool = False) -> tuple[lis
         raise UserError(f"'{out}' already exists", field="--output", fix="choose another --output or pass --overwrite")
     if out.suffix.lower() != ".png":
         raise UserError(f"'{out}' is not a .png file name", field="--output", fix="use a name ending in .png")
-    runs = [load_run(p) for p in paths]
+    runs = [run for p in paths for run in load_runs(p)]
     fig = figure(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

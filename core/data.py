@@ -79,15 +79,21 @@ def _check_columns(columns: list[str], mapping: dict[str, str], stage: str, wher
                             f"{did_you_mean(theirs, columns)}; it has: {', '.join(columns)}",
                             field=f"data.columns.{ours}", fix="map to one of the data's columns")
     renamed = {ours for ours in mapping} | {c for c in columns if c not in mapping.values()}
-    needs = {name: f"the {stage} stage" for name in STAGES[stage].columns}
+    kind = STAGES[stage]
+    stage_columns = kind.columns
+    if kind.alternative and set(kind.alternative) <= renamed:  # e.g. sft: a `messages` column instead
+        stage_columns = kind.alternative
+    needs = {name: f"the {stage} stage" for name in stage_columns}
     needs.update({name: f"plugin '{plugin}'" for name, plugin in (required or {}).items()})
     for needed, who in needs.items():
         if needed in renamed:
             continue
         if needed == "prompt" and isinstance(first.get(mapping.get("chosen", "chosen")), list):
             continue  # conversational pairs may carry the prompt inside chosen/rejected
+        alternative = (f" (or {', '.join(repr(c) for c in kind.alternative)} instead)"
+                       if kind.alternative and needed in kind.columns else "")
         raise UserError(
-            f"{who} needs a '{needed}' column; {where} has: {', '.join(columns)}",
+            f"{who} needs a '{needed}' column{alternative}; {where} has: {', '.join(columns)}",
             field=f"data.columns.{needed}",
             fix=f"map it, e.g. `columns: {{{needed}: <your column>}}`",
         )

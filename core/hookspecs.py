@@ -58,6 +58,14 @@ GENERAL_HOOKS = (
 
 # The hooks each stage calls.
 STAGE_HOOKS = {
+    "sft": (
+        "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
+        "posttrain_transform_dataset", "posttrain_token_mask", "posttrain_sample", "posttrain_reward",
+    ),
+    "reward_model": (
+        "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
+        "posttrain_transform_dataset",
+    ),
     "preference": (
         "posttrain_trl_config", "posttrain_callbacks", "posttrain_step_metrics", "posttrain_preference_loss",
         "posttrain_loss_terms", "posttrain_reference_needed", "posttrain_required_columns", "posttrain_sample",

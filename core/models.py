@@ -177,8 +177,10 @@ def _load_kwargs(recipe, dtype: str) -> dict:
     return kwargs
 
 
-def load_model(recipe, path: str, precision: Precision):
-    """The policy model (quantised if asked) and the LoRA config to give the trainer, if any.
+def load_model(recipe, path: str, precision: Precision, *, reward_head: bool = False):
+    """The model to train (quantised if asked) and the LoRA config to give the trainer, if any: a causal
+    LM, or with ``reward_head`` a sequence classifier with one output (a reward model; its new
+    ``score`` head is trained in full and saved with a LoRA adapter).
 
     Full fine-tuning loads the weights in ``precision.trained`` (float32 master weights by
     default; the forward passes autocast to the compute dtype). With LoRA or quantisation the
@@ -186,11 +188,15 @@ def load_model(recipe, path: str, precision: Precision):
     upcasts it, and :func:`cast_trained_weights` makes sure of every trained tensor).
     """
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     m = recipe.model
     frozen_base = m.lora is not None
     kwargs = _load_kwargs(recipe, precision.compute if frozen_base else precision.trained)
+    architecture = AutoModelForCausalLM
+    if reward_head:
+        architecture = AutoModelForSequenceClassification
+        kwargs["num_labels"] = 1
     q = m.quantization
     if q is not None:
         compute = precision.compute if q.compute_dtype == "auto" else q.compute_dtype
@@ -203,7 +209,13 @@ def load_model(recipe, path: str, precision: Precision):
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if reward_head:
+            from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+            with suppress_seqcls_warning():  # "score.weight newly initialized": expected for a new head
+                model = architecture.from_pretrained(path, **kwargs)
+        else:
+            model = architecture.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise _load_error(path, e) from None
     if q is not None:
@@ -222,7 +234,7 @@ def load_model(recipe, path: str, precision: Precision):
 
         peft_config = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                                  target_modules=m.lora.target_modules, modules_to_save=m.lora.modules_to_save,
-                                 task_type="CAUSAL_LM")
+                                 task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")  # SEQ_CLS: the head is saved
     return model, peft_config
 
 

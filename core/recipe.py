@@ -59,6 +59,10 @@ class ModelSection:
         "Dtype the trained weights are stored and updated in. 'float32': master weights with mixed precision "
         "(the default). 'bfloat16': pure bf16 training, half the memory of weights, gradients and optimizer state, "
         "but updates smaller than about 1/256 of a weight are rounded away (a warning says so).", default="float32")
+    reference: Union[str, None] = _help(
+        "The frozen reference model (preference stage, and online with a KL penalty): a folder, hub id, builtin: "
+        "name or stages.NAME. Default: the starting model (with LoRA, the starting model is the base with the "
+        "adapter disabled: no second copy; naming another model loads one).", default=None)
     trust_remote_code: bool = _help("Run model code shipped with the checkpoint. Off unless you trust it.",
                                     default=False)
     attn_implementation: Union[str, None] = _help("e.g. 'sdpa', 'eager', 'flash_attention_2'.", default=None)
@@ -193,13 +197,25 @@ def from_data(cls: type, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
+def _child(node, part: str, option: str, key: str):
+    """``node[part]``; in a list (a pipeline's ``stages``), the entry named ``part`` or at index ``part``."""
+    if isinstance(node, list):
+        for i, entry in enumerate(node):
+            if (isinstance(entry, dict) and entry.get("name") == part) or part == str(i):
+                return entry
+        names = [e.get("name") for e in node if isinstance(e, dict)]
+        raise UserError(f"no entry named '{part}'{did_you_mean(part, names)}", field=f"{option} {key}",
+                        fix=f"name a stage ({', '.join(map(str, names))}) or give its index")
+    return node.get(part) if isinstance(node, dict) else None
+
+
 def remove_key(data: dict, key: str) -> None:
     """Apply one ``--unset a.b.c``: remove that key from recipe data, in place (e.g. disable a plugin
-    with ``--unset plugins.ref_ema``)."""
+    with ``--unset plugins.ref_ema``; in a pipeline ``--unset stages.dpo.plugins.rpo``)."""
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
-        node = node.get(part) if isinstance(node, dict) else None
+        node = _child(node, part, "--unset", key)
     if not isinstance(node, dict) or parts[-1] not in node:
         raise UserError(f"the recipe has no key '{key}' to remove", field=f"--unset {key}",
                         fix="give the dotted path of a key the recipe sets, e.g. --unset plugins.ref_ema")
@@ -207,7 +223,8 @@ def remove_key(data: dict, key: str) -> None:
 
 
 def apply_override(data: dict, assignment: str) -> None:
-    """Apply one ``--set a.b.c=value`` (value parsed as YAML) to recipe data, in place."""
+    """Apply one ``--set a.b.c=value`` (value parsed as YAML) to recipe data, in place. In a pipeline,
+    ``stages.NAME.`` (or ``stages.INDEX.``) selects a stage: ``--set stages.dpo.plugins.dpo.beta=0.2``."""
     key, sep, raw_value = assignment.partition("=")
     if not sep or not key.strip():
         raise UserError(f"cannot read '--set {assignment}'", field="--set", fix="write --set key.path=value")
@@ -215,13 +232,15 @@ def apply_override(data: dict, assignment: str) -> None:
     parts = key.strip().split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
+        child = _child(node, part, "--set", key)
+        if child is None and isinstance(node, dict):
             child = node[part] = {}
-        elif not isinstance(child, dict):
+        elif not isinstance(child, (dict, list)):
             raise UserError(f"'{'.'.join(parts[:i + 1])}' is not a section", field=f"--set {key}",
                             fix="set a key inside a section, e.g. --set training.learning_rate=1e-5")
         node = child
+    if not isinstance(node, dict):
+        raise UserError(f"'{key}' does not name a key", field=f"--set {key}", fix="end the path with a key name")
     node[parts[-1]] = value
 
 
@@ -242,7 +261,7 @@ def load_recipe_data(path: str | Path, overrides: list[str] = (), removals: list
         remove_key(data, key)
     data.setdefault("name", path.stem)
     stage = data.get("stage", "preference")
-    if "plugins" not in data and stage in DEFAULT_PLUGINS:
+    if "plugins" not in data and stage in DEFAULT_PLUGINS and "stages" not in data:  # a pipeline: per stage
         data["plugins"] = copy.deepcopy(DEFAULT_PLUGINS[stage])
     return data
 

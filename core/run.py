@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
-from .recipe import load_recipe
+from .recipe import Recipe, from_data, load_recipe_data
+from .stages.pipeline import is_pipeline, parse_pipeline, run_pipeline, validate_pipeline
 from .validate import Plan, validate
 
 
@@ -64,9 +65,17 @@ def is_main_process() -> bool:
 
 
 def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *, removals: list[str] = (),
-        resume: bool = False,
-        overwrite: bool = False) -> tuple[Path, dict]:
-    plan = validate(load_recipe(recipe_path, overrides, removals))
+        resume: bool = False, overwrite: bool = False, start_from: str | None = None) -> tuple[Path, dict]:
+    """Run a one-stage recipe or a pipeline; returns the run directory and its summary."""
+    data = load_recipe_data(recipe_path, overrides, removals)
+    if is_pipeline(data):
+        pipeline = validate_pipeline(parse_pipeline(data))
+        return run_pipeline(pipeline, output_dir, resume=resume, overwrite=overwrite, start_from=start_from,
+                            main=is_main_process())
+    if start_from:
+        raise UserError("--from restarts a pipeline at a stage, and this recipe has no stages", field="--from",
+                        fix="use --resume to continue a one-stage run")
+    plan = validate(from_data(Recipe, data, ""))
     run_dir = run_dir_for(plan, output_dir)
     if is_main_process():  # the other ranks of a distributed launch leave the run directory to rank 0
         prepare_run_dir(plan, run_dir, resume=resume, overwrite=overwrite)

@@ -25,22 +25,69 @@ class Plan:
     trl_config: dict  # plugin contributions merged with the recipe's `training` section
 
 
-def check_model(recipe: Recipe) -> None:
-    model = recipe.model
-    source = model.name_or_path
+STAGE_REF = "stages."
+
+
+def stage_references(value, path: str):
+    """Every ``stages.NAME`` string in recipe data, as (dotted path, NAME)."""
+    if isinstance(value, str) and value.startswith(STAGE_REF):
+        yield path, value[len(STAGE_REF):]
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from stage_references(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from stage_references(item, f"{path}[{i}]")
+
+
+def check_stage_references(recipe: Recipe, earlier: list[str] | None, later: list[str] = ()) -> None:
+    """``stages.NAME`` may name an earlier stage of the same pipeline, wherever a model path goes."""
+    data = recipe.to_dict()
+    for path, name in stage_references({"model": data["model"], "plugins": data["plugins"]}, ""):
+        if earlier is None:
+            raise UserError(f"'stages.{name}' refers to a pipeline stage, but this recipe has no stages",
+                            field=path, fix="give a model folder, hub id or builtin: name, or make this a pipeline "
+                                            "(a `stages:` list; see docs/recipes.md)")
+        if name in earlier:
+            continue
+        if name in later:
+            raise UserError(f"'stages.{name}' refers to a stage that runs later (or to this one)", field=path,
+                            fix=f"refer to an earlier stage: {', '.join(earlier) or 'there is none'}")
+        raise UserError(f"'stages.{name}' names no stage{did_you_mean(name, [*earlier, *later])}", field=path,
+                        fix=f"earlier stages: {', '.join(earlier) or 'none'}")
+
+
+def _check_model_source(source: str, field: str) -> None:
+    if source.startswith(STAGE_REF):
+        return  # a pipeline stage's output, checked by check_stage_references and made by the pipeline
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
             raise UserError(f"unknown built-in model '{name}'{did_you_mean(name, BUILTIN_MODELS)}",
-                            field="model.name_or_path", fix=f"built-in models: {', '.join(BUILTIN_MODELS)}")
+                            field=field, fix=f"built-in models: {', '.join(BUILTIN_MODELS)}")
     elif source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise UserError(f"model folder '{source}' does not exist", field="model.name_or_path",
+            raise UserError(f"model folder '{source}' does not exist", field=field,
                             fix="give a folder saved with save_pretrained, a hub id, or a builtin: name")
         if not (path / "config.json").is_file():
             raise UserError(f"'{source}' has no config.json, so it is not a Hugging Face model folder",
-                            field="model.name_or_path", fix="point at the folder written by save_pretrained")
+                            field=field, fix="point at the folder written by save_pretrained")
+
+
+def check_model(recipe: Recipe) -> None:
+    model = recipe.model
+    _check_model_source(model.name_or_path, "model.name_or_path")
+    if model.reference is not None:
+        _check_model_source(model.reference, "model.reference")
+        if recipe.stage not in ("preference", "online"):
+            raise UserError(f"the {recipe.stage} stage has no reference model", field="model.reference",
+                            fix="remove model.reference")
+        if recipe.stage == "online" and model.lora is not None:
+            raise UserError("TRL's GRPOTrainer uses the adapter-disabled base as the reference with LoRA and takes no "
+                            "separate reference", field="model.reference",
+                            fix="remove model.reference (the reference is then the starting model), or train without "
+                                "LoRA")
     if model.trained_dtype == "bfloat16" and model.dtype == "float16":
         raise UserError("bfloat16 trained weights cannot be computed in float16", field="model.trained_dtype",
                         fix="use model.dtype: bfloat16 (or auto), or remove trained_dtype for float32 master weights")
@@ -85,8 +132,11 @@ def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
     return {**contributed, **recipe.training}
 
 
-def validate(recipe: Recipe) -> Plan:
+def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stages: list[str] = ()) -> Plan:
+    """Every check of a one-stage recipe (or of one stage of a pipeline: ``earlier_stages`` are the names
+    ``stages.NAME`` may refer to; None outside a pipeline)."""
     plugins = build_plugin_set(recipe.plugins, recipe.stage)
+    check_stage_references(recipe, earlier_stages, later_stages)
     check_model(recipe)
     data = recipe.data
     required = required_columns(plugins, recipe.stage)

@@ -127,3 +127,15 @@ class ScalarLoss(Plugin):
 
         margin = logps.chosen_logps - logps.rejected_logps
         return PreferenceLoss(-margin.mean(), margin.detach(), margin.detach())
+
+
+class NoDigits(Plugin):
+    name = "no_digits"
+    description = "token mask: no token that contains a digit is trained on"
+
+    @hookimpl
+    def posttrain_token_mask(self, input_ids, completion_mask, tokenizer):
+        import torch
+
+        digits = [i for tok, i in tokenizer.get_vocab().items() if any(ch.isdigit() for ch in tok)]
+        return (~torch.isin(input_ids, torch.tensor(digits, device=input_ids.device))).long()

@@ -102,14 +102,15 @@ def test_managed_trl_field_points_to_plugin(cli, write_recipe):
     assert code == 2 and "training.loss_type" in err
 
 
-@pytest.mark.parametrize("stage,cls", [("preference", "DPOConfig"), ("online", "GRPOConfig")])
+@pytest.mark.parametrize("stage,cls", [("preference", "DPOConfig"), ("online", "GRPOConfig"), ("sft", "SFTConfig"),
+                                       ("reward_model", "RewardConfig")])
 def test_trl_fields_read_from_source_match_the_real_class(stage, cls):
     import trl
 
     real = {f.name: f for f in dataclasses.fields(getattr(trl, cls))}
     assert set(trl_fields.config_fields(stage)) == set(real)
     defaults = trl_fields.config_defaults(stage)
-    assert {"per_device_train_batch_size", "gradient_accumulation_steps", "beta"} <= set(defaults)
+    assert {"per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate"} <= set(defaults)
     for name, value in defaults.items():  # the literal defaults read from source are the real ones
         assert real[name].default == value, name
 

@@ -30,7 +30,8 @@ BUILTIN_DATASETS = {
     "arithmetic": Generator(
         arithmetic, ArithmeticOptions,
         lambda o: ["prompt", "chosen", "rejected", "ground_truth"] + (["reference"] if o.reference else []),
-        ("preference", "online"), "arithmetic questions, right answer preferred to a near miss"),
+        ("preference", "online", "sft", "reward_model"),
+        "arithmetic questions, right answer preferred to a near miss (sft: map completion to chosen)"),
     "word_problems": Generator(
         word_problems, WordProblemOptions, lambda o: ["prompt", "ground_truth"],
         ("online",), "arithmetic word problems (prompts + ground_truth) for RL with a verifier"),

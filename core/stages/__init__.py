@@ -20,6 +20,7 @@ class StageKind:
     config_chain: tuple  # the TRL config class and its bases, most derived first: (package, file, class)
     columns: tuple  # data columns the stage needs, after the recipe's column mapping
     about: str  # one line for the docs and `posttrain validate`
+    alternative: tuple = ()  # another set of columns the stage accepts instead of `columns`
     default_plugins: dict = field(default_factory=dict)
     managed: dict = field(default_factory=dict)  # TRL field -> where to say it instead
     renamed: dict = field(default_factory=dict)  # field this TRL config lacks -> what to write instead
@@ -105,4 +106,29 @@ ONLINE = StageKind(
     },
 )
 
-STAGES = {kind.name: kind for kind in (PREFERENCE, ONLINE)}
+SFT = StageKind(
+    name="sft",
+    trainer="trl.SFTTrainer",
+    config_chain=(("trl", "trainer/sft_config.py", "SFTConfig"), *_BASES),
+    columns=("prompt", "completion"),
+    alternative=("messages",),
+    about="supervised fine-tuning on prompt/completion pairs or conversations, loss on the completion",
+    managed={
+        "dataset_text_field": "the sft stage trains on prompt/completion or messages data: map your columns with "
+                              "data.columns (e.g. {completion: chosen})",
+        **_COMMON_MANAGED,
+    },
+    renamed={**_COMMON_RENAMED, "max_seq_length": "use max_length"},
+)
+
+REWARD_MODEL = StageKind(
+    name="reward_model",
+    trainer="trl.RewardTrainer",
+    config_chain=(("trl", "trainer/reward_config.py", "RewardConfig"), *_BASES),
+    columns=("prompt", "chosen", "rejected"),
+    about="a Bradley-Terry reward model (a scalar head) on preference pairs",
+    managed=_COMMON_MANAGED,
+    renamed={**_COMMON_RENAMED, "max_prompt_length": "use max_length (the whole prompt + response)"},
+)
+
+STAGES = {kind.name: kind for kind in (SFT, REWARD_MODEL, PREFERENCE, ONLINE)}

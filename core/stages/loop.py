@@ -336,7 +336,7 @@ def _trim_metrics(run_dir: Path, upto_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
-def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
+def run_stage(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -> dict:
     """Build, evaluate, train, save, evaluate, summarise. In a distributed launch every rank runs
     this (training and evaluation are collective); only the main process writes files."""
     stage = importlib.import_module(STAGES[plan.recipe.stage].module)
@@ -382,11 +382,12 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool) -> dict:
     }
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _close_process_group()
+    if end_distributed:  # a pipeline keeps the process group for its next stage
+        close_process_group()
     return summary
 
 
-def _close_process_group() -> None:
+def close_process_group() -> None:
     """Tear down the distributed process group of a multi-process run. Left to interpreter exit,
     its communication threads can abort the process ("terminate called without an active
     exception") after a successful run."""

@@ -234,6 +234,9 @@ def build_trainer(plan: Plan, run_dir: Path):
     tokenizer = load_tokenizer(recipe, path)
     model, peft_config = load_model(recipe, path, precision)
     trainer = OnlineTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-                            peft_config=peft_config, reference=lambda: load_frozen_model(recipe, path, precision),
+                            peft_config=peft_config,
+                            reference=lambda: load_frozen_model(
+                                recipe, resolve_model_path(recipe.model.reference or recipe.model.name_or_path),
+                                precision),
                             callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
     return finish_trainer(trainer, precision), heldout

@@ -259,8 +259,12 @@ def build_trainer(plan: Plan, run_dir: Path):
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe, path)
     model, peft_config = load_model(recipe, path, precision)
+    extra = {"reference": lambda: load_frozen_model(recipe, path, precision)}
+    if recipe.model.reference is not None and reference_needed(plan.plugins, STAGE):
+        # another model as the reference: given to TRL as ref_model (with LoRA too, where it replaces the
+        # adapter-disabled base)
+        extra = {"ref_model": load_frozen_model(recipe, resolve_model_path(recipe.model.reference), precision)}
     trainer = PreferenceTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
-                                processing_class=tokenizer, peft_config=peft_config,
-                                reference=lambda: load_frozen_model(recipe, path, precision),
+                                processing_class=tokenizer, peft_config=peft_config, **extra,
                                 callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
     return finish_trainer(trainer, precision), heldout
