@@ -1,11 +1,19 @@
-"""Reward sources (the ``posttrain_reward`` hook): one source's scores, and their weighted sum."""
+"""Reward sources (the ``posttrain_reward`` hook): one source's scores, and their weighted sum.
+
+Outside a run, :func:`load_plugin` builds one installed plugin from its options (checked as in a
+recipe) and :func:`score_completions` (``posttrain.score``) scores completions with one reward
+plugin through the same call the runs make.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import UserError
-from .registry import PluginSet
+from .plugin import Plugin
+from .registry import PluginSet, find_plugin, hook_methods
 
 
 @dataclass
@@ -64,3 +72,48 @@ class RewardSource:
             columns.pop(key, None)
         scores = source_scores(self.plugins, self.__name__, prompts, completions, columns)
         return [None] * len(completions) if scores is None else scores
+
+
+def load_plugin(name: str, **options: Any) -> Plugin:
+    """The installed plugin ``name`` (or ``module.path:ClassName``) built with ``options``, which are
+    checked as a recipe's ``plugins.<name>`` section is (UserError naming the option otherwise)."""
+    info = find_plugin(str(name))
+    return info.cls(info.cls.parse_options(options, where=f"plugins.{name}"))
+
+
+def score_completions(plugin: Plugin | str, completions: Sequence, prompts: Sequence | None = None,
+                      **columns: Sequence) -> list[float | None]:
+    """One reward plugin's scores of ``completions``: a float per completion, None where it abstains.
+
+    ``plugin`` is a plugin instance or the name of an installed one (built with its default
+    options). ``columns`` are the dataset columns the plugin reads, one value per completion (e.g.
+    ``ground_truth=["42"]``); ``prompts`` default to empty ones. The scores are the plugin's own,
+    unweighted, as a run logs them under the plugin's name; a plugin that abstains on the whole
+    batch gives None for every completion.
+    """
+    if isinstance(plugin, str):
+        plugin = load_plugin(plugin)
+    if not isinstance(plugin, Plugin):
+        raise TypeError(f"expected a posttrain plugin or a plugin name, got {type(plugin).__name__}")
+    if "posttrain_reward" not in hook_methods(type(plugin)):
+        raise UserError(f"plugin '{plugin.name}' is not a reward source (it does not implement posttrain_reward)",
+                        field=f"plugins.{plugin.name}", fix="score with a reward plugin, e.g. verify_gsm8k")
+    if isinstance(completions, (str, bytes)):
+        raise UserError("completions must be a list (one item per completion), not a single string",
+                        field="completions", fix="pass [completion]")
+    completions = list(completions)
+    n = len(completions)
+    prompts = [""] * n if prompts is None else _per_completion("prompts", prompts, n)
+    columns = {name: _per_completion(f"columns.{name}", values, n) for name, values in columns.items()}
+    scores = source_scores(PluginSet([plugin]), plugin.name, prompts, completions, columns)
+    return [None] * n if scores is None else scores
+
+
+def _per_completion(field: str, values: Any, n: int) -> list:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise UserError(f"expected a list with one value per completion, got {type(values).__name__}",
+                        field=field, fix=f"pass a list of {n} value(s)")
+    if len(values) != n:
+        raise UserError(f"{len(values)} value(s) for {n} completion(s)", field=field,
+                        fix="give one value per completion, in the same order")
+    return list(values)

@@ -70,11 +70,60 @@ class Rollouts:
     completions: list  # this process's completions (n)
     training: bool = True
     gather: Any = None  # gather(tensor) -> the tensor concatenated over processes (dim 0)
+    # Per-token, for this process's rows (n, T), 0 on padding:
+    logps: Any = None  # the policy's log-probs of the sampled tokens, at sampling time
+    ref_logps: Any = None  # the reference's (None without a reference: training.beta = 0)
+    values: Any = None  # the critic's V(x, y_<t) (None without a `critic` plugin)
+    kl_coef: float = 0.0  # β (training.beta): the KL penalty's weight
 
     @property
     def grouped_rewards(self):
         """``rewards`` as (number of prompts, group_size)."""
         return self.rewards.view(-1, self.group_size)
+
+
+@dataclass
+class Advantages:
+    """What an advantage estimator may return instead of a bare tensor (the form a critic-based
+    estimator such as ``gae`` returns)."""
+
+    advantages: Any  # (N,) per completion of the gathered batch, or (n, T) per token of this process's rows
+    value_targets: Any = None  # (n, T) what the critic learns (returns); NaN rows are left out
+    kl_in_reward: bool = False  # the estimator folded β·KL into the reward: TRL's in-loss KL term is dropped
+
+
+class Critic:
+    """A learned value function V(x, y_<t), trained alongside the policy in the online stage.
+
+    The owner of ``posttrain_critic`` returns one. The core calls :meth:`setup` once the trainer is
+    built, :meth:`values` on every rollout batch (the advantage estimator reads them from
+    ``rollouts.values``), :meth:`train_on` on every training micro-batch with the estimator's value
+    targets (it computes the value loss and back-propagates it), :meth:`step` after every policy
+    optimizer step, and :meth:`save` / :meth:`load` with every checkpoint.
+    """
+
+    def setup(self, trainer) -> None:
+        """Called once with the built ``OnlineTrainer`` (its model, accelerator and args)."""
+
+    def values(self, input_ids, attention_mask, logits_to_keep: int):
+        """(n, logits_to_keep) values of the states before each of the last ``logits_to_keep`` tokens."""
+        raise NotImplementedError
+
+    def train_on(self, input_ids, attention_mask, logits_to_keep: int, targets, old_values, mask,
+                 scale: float) -> dict:
+        """Value loss on one micro-batch, back-propagated with ``scale`` (1 / accumulation steps);
+        returns metrics (``value_loss`` at least)."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """One optimizer step of the critic (after the policy's)."""
+        raise NotImplementedError
+
+    def save(self, folder) -> None:
+        raise NotImplementedError
+
+    def load(self, folder) -> None:
+        raise NotImplementedError
 
 
 def completion_text(completion: Any) -> str:

@@ -17,14 +17,20 @@ or crash training. :class:`CheckWorker` runs that code in a separate process:
   ``RuntimeError``: a broken installation must not quietly score every completion 0.
 
 Processes are started with ``spawn`` (no fork of a process holding torch threads) and need no
-signals, so calls work from any thread; a lock serialises them. ``setup`` must be a module-level
-function (it is pickled by name).
+signals, so calls work from any thread; a lock serialises the calls to one process. ``setup``
+must be a module-level function (it is pickled by name).
+
+:class:`CheckPool` holds several such processes, so that one request that runs into its time
+limit does not hold up the others: :meth:`CheckPool.map` answers a batch of requests in parallel
+across the pool, in the batch's order, and :meth:`CheckPool.call` answers one request on a free
+process.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 
@@ -103,6 +109,24 @@ class CheckWorker:
         self._kill()
         raise RuntimeError(f"the {self.name} process {problem}")
 
+    def start(self) -> None:
+        """Start the process if it is not running, and wait until it is ready (RuntimeError if it cannot)."""
+        with self.lock:
+            if self.process is None or not self.process.is_alive():
+                self._kill()
+                self._start()
+            if not self.ready:
+                self._wait_until_ready()
+
+    def answers_now(self) -> bool:
+        """Whether the process is ready, or has said how its start went (no waiting, nothing read)."""
+        if self.ready:
+            return True
+        try:
+            return self.conn is not None and self.conn.poll(0)
+        except (EOFError, OSError):
+            return True  # it died: the next call finds out at once and starts a new one
+
     def call(self, request: Any, timeout: float) -> Any:
         """The handler's answer to ``request``, or ``failed`` when it takes over ``timeout`` seconds or dies."""
         with self.lock:
@@ -124,3 +148,67 @@ class CheckWorker:
     def close(self) -> None:
         with self.lock:
             self._kill()
+
+
+class CheckPool:
+    """``size`` checking processes (:class:`CheckWorker`), each started on first use.
+
+    :meth:`call` answers one request on a free process (preferring one that is ready over one
+    still starting), waiting for one to be free; :meth:`map` answers a batch, ``size`` requests at
+    a time, in the batch's order. A request that overruns costs its own process ``timeout``
+    seconds while the other processes carry on with the rest of the batch.
+    """
+
+    def __init__(self, setup: Callable, args: tuple = (), *, size: int = 1, memory_mb: int = 2048,
+                 failed: Any = None, startup_seconds: float = 120.0, name: str = "checking"):
+        if size < 1:
+            raise ValueError("a pool needs at least one process")
+        self.size = size
+        self.failed = failed
+        self.workers = [CheckWorker(setup, args, memory_mb=memory_mb, failed=failed, startup_seconds=startup_seconds,
+                                    name=name if size == 1 else f"{name}-{i}") for i in range(size)]
+        self._idle = list(self.workers)
+        self._free = threading.Condition()
+
+    def _acquire(self) -> CheckWorker:
+        with self._free:
+            while not self._idle:
+                self._free.wait()
+            worker = next((w for w in self._idle if w.answers_now()), self._idle[0])
+            self._idle.remove(worker)
+            return worker
+
+    def _release(self, worker: CheckWorker) -> None:
+        with self._free:
+            self._idle.append(worker)
+            self._free.notify()
+
+    def call(self, request: Any, timeout: float) -> Any:
+        """The answer to ``request`` from a free process, or ``failed`` (see :meth:`CheckWorker.call`)."""
+        worker = self._acquire()
+        try:
+            return worker.call(request, timeout)
+        finally:
+            self._release(worker)
+
+    def map(self, requests: list, timeout: float) -> list:
+        """The answers to ``requests``, in their order, checked in parallel across the pool."""
+        requests = list(requests)
+        if self.size == 1 or len(requests) <= 1:
+            return [self.call(request, timeout) for request in requests]
+        with ThreadPoolExecutor(max_workers=min(self.size, len(requests)), thread_name_prefix="posttrain-check") as ex:
+            return list(ex.map(lambda request: self.call(request, timeout), requests))
+
+    def start(self) -> None:
+        """Start every process at once and wait until all are ready (RuntimeError if one cannot start)."""
+        for worker in self.workers:
+            with worker.lock:
+                if worker.process is None or not worker.process.is_alive():
+                    worker._kill()
+                    worker._start()
+        for worker in self.workers:
+            worker.start()
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()

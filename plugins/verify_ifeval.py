@@ -2,10 +2,19 @@
 
 A reward source for instruction-following data in IFEval's format (the built-in generator
 ``posttrain.builtin.instructions`` makes such data). Each example carries a list of IFEval
-instruction ids (column ``instruction_id_list``, e.g. ``["punctuation:no_comma",
-"length_constraints:number_words"]``) and one dict of arguments per id (column ``kwargs``, e.g.
-``[{}, {"num_words": 50, "relation": "less than"}]``). The checkers are lm-eval's port of
-Google's IFEval code (``lm_eval.tasks.ifeval``); nothing here re-implements them.
+instruction ids (e.g. ``["punctuation:no_comma", "length_constraints:number_words"]``) and one
+dict of arguments per id (e.g. ``[{}, {"num_words": 50, "relation": "less than"}]``), in one of
+two layouts:
+
+- one gold column (the ``column`` option, ``ground_truth`` by default, like every verifier) whose
+  value is a mapping, or its JSON text, ``{"instruction_id_list": [...], "kwargs": [...]}``;
+- two columns, ``ids_column`` (default ``instruction_id_list``) and ``kwargs_column`` (default
+  ``kwargs``): the layout of IFEval itself and of the built-in generator. They are read for the
+  examples whose ``column`` value is missing or not such a mapping (and for batches without
+  that column).
+
+The checkers are lm-eval's port of Google's IFEval code (``lm_eval.tasks.ifeval``); nothing here
+re-implements them.
 
 Reward: α (10 by default, Tülu 3's value) when the completion follows every instruction, else 0;
 with ``partial: true``, α × the fraction of instructions followed. ``mode: loose`` uses IFEval's
@@ -15,8 +24,9 @@ a "Sure, here it is:" preamble or markdown bold). An empty completion scores 0.
 
 Abstention (no reward from this source for the example; a warning is logged once per cause):
 
-- the id list is missing or empty, or the whole ``instruction_id_list`` column is absent (the
-  source then abstains for the batch);
+- the batch has neither ``column`` nor ``ids_column`` (the source abstains for the batch), the
+  example has no value in either, or its id list is empty, or its ``column`` value is not such a
+  mapping (open-instruct's ``{"func_name": ...}`` constraints, for one, are another format);
 - an id is not one the installed checkers know (a newer IFEval variant, a typo): scoring 0
   would punish the policy for our missing checker, and scoring the other instructions alone
   would reward ignoring that one;
@@ -28,11 +38,11 @@ Abstention (no reward from this source for the example; a warning is logged once
 
 Bounded work on hostile output: a completion longer than ``max_chars`` characters scores 0
 without being checked (no instruction asks for that much text, and some checkers are quadratic:
-20,000 ``[`` keep lm-eval's placeholder regex busy 2 s, a megabyte would take about an hour). The rest is
-checked in a separate process (``posttrain.worker.CheckWorker``) with a time limit per
-completion and a memory limit; a check that overruns, runs out of memory or raises scores 0
-(the process is replaced). This works from any thread. Language detection is seeded, so the
-reward of a text is deterministic.
+20,000 ``[`` keep lm-eval's placeholder regex busy 2 s, a megabyte would take about an hour). The
+rest is checked in worker processes (``posttrain.worker.CheckPool``, ``workers`` of them, a batch
+checked that many completions at a time) with a time limit per completion and a memory limit; a
+check that overruns, runs out of memory or raises scores 0 (the process is replaced). This works
+from any thread. Language detection is seeded, so the reward of a text is deterministic.
 
 NLTK data without a download: lm-eval's IFEval module calls ``nltk.download("punkt_tab")`` when
 it is imported without that model, which fails offline, and the sentence-count checker then
@@ -54,9 +64,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posttrain.hookspecs import hookimpl
-from posttrain.plugin import Plugin
 from posttrain.types import completion_text
-from posttrain.worker import CheckWorker
+from posttrain.verifier import Verifier
+from posttrain.worker import CheckPool
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +247,26 @@ def _kwargs_list(value: Any, n: int) -> list[dict] | None:
     return out
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """The gold value of an example in the two-column layout: its ids and kwargs column values."""
+
+    ids: Any
+    kwargs: Any
+
+
+def _gold_mapping(value: Any) -> dict | None:
+    """A gold column value as ``{"instruction_id_list": ..., "kwargs": ...}``, or None if it is not one."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if isinstance(value, dict) and "instruction_id_list" in value:
+        return value
+    return None
+
+
 def _prompt_text(prompt: Any) -> str:
     """The text of a prompt: a string, or the last user message of a message list."""
     if isinstance(prompt, list):
@@ -246,7 +276,7 @@ def _prompt_text(prompt: Any) -> str:
     return completion_text(prompt)
 
 
-class VerifyIFEval(Plugin):
+class VerifyIFEval(Verifier):
     name = "verify_ifeval"
     description = ("reward α when the completion follows the prompt's IFEval instructions "
                    "(lm-eval's checkers, sandboxed time)")
@@ -259,14 +289,16 @@ class VerifyIFEval(Plugin):
     }
 
     @dataclass
-    class Options:
+    class Options(Verifier.Options):
         alpha: float = field(default=10.0, metadata={
             "help": "Reward when every instruction is followed (Tülu 3 uses 10)."})
-        weight: float = field(default=1.0, metadata={"help": "Weight of this source when rewards are combined."})
+        column: str = field(default="ground_truth", metadata={
+            "help": "Dataset column whose value is {instruction_id_list: [...], kwargs: [...]} (a mapping or its "
+                    "JSON text); examples without it are read from ids_column and kwargs_column."})
         ids_column: str = field(default="instruction_id_list", metadata={
-            "help": "Dataset column holding each example's list of IFEval instruction ids."})
+            "help": "Two-column layout (IFEval's, the built-in generator's): the column of instruction id lists."})
         kwargs_column: str = field(default="kwargs", metadata={
-            "help": "Dataset column holding one dict of checker arguments per instruction id."})
+            "help": "Two-column layout: the column of checker arguments, one dict per instruction id."})
         mode: Literal["strict", "loose"] = field(default="strict", metadata={
             "help": "IFEval's strict test, or its loose one (also tries the response without its first/last "
                     "line and without '*')."})
@@ -276,18 +308,28 @@ class VerifyIFEval(Plugin):
             "help": "Longer completions score 0 without being checked (bounds the checkers' work)."})
         timeout_seconds: float = field(default=5.0, metadata={"help": "Time limit of checking one completion."})
         memory_mb: int = field(default=2048, metadata={
-            "help": "Memory (address space) limit of the checking process; importing the checkers needs 1024."})
+            "help": "Memory (address space) limit of each checking process; importing the checkers needs 1024."})
+        workers: int = field(default=2, metadata={
+            "help": "Checking processes; a batch is checked this many completions at a time."})
 
         def validate(self):
-            if self.timeout_seconds <= 0 or self.memory_mb < 1024 or self.max_chars < 1:
-                raise ValueError("timeout_seconds must be > 0, memory_mb >= 1024, max_chars >= 1")
-            if not self.ids_column or not self.kwargs_column:
-                raise ValueError("ids_column and kwargs_column must be column names")
+            if self.timeout_seconds <= 0:
+                raise ValueError("timeout_seconds must be > 0")
+            if self.memory_mb < 1024:
+                raise ValueError("memory_mb must be at least 1024 (importing the checkers needs it)")
+            if self.max_chars < 1:
+                raise ValueError("max_chars must be at least 1")
+            for name in ("column", "ids_column", "kwargs_column"):
+                if not getattr(self, name):
+                    raise ValueError(f"{name} must be a column name")
+            if not 1 <= self.workers <= 64:
+                raise ValueError("workers must be between 1 and 64")
 
     def __init__(self, options=None):
         super().__init__(options)
         # a check that raises, overruns or runs out of memory scores 0 (False)
-        self.worker = CheckWorker(_setup, memory_mb=self.options.memory_mb, failed=False, name="verify_ifeval")
+        self.pool = CheckPool(_setup, size=self.options.workers, memory_mb=self.options.memory_mb, failed=False,
+                              name="verify_ifeval")
         self._known: dict[str, list[str]] | None = None
         self._warned: set[str] = set()
 
@@ -295,7 +337,7 @@ class VerifyIFEval(Plugin):
         """The instruction ids the installed checkers know, each with the argument names it takes."""
         if self._known is None:
             for _ in range(2):
-                reply = self.worker.call(None, max(self.options.timeout_seconds, 30.0))
+                reply = self.pool.call(None, max(self.options.timeout_seconds, 30.0))
                 if isinstance(reply, dict):
                     self._known = reply
                     break
@@ -309,49 +351,81 @@ class VerifyIFEval(Plugin):
             log.warning("verify_ifeval abstains on examples where %s", reason)
         return None
 
-    def score(self, prompt: Any, completion: Any, ids: Any, kwargs: Any) -> float | None:
-        """The reward of one completion, or None to abstain."""
+    def golds(self, columns, n):
+        """Per example: the ``column`` value when it is an IFEval mapping, else the ids and kwargs columns'
+        values when the example has ids, else the ``column`` value (None: neither)."""
+        main = columns.get(self.options.column)
+        ids = columns.get(self.options.ids_column)
+        if main is None and ids is None:
+            return None
+        kwargs = columns.get(self.options.kwargs_column)
+        golds = []
+        for i in range(n):
+            value = main[i] if main is not None else None
+            if ids is not None and ids[i] is not None and (value is None or _gold_mapping(value) is None):
+                value = _Columns(ids[i], kwargs[i] if kwargs is not None else None)
+            golds.append(value)
+        return golds
+
+    def _prepare(self, completion: Any, gold: Any, prompt: Any) -> tuple:
+        """``("check", request)`` for the checking process, or ``("verdict", value)`` decided here."""
+        if isinstance(gold, _Columns):
+            ids, kwargs, kwargs_name = gold.ids, gold.kwargs, f"'{self.options.kwargs_column}'"
+        else:
+            mapping = _gold_mapping(gold)
+            if mapping is None:
+                return "verdict", self._abstain(f"'{self.options.column}' does not hold "
+                                                "{instruction_id_list: [...], kwargs: [...]}")
+            ids, kwargs = mapping.get("instruction_id_list"), mapping.get("kwargs")
+            kwargs_name = f"the kwargs of '{self.options.column}'"
         ids = _id_list(ids)
         if not ids:
-            return None
+            return "verdict", None
         arguments = _kwargs_list(kwargs, len(ids))
         if arguments is None:
-            return self._abstain(f"'{self.options.kwargs_column}' is not one dict of arguments per instruction id")
+            return "verdict", self._abstain(f"{kwargs_name} is not one dict of arguments per instruction id")
         known = self.known_instructions()
         for iid, args in zip(ids, arguments):
             if iid not in known:
-                return self._abstain(f"the instruction id {iid!r} is unknown to lm-eval's IFEval checkers")
+                return "verdict", self._abstain(f"the instruction id {iid!r} is unknown to lm-eval's IFEval checkers")
             missing = [k for k in known[iid] if k not in args and k not in _FROM_PROMPT]
             if missing:
-                return self._abstain(f"{iid} lacks the argument(s) {', '.join(missing)}")
+                return "verdict", self._abstain(f"{iid} lacks the argument(s) {', '.join(missing)}")
         try:
             text = completion_text(completion)
         except Exception:  # noqa: BLE001 - an object that cannot even be read scores 0
-            return 0.0
+            return "verdict", False
         if not text.strip() or len(text) > self.options.max_chars:
-            return 0.0
+            return "verdict", False
         try:
             prompt_text = _prompt_text(prompt)[: self.options.max_chars]
         except Exception:  # noqa: BLE001
             prompt_text = ""
-        reply = self.worker.call((ids, arguments, prompt_text, text, self.options.mode == "loose"),
-                                 self.options.timeout_seconds)
+        return "check", (ids, arguments, prompt_text, text, self.options.mode == "loose")
+
+    def _verdict(self, request: tuple, reply: Any) -> float | bool | None:
         if isinstance(reply, str):
             return self._abstain(reply)
-        if not isinstance(reply, list) or len(reply) != len(ids):  # overran, died or failed
-            return 0.0
-        fraction = sum(reply) / len(reply)
-        return self.options.alpha * (fraction if self.options.partial else float(all(reply)))
+        if not isinstance(reply, list) or len(reply) != len(request[0]):  # overran, died or failed
+            return False
+        return sum(reply) / len(reply) if self.options.partial else all(reply)
+
+    def score(self, completion, gold, prompt=None):
+        """The verdict on one completion: followed (a fraction with ``partial``), or None to abstain."""
+        return self.score_batch([completion], [gold], [prompt])[0]
+
+    def score_batch(self, completions, golds, prompts):
+        prepared = [self._prepare(c, g, p) for c, g, p in zip(completions, golds, prompts, strict=True)]
+        todo = [i for i, (kind, _) in enumerate(prepared) if kind == "check"]
+        replies = self.pool.map([prepared[i][1] for i in todo], self.options.timeout_seconds)
+        verdicts = [value for _, value in prepared]
+        for i, reply in zip(todo, replies, strict=True):
+            verdicts[i] = self._verdict(prepared[i][1], reply)
+        return verdicts
 
     @hookimpl
     def posttrain_reward(self, prompts, completions, columns):
-        id_lists = columns.get(self.options.ids_column)
-        if id_lists is None:
-            return None
-        kwargs_lists = columns.get(self.options.kwargs_column)
-        if kwargs_lists is None:
-            kwargs_lists = [None] * len(id_lists)
-        prompts = list(prompts) if prompts is not None else []
-        prompts += [None] * (len(completions) - len(prompts))
-        return [self.score(prompt, completion, ids, kwargs)
-                for prompt, completion, ids, kwargs in zip(prompts, completions, id_lists, kwargs_lists, strict=True)]
+        return self.rewards(completions, columns, prompts)
+
+    def close(self) -> None:
+        self.pool.close()

@@ -4,32 +4,140 @@ A reward source: α when ``math-verify`` finds the completion's final answer (``
 "the answer is ...", a last expression) equal to the gold answer (as numbers, fractions,
 expressions, intervals, sets...), else 0; it abstains for examples without a gold answer.
 
-Hostile output cannot stall or crash training: each check runs in a separate worker process
-(``posttrain.worker.CheckWorker``) with a time limit and a memory limit. A check that runs out
-of time (``\\boxed{9^{9^{9^{9}}}}`` would keep sympy busy forever) or memory scores 0, and the
-worker is killed and replaced.
-Only the last ``max_chars`` characters of a completion are read: the final answer is there.
-This works from any thread (math-verify's own timeouts use signals, which only work on the
-main thread, so they are turned off inside the worker, where the process deadline applies).
+Gold answers are read robustly. A gold with its own delimiters (``$...$``, ``\\(...\\)``,
+``\\[...\\]``, ``\\boxed{}``, ``#### 42``: a worked solution, or an answer already marked up) is read
+the way math-verify reads it. A bare gold (``\\sqrt{8}``, ``(x+1)^2``, ``\\frac{1}{2}``, ``42``, as in
+MATH's ``answer`` column or Tülu 3's ``ground_truth``) is read whole as LaTeX, as if written
+``$...$`` (then ``\\boxed{...}``, then as plain text): math-verify's default reading finds nothing in
+``\\sqrt{8}`` and only the ``2`` of ``2\\sqrt{2}``. A gold that cannot be read at all is a problem of
+the dataset, not of the completion: the source abstains there, counts it
+(``unreadable_golds``: how many distinct gold values could not be read) and logs a warning with
+the count (at the 1st, 2nd, 4th, 8th... one).
+
+Only the final answer needs to be read, and a completion longer than ``max_chars`` characters
+is cut to it: from its last ``\\boxed{`` / ``\\fbox{`` to the end of the text, or, when that is too
+long, that box alone, braces balanced. A box that is not closed or is longer than ``max_chars``
+cannot be read whole and scores 0 (reading a cut box would read another number). Without a box,
+the last ``max_chars`` characters are read, from the start of a line (else of a word), with an
+unmatched ``$``, ``\\)`` or ``\\]`` at their start dropped.
+
+Hostile output cannot stall or crash training: each check runs in a worker process
+(``posttrain.worker.CheckPool``) with a time limit and a memory limit. A check that runs out
+of time (``\\boxed{9^{9^{9^{9}}}}`` would keep sympy busy forever) or memory scores 0, and its
+process is killed and replaced. A batch is checked ``workers`` completions at a time, so a
+completion that runs into the time limit does not hold up the rest of the batch. This works from
+any thread (math-verify's own timeouts use signals, which only work on the main thread, so they
+are turned off inside the workers, where the process deadline applies, and math-verify's
+warning about that is silenced).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from posttrain.types import completion_text
 from posttrain.verifier import Verifier
-from posttrain.worker import CheckWorker
+from posttrain.worker import CheckPool
+
+log = logging.getLogger(__name__)
+
+_DELIMITED = ("$", "\\(", "\\[", "\\boxed", "\\fbox", "####")
+_BOXES = ("\\boxed", "\\fbox")
+_GOLD_CACHE = 4096  # parsed gold answers kept per worker (the same gold comes with every completion of a prompt)
+
+
+def gold_readings(gold: str) -> list[str]:
+    """The texts math-verify is given for a gold answer, in order, until one of them parses."""
+    text = gold.strip()
+    if not text:
+        return []
+    if any(mark in text for mark in _DELIMITED):
+        return [text]
+    return [f"${text}$", f"\\boxed{{{text}}}", text]
+
+
+def _closing_brace(text: str, open_at: int, limit: int) -> int | None:
+    """The index just past the brace that closes ``text[open_at]``, looking at most ``limit`` characters."""
+    depth = 0
+    i, end = open_at, min(len(text), open_at + limit)
+    while i < end:
+        char = text[i]
+        if char == "\\":
+            i += 2  # an escaped character, \{ and \} included
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
+
+
+def final_answer_text(text: str, max_chars: int) -> str | None:
+    """The part of a completion that math-verify reads: at most ``max_chars`` characters holding the
+    final answer whole, or None when the final answer cannot be kept whole."""
+    if len(text) <= max_chars:
+        return text
+    start = max(text.rfind(box) for box in _BOXES)
+    if start >= 0:
+        if len(text) - start <= max_chars:
+            return text[start:]
+        brace = start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox")
+        while brace < min(len(text), start + max_chars) and text[brace] in " \t\n":
+            brace += 1
+        if brace >= min(len(text), start + max_chars) or text[brace] != "{":
+            return None  # \boxed followed by something else: nothing to keep whole
+        end = _closing_brace(text, brace, max_chars - (brace - start))
+        return None if end is None else text[start:end]
+    tail = text[-max_chars:]
+    line = tail.find("\n")
+    if 0 <= line < len(tail) - 1:
+        tail = tail[line + 1:]
+    else:
+        space = next((i for i, c in enumerate(tail) if c.isspace()), -1)
+        if space >= 0:
+            tail = tail[space + 1:]
+    for opening, closing in (("\\(", "\\)"), ("\\[", "\\]")):
+        close_at = tail.find(closing)
+        if close_at >= 0 and not 0 <= tail.find(opening) < close_at:
+            tail = tail[close_at + len(closing):]
+    if (tail.count("$") - tail.count("\\$")) % 2:
+        tail = tail[tail.find("$") + 1:]
+    return tail
+
+
+class _QuietTimeoutWarning(logging.Filter):
+    """Drops math-verify's warning that its own (signal-based) timeouts are off: the worker's deadline applies."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
 
 
 def _setup():  # runs in the checking process
     from math_verify import parse, verify
 
+    quiet = _QuietTimeoutWarning()
+    for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "math_verify"]:
+        logging.getLogger(name).addFilter(quiet)
+
+    golds: dict[str, list] = {}
+
+    def read_gold(gold: str) -> list:
+        if gold not in golds:
+            if len(golds) >= _GOLD_CACHE:
+                golds.clear()
+            readings = (parse(text, parsing_timeout=None) for text in gold_readings(gold))
+            golds[gold] = next((parsed for parsed in readings if parsed), [])
+        return golds[gold]
+
     def check(request):
         gold, answer = request
-        gold_parsed = parse(gold, parsing_timeout=None)
+        gold_parsed = read_gold(gold)
         if not gold_parsed:
-            return None
+            return None  # the gold answer cannot be read: the caller abstains and counts it
         answer_parsed = parse(answer, parsing_timeout=None)
         return bool(answer_parsed) and bool(verify(gold_parsed, answer_parsed, timeout_seconds=None))
 
@@ -44,18 +152,63 @@ class VerifyMath(Verifier):
     @dataclass
     class Options(Verifier.Options):
         timeout_seconds: float = field(default=5.0, metadata={"help": "Time limit of one check."})
-        memory_mb: int = field(default=2048, metadata={"help": "Memory limit of the checking process."})
-        max_chars: int = field(default=4000, metadata={"help": "Characters read from the end of a completion."})
+        memory_mb: int = field(default=2048, metadata={"help": "Memory limit of each checking process."})
+        max_chars: int = field(default=4000, metadata={
+            "help": "Most characters of a completion read: its final answer, kept whole (a longer answer scores 0)."})
+        workers: int = field(default=2, metadata={
+            "help": "Checking processes; a batch is checked this many completions at a time."})
 
         def validate(self):
-            if self.timeout_seconds <= 0 or self.memory_mb < 256 or self.max_chars < 1:
-                raise ValueError("timeout_seconds must be > 0, memory_mb >= 256, max_chars >= 1")
+            if self.timeout_seconds <= 0:
+                raise ValueError("timeout_seconds must be > 0")
+            if self.memory_mb < 256:
+                raise ValueError("memory_mb must be at least 256")
+            if self.max_chars < 1:
+                raise ValueError("max_chars must be at least 1")
+            if not 1 <= self.workers <= 64:
+                raise ValueError("workers must be between 1 and 64")
 
     def __init__(self, options=None):
         super().__init__(options)
         # a check that fails, overruns or runs out of memory scores 0 (False)
-        self.worker = CheckWorker(_setup, memory_mb=self.options.memory_mb, failed=False, name="verify_math")
+        self.pool = CheckPool(_setup, size=self.options.workers, memory_mb=self.options.memory_mb, failed=False,
+                              name="verify_math")
+        self.unreadable_golds = 0
+        self._unreadable: set[int] = set()
+
+    def _request(self, completion, gold) -> tuple[str, str] | None:
+        """What the worker checks, or None when the completion scores 0 unchecked."""
+        try:
+            answer = final_answer_text(completion_text(completion), self.options.max_chars)
+        except Exception:  # noqa: BLE001 - an object that cannot even be read scores 0
+            return None
+        return None if answer is None else (str(gold), answer)
+
+    def _verdict(self, gold, reply) -> bool | None:
+        if reply is not None:
+            return bool(reply)
+        key = hash(str(gold))
+        if key not in self._unreadable:
+            self._unreadable.add(key)
+            self.unreadable_golds += 1
+            count = self.unreadable_golds
+            if count & (count - 1) == 0:  # 1, 2, 4, 8...
+                log.warning("verify_math abstains where the gold answer cannot be read: %d distinct gold value(s) "
+                            "so far in column '%s', e.g. %r; check the dataset (a bare answer is read as LaTeX, "
+                            "prose needs $...$, \\boxed{} or ####)", count, self.options.column, str(gold)[:200])
+        return None
 
     def score(self, completion, gold):
-        answer = completion_text(completion)[-self.options.max_chars:]
-        return self.worker.call((str(gold), answer), self.options.timeout_seconds)
+        return self.score_batch([completion], [gold], [None])[0]
+
+    def score_batch(self, completions, golds, prompts):
+        requests = [self._request(completion, gold) for completion, gold in zip(completions, golds, strict=True)]
+        todo = [i for i, request in enumerate(requests) if request is not None]
+        replies = self.pool.map([requests[i] for i in todo], self.options.timeout_seconds)
+        verdicts: list = [False] * len(requests)
+        for i, reply in zip(todo, replies, strict=True):
+            verdicts[i] = self._verdict(golds[i], reply)
+        return verdicts
+
+    def close(self) -> None:
+        self.pool.close()

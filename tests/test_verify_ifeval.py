@@ -1,7 +1,7 @@
 """The IFEval reward source (verify_ifeval) and the built-in instruction-following prompts.
 
 Expected rewards are worked out from what each instruction asks, not by calling the checkers.
-One checking process is shared by the module's tests (starting one costs a few seconds)."""
+One pool of checking processes is shared by the module's tests (starting one costs a few seconds)."""
 
 from __future__ import annotations
 
@@ -29,19 +29,20 @@ KILL_MARGIN = 1.5  # killing the overrunning process and starting its replacemen
 
 @pytest.fixture(scope="module")
 def shared():
-    plugin = VerifyIFEval(VerifyIFEval.Options(timeout_seconds=TIMEOUT))
-    plugin.known_instructions()  # start the checking process once
+    plugin = VerifyIFEval(VerifyIFEval.Options(timeout_seconds=TIMEOUT, workers=2))
+    plugin.pool.start()  # start the checking processes once
+    plugin.known_instructions()
     yield plugin
-    plugin.worker.close()
+    plugin.close()
 
 
 @pytest.fixture
 def make(shared):
-    """A plugin with the given options that uses the module's checking process."""
+    """A plugin with the given options that uses the module's checking processes."""
 
     def build(**options):
         plugin = VerifyIFEval(VerifyIFEval.Options(**{"timeout_seconds": TIMEOUT, **options}))
-        plugin.worker = shared.worker
+        plugin.pool = shared.pool
         return plugin
 
     return build
@@ -174,8 +175,8 @@ def test_partial_credit(make):
 
 def test_abstention(make, caplog):
     plugin = make()
-    # no id column: the source abstains for the whole batch
-    assert plugin.posttrain_reward(prompts=["p"], completions=["x"], columns={"ground_truth": ["1"]}) is None
+    # neither the gold column nor the id column: the source abstains for the whole batch
+    assert plugin.posttrain_reward(prompts=["p"], completions=["x"], columns={"answer": ["1"]}) is None
     columns = {
         "instruction_id_list": [None, [], ["punctuation:no_comma"], ["no_such:instruction"],
                                 ["punctuation:no_comma", "detectable_format:title"],
@@ -189,6 +190,11 @@ def test_abstention(make, caplog):
         rewards = plugin.posttrain_reward(prompts=["p"] * 7, completions=["a reply"] * 7, columns=columns)
     assert rewards == [None, None, 10.0, None, None, None, None]
     assert "no_such:instruction" in caplog.text and "keywords" in caplog.text
+    # a gold column that holds something else (a number, open-instruct's own constraint format)
+    with caplog.at_level("WARNING", logger="posttrain.plugins.verify_ifeval"):
+        assert plugin.posttrain_reward(prompts=["p", "p"], completions=["x", "y"], columns={
+            "ground_truth": ["1", '{"func_name": "validate_lowercase"}']}) == [None, None]
+    assert "'ground_truth' does not hold" in caplog.text
     # without a kwargs column: fine for instructions without arguments, abstains for the others
     assert plugin.posttrain_reward(
         prompts=None, completions=["no commas", "x"],
@@ -214,6 +220,39 @@ def test_arrow_filled_kwargs_and_json_strings(make):
     # ids and kwargs given as JSON text (a common way to store them)
     assert plugin.posttrain_reward(prompts=["p"], completions=["Tea time."], columns={
         "instruction_id_list": ['["keywords:existence"]'], "kwargs": ['[{"keywords": ["tea"]}]']}) == [10.0]
+
+
+def test_one_gold_column_holding_ids_and_kwargs(make):
+    """Like every verifier, the gold value comes from `column` (ground_truth by default): a mapping or its JSON."""
+    plugin = make(alpha=1.0)
+    gold = {"instruction_id_list": ["punctuation:no_comma", "keywords:existence"],
+            "kwargs": [{}, {"keywords": ["tea"]}]}
+    completions = ["Tea is warm and calm.", "Tea is warm, calm.", "Coffee is warm and calm."]
+    for value in (gold, json.dumps(gold)):
+        assert plugin.posttrain_reward(prompts=["p"] * 3, completions=completions,
+                                       columns={"ground_truth": [value] * 3}) == [1.0, 0.0, 0.0]
+    # without kwargs: fine for instructions that take no argument
+    assert plugin.posttrain_reward(prompts=["p"], completions=["no commas"], columns={
+        "ground_truth": [{"instruction_id_list": ["punctuation:no_comma"]}]}) == [1.0]
+    # another column name, only_if, and rows of the two-column layout in the same batch
+    plugin = make(column="constraints", only_if={"source": ["ifeval"]})
+    columns = {"constraints": [json.dumps(gold), json.dumps(gold), None],
+               "source": ["ifeval", "gsm8k", "ifeval"],
+               "instruction_id_list": [None, None, ["detectable_format:title"]],
+               "kwargs": [None, None, [{}]]}
+    assert plugin.posttrain_reward(prompts=["p"] * 3, completions=["Tea is warm and calm."] * 2 + ["<<T>> x"],
+                                   columns=columns) == [10.0, None, 10.0]
+    # a dataset whose ground_truth holds something else still has its two IFEval columns read
+    assert make().posttrain_reward(prompts=["p"], completions=["no commas"], columns={
+        "ground_truth": ["42"], "instruction_id_list": [["punctuation:no_comma"]], "kwargs": [[{}]]}) == [10.0]
+
+
+def test_two_column_layout_under_other_names(make):
+    plugin = make(ids_column="ids", kwargs_column="args")
+    assert plugin.posttrain_reward(prompts=["p"], completions=["Tea time."], columns={
+        "ids": [["keywords:existence"]], "args": [[{"keywords": ["tea"]}]]}) == [10.0]
+    assert plugin.posttrain_reward(prompts=["p"], completions=["Tea time."], columns={
+        "instruction_id_list": [["keywords:existence"]], "kwargs": [[{"keywords": ["tea"]}]]}) is None
 
 
 # --------------------------------------------------------------------------------------
@@ -451,6 +490,21 @@ def test_an_overrunning_check_is_cut_at_the_time_limit(make):
     assert reward(make(), "Meet [name].", ["detectable_content:number_placeholders"], [{"num_placeholders": 1}]) == 10.0
 
 
+def test_a_batch_with_a_hostile_completion_takes_one_timeout(shared, make):
+    """Two checking processes: the slow completion holds one for the time limit, the other checks the rest."""
+    plugin = make(mode="loose")
+    iid, kwargs = ["detectable_content:number_placeholders"], [{"num_placeholders": 1}]
+    completions = ["Meet [name].", "Meet name.", "[" * 19_000, "At [place].", "No place.", "In [town].", "[a] [b]"]
+    expected = [10.0, 0.0, 0.0, 10.0, 0.0, 10.0, 10.0]
+    shared.pool.start()
+    started = time.monotonic()
+    rewards = plugin.posttrain_reward(prompts=["p"] * 7, completions=completions,
+                                      columns={"instruction_id_list": [iid] * 7, "kwargs": [kwargs] * 7})
+    elapsed = time.monotonic() - started
+    assert rewards == expected  # in order
+    assert TIMEOUT <= elapsed < TIMEOUT + KILL_MARGIN, elapsed
+
+
 def test_max_chars(make):
     plugin = make(max_chars=50)
     assert reward(plugin, "no commas here", ["punctuation:no_comma"], [{}]) == 10.0
@@ -481,7 +535,7 @@ def test_fresh_machine_gets_its_nltk_data_without_a_download(tmp_path):
     env.update(POSTTRAIN_CACHE=str(tmp_path / "cache"), HOME=str(tmp_path / "home"))
     script = (
         "from posttrain.plugins.verify_ifeval import VerifyIFEval\n"
-        "p = VerifyIFEval(VerifyIFEval.Options())\n"
+        "p = VerifyIFEval(VerifyIFEval.Options(workers=1))\n"
         "ids = [['length_constraints:number_sentences']] * 2\n"
         "kw = [[{'num_sentences': 3, 'relation': 'at least'}]] * 2\n"
         "print(p.posttrain_reward(prompts=['p', 'p'], completions=['Dr. Smith came. He sat. He left.', "
@@ -493,6 +547,7 @@ def test_fresh_machine_gets_its_nltk_data_without_a_download(tmp_path):
         assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines() == ["[10.0, 0.0]", "[]"]  # nothing heavy in the calling process
         assert "nltk_data" not in out.stderr and "Downloaded" not in out.stdout + out.stderr
+        assert "Timeout is disabled" not in out.stderr, out.stderr
         model = tmp_path / "cache" / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
         assert sorted(p.name for p in model.iterdir()) == [
             "abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt"]
