@@ -177,5 +177,8 @@ def parse_options(options_cls: type, raw: dict | None, *, where: str, owner: str
         try:
             validate()
         except ValueError as e:
-            raise UserError(str(e), field=where, fix=f"change the options of {owner}") from None
+            # a message that starts with an option's name ("beta must be positive") is about that option
+            first = str(e).split(" ", 1)[0].strip(",:;'")
+            field = f"{where}.{first}" if first in fields else where
+            raise UserError(str(e), field=field, fix=f"change the options of {owner}") from None
     return options

@@ -68,7 +68,8 @@ def build_tiny_model(folder: str | Path, *, hidden: int = 64, layers: int = 2, v
 def make_logps(batch: int = 4, length: int = 6, *, seed: int = 0, reference: bool = True, gold: bool = False,
                requires_grad: bool = False):
     """A random but self-consistent PreferenceLogps: sequence log-probs are the sums of the
-    per-token ones under the masks, lengths are the mask sums."""
+    per-token ones under the masks, lengths are the mask sums. The log-probs are float64, so a
+    hand computation can be compared to ~1e-12."""
     import torch
 
     from .types import PreferenceLogps

@@ -75,7 +75,7 @@ def test_dpo_reference_after_sft_is_the_sft_model(cli, tmp_path, tiny_model_dir,
     from posttrain.validate import validate
     from transformers import AutoModelForCausalLM
 
-    model = {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+    model = {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "dtype": "float32"}
     if quantized:
         model["quantization"] = {"bits": 4}
     stages = sft_then_dpo()[:1]
@@ -108,7 +108,7 @@ def test_qlora_stage_is_dequantised_then_merged(tmp_path, tiny_model_dir, cli):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model = {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-             "quantization": {"bits": 4}}
+             "quantization": {"bits": 4}, "dtype": "float32"}
     stages = sft_then_dpo()[:1]
     stages[0]["training"] = {**QUICK, "learning_rate": 2e-2}
     run = tmp_path / "run"
@@ -123,8 +123,9 @@ def test_qlora_stage_is_dequantised_then_merged(tmp_path, tiny_model_dir, cli):
     merged = AutoModelForCausalLM.from_pretrained(run / "01-sft" / "merged").eval()
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
     ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    device = next(trained.parameters()).device  # bitsandbytes may have put the 4-bit model on a GPU
     with torch.no_grad():
-        a, b = trained(input_ids=ids).logits, merged(input_ids=ids).logits
+        a, b = trained(input_ids=ids.to(device)).logits.cpu(), merged.to(device)(input_ids=ids.to(device)).logits.cpu()
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
@@ -172,7 +173,7 @@ def test_from_restarts_a_stage_keeping_the_earlier_outputs(cli, tmp_path, tiny_m
 @pytest.mark.parametrize("stages, field, message", [
     ([{"name": "sft", "stage": "sft", "data": SFT_DATA}, {"name": "dpo", "stage": "preference", "data": PAIRS,
                                                          "plugins": {"dpo": {"beta": -1}}}],
-     "stages[1].plugins.dpo", "beta must be positive"),
+     "stages[1].plugins.dpo.beta", "beta must be positive"),
     ([{"name": "sft", "stage": "sft", "data": SFT_DATA, "model": {"name_or_path": "stages.rm"}},
       {"name": "rm", "stage": "reward_model", "data": PAIRS}], "stages[0].model.name_or_path", "runs later"),
     ([{"name": "sft", "stage": "sft", "data": SFT_DATA},
@@ -225,8 +226,8 @@ def test_reward_model_scores_equal_a_direct_forward(reward_model_dir):
     from posttrain.plugins.reward_model import RewardModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    plugin = RewardModel(RewardModel.parse_options({"model": str(reward_model_dir), "batch_size": 2},
-                                                   where="plugins.reward_model"))
+    plugin = RewardModel(RewardModel.parse_options({"model": str(reward_model_dir), "batch_size": 2,
+                                                    "dtype": "float32"}, where="plugins.reward_model"))
     chat = [[{"role": "user", "content": f"What is {i} + {i}?"}] for i in range(5)]
     replies = [[{"role": "assistant", "content": "x" * (i + 1) + f" {2 * i}"}] for i in range(5)]
     plain_prompts = [f"Question: {i} + 1 =" for i in range(3)]
@@ -245,7 +246,7 @@ def test_reward_model_scores_equal_a_direct_forward(reward_model_dir):
     assert got == pytest.approx(expected, abs=1e-5)
     assert next(plugin.load()[0].parameters()).requires_grad is False
     normed = RewardModel(RewardModel.parse_options({"model": str(reward_model_dir), "normalize": "heldout",
-                                                    "clip": 0.3}, where="plugins.reward_model"))
+                                                    "clip": 0.3, "dtype": "float32"}, where="plugins.reward_model"))
     scores = normed.posttrain_reward(prompts=chat, completions=replies)
     assert scores == pytest.approx([min(0.3, max(-0.3, (e - 0.5) / 2.0)) for e in expected[:5]], abs=1e-5)
 

@@ -162,3 +162,23 @@ def test_plugins_listing_shows_option_help(cli):
     code, out, _ = cli("plugins")
     assert code == 0
     assert "beta: float = 0.1  -  Inverse temperature" in out
+
+
+# --- docs a plugin author reads -----------------------------------------------------------------
+
+
+def test_plugin_author_docs_are_complete_and_runnable():
+    import re
+
+    from conftest import REPO
+
+    plugins_md = (REPO / "docs" / "plugins.md").read_text()
+    for block in re.findall(r"```python\n(.*?)```", plugins_md, re.S):
+        if "pytest." in block:
+            assert "import pytest" in block, block[:200]
+    assert "build_tiny_model(" in plugins_md  # a plugin author needs it to run a recipe on a model of their own
+    assert "float64" in plugins_md  # what make_logps returns
+    loss_section = plugins_md.split("## A loss plugin, from zero")[1].split("\n## ")[0]
+    assert "posttrain_reference_needed" in loss_section and "return False" in loss_section
+    hooks_md = (REPO / "docs" / "hooks.md").read_text()
+    assert '"rpo_nll"' in hooks_md and '{"nll"' not in hooks_md  # the name the rpo plugin logs

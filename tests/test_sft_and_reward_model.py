@@ -16,9 +16,11 @@ ARITH_PAIRS = {"source": "builtin:arithmetic", "options": {"n": 64}, "eval": {"f
 
 
 def _plan(write_recipe, stage, **overrides):
+    """float32 compute (a GPU would pick bf16): these tests check formulas to 1e-5, not bf16 numerics."""
     from posttrain.recipe import load_recipe
     from posttrain.validate import validate
 
+    overrides["model"] = {"dtype": "float32", **overrides.get("model", {})}
     return validate(load_recipe(write_recipe(stage=stage, **overrides)))
 
 
@@ -160,7 +162,8 @@ def test_lora_reward_model_head_is_saved_with_the_adapter_and_reloads(write_reci
         trained = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     head_after = trainer.model.base_model.model.score.modules_to_save["default"].weight
     assert not torch.allclose(head_before, head_after)  # the head was trained
-    reloaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "saved", num_labels=1).eval()
+    reloaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "saved", num_labels=1,
+                                                                      dtype=torch.float32).eval()
     reloaded.config.pad_token_id = trainer.processing_class.pad_token_id
     with torch.no_grad():
         again = reloaded.to(batch["input_ids"].device)(input_ids=batch["input_ids"],
