@@ -1,7 +1,7 @@
 # Two commands on a fresh machine (Python 3.10+ and make):
 #   make demo   set everything up, then run the quick-start recipe
 #   make test   set everything up, then run the test suite
-# (and `make demo-rlvr`: the online-RL demo)
+# (and `make demo-rlvr`: the online-RL demo; `make demo-pipeline`, `make demo-instructgpt`: pipelines)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +17,7 @@ RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo demo-rlvr test bench clean
+.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt test bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -39,12 +39,23 @@ demo: setup
 demo-rlvr: setup
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/rlvr-cpu.yaml --output-dir runs/rlvr-cpu-$(shell date +%Y%m%d-%H%M%S)
 
+# Pipelines: Tülu 3's SFT -> DPO-norm -> RLVR, and InstructGPT's SFT -> reward model -> RL (CPU, LoRA on SmolLM2).
+demo-pipeline: setup
+	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/pipeline-tulu3-cpu.yaml --output-dir runs/pipeline-tulu3-cpu-$(shell date +%Y%m%d-%H%M%S)
+
+demo-instructgpt: setup
+	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/pipeline-instructgpt-cpu.yaml --output-dir runs/pipeline-instructgpt-cpu-$(shell date +%Y%m%d-%H%M%S)
+
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/online.py
+
+# posttrain vs plain TRL at GPU scale (0.5B model: DPO full FT, DPO + LoRA, GRPO + LoRA, with and without Liger).
+bench-gpu: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
