@@ -1,8 +1,8 @@
 """The ``posttrain`` command.
 
 Exit status: 0 success, 2 a problem the user can fix (message on stderr naming the field and
-the fix, no traceback), 1 an internal error. ``--help``, ``validate``, ``plugins`` and
-``recipes`` never import torch.
+the fix, no traceback), 1 an internal error. ``--help``, ``validate``, ``plugins``,
+``recipes`` and ``estimate`` never import torch.
 """
 
 from __future__ import annotations
@@ -63,6 +63,29 @@ def _cmd_validate(args) -> int:
     plan = validate(from_data(Recipe, data, ""))
     print(f"recipe '{plan.recipe.name}' is valid")
     _describe_plan(plan)
+    return 0
+
+
+def _cmd_estimate(args) -> int:
+    from .estimate import estimate_recipe, parse_gpu_memory, parse_processes, print_report, report_json
+
+    gpu = parse_gpu_memory(args.gpu_memory) if args.gpu_memory is not None else None
+    processes = parse_processes(args.processes)
+    prompt_length = None
+    if args.prompt_length is not None:
+        try:
+            prompt_length = int(args.prompt_length)
+        except ValueError:
+            prompt_length = 0
+        if prompt_length < 1:
+            raise UserError(f"cannot read '{args.prompt_length}' as a number of tokens", field="--prompt-length",
+                            fix="give the typical prompt length in tokens, e.g. --prompt-length 256")
+    reports = estimate_recipe(resolve_recipe(args.recipe), args.set, args.unset, gpu=gpu, processes=processes,
+                              prompt_length=prompt_length)
+    if args.json:
+        print(json.dumps(report_json(reports, args.recipe), indent=2))
+    else:
+        print_report(reports, args.recipe, args.set, args.unset)
     return 0
 
 
@@ -219,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a recipe without loading anything heavy")
     recipe_args(p)
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("estimate", help="predict peak GPU memory per device (no torch import, nothing loaded)")
+    recipe_args(p)
+    p.add_argument("--gpu-memory", metavar="SIZE", help="the GPU's memory for a verdict, e.g. 24GB, 24GiB, 80G or 24")
+    p.add_argument("--processes", metavar="N", help="processes (GPUs) the run uses (default: WORLD_SIZE, else 1)")
+    p.add_argument("--prompt-length", metavar="TOKENS", help="online stage: typical prompt length (default 512)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("plugins", help="list installed plugins and any that failed to load")
     p.add_argument("--json", action="store_true", help="machine-readable output")
