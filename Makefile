@@ -52,6 +52,7 @@ test: setup
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/overhead.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/online.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/online.py --ppo
 
 # posttrain vs plain TRL at GPU scale (0.5B model: DPO full FT, DPO + LoRA, GRPO + LoRA, with and without Liger).
 bench-gpu: setup

@@ -63,15 +63,17 @@ def bench_model(folder: Path) -> tuple[Path, int]:
     return path, sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
 
 
-def alternate(run, repeats: int) -> tuple[dict[str, list[dict]], float, float]:
+def alternate(run, repeats: int, kinds: tuple[str, str] = ("trl", "posttrain")) -> tuple[dict[str, list[dict]], float, float]:
     """Run ``run(kind, repeat)`` for both kinds, alternating their order so that drift in machine
-    speed hits both alike. Returns every result and the median step time of each kind."""
-    results: dict[str, list[dict]] = {"trl": [], "posttrain": []}
+    speed hits both alike. Returns every result and the median step time of each kind (in ``kinds``'
+    order)."""
+    first, second = kinds
+    results: dict[str, list[dict]] = {first: [], second: []}
     for i in range(repeats):
-        for kind in (("trl", "posttrain") if i % 2 == 0 else ("posttrain", "trl")):
+        for kind in (kinds if i % 2 == 0 else (second, first)):
             results[kind].append(run(kind, i))
     steps = {kind: statistics.median(r["median_step_s"] for r in runs) for kind, runs in results.items()}
-    return results, steps["trl"], steps["posttrain"]
+    return results, steps[first], steps[second]
 
 
 def run_once(kind: str, model_dir: Path, data: Dataset, steps: int, lora: bool, out: Path) -> dict:

@@ -39,6 +39,7 @@ SINGLE_OWNER_HOOKS = (
     "posttrain_sample",
     "posttrain_data_collator",
     "posttrain_train_sampler",
+    "posttrain_critic",
 )
 
 # Hooks that at least one enabled plugin must implement, per stage (exactly one for the
@@ -75,7 +76,7 @@ STAGE_HOOKS = {
     "online": (
         "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
         "posttrain_sample", "posttrain_reward", "posttrain_advantage_estimate", "posttrain_advantage_transform",
-        "posttrain_update_reference", "posttrain_transform_dataset",
+        "posttrain_critic", "posttrain_update_reference", "posttrain_transform_dataset",
     ),
 }
 
@@ -260,10 +261,30 @@ def posttrain_advantage_estimate(rollouts: Any) -> Any:
     Return either per-sequence advantages of shape ``(N,)`` for all gathered rows, or
     per-token advantages of shape ``(n, T)`` for this process's rows (``n`` rows of
     ``rollouts.completion_mask``; the form a value-model/GAE estimator produces). ``NaN``
-    entries are allowed (unscorable rows); they become 0 after the transforms.
+    entries are allowed (unscorable rows); they become 0 after the transforms. An estimator that
+    learns with a critic returns a :class:`posttrain.Advantages` instead: the advantages, the
+    value targets the critic trains on (``(n, T)``), and whether it folded the KL penalty into the
+    reward (TRL's in-loss KL term is then dropped). With a critic, ``rollouts`` also carries the
+    per-token ``values``, ``logps`` (the policy's at sampling time), ``ref_logps`` (with
+    ``training.beta`` > 0) and ``kl_coef`` (β).
 
     Combine: *one owner*. An online stage needs exactly one enabled plugin implementing this
     hook (``group_relative`` for GRPO's baseline, ``leave_one_out`` for RLOO's).
+    """
+
+
+@hookspec(firstresult=True)
+def posttrain_critic(stage: str) -> Any:
+    """Provide a learned critic (a value function) trained alongside the policy.
+
+    Called once when the online trainer is built. Return a :class:`posttrain.Critic`: the core
+    calls its ``setup(trainer)`` once, ``values(...)`` on every rollout batch (they reach the
+    advantage estimator as ``rollouts.values``), ``train_on(...)`` on every training micro-batch
+    with the value targets the estimator returned (``posttrain.Advantages.value_targets``),
+    ``step()`` after every policy optimizer step, and ``save``/``load`` with every checkpoint.
+    With a critic, ``num_generations`` may be 1 (the critic is the baseline).
+
+    Combine: *one owner*.
     """
 
 
@@ -331,14 +352,16 @@ def posttrain_transform_dataset(dataset: Any, split: str, stage: str) -> Any:
 def posttrain_token_mask(input_ids: Any, completion_mask: Any, tokenizer: Any) -> Any:
     """Remove tokens from the loss.
 
-    Called on every batch before the forward passes. ``input_ids`` and ``completion_mask`` have
-    shape ``(2B, T)``: chosen sequences first, then rejected (as TRL's preference collator
-    builds them). Return a boolean or 0/1 tensor of the same shape that is 1 where a token may
-    stay in the loss, or ``None``.
+    Called on every batch before the forward passes. Preference stage: ``input_ids`` and
+    ``completion_mask`` have shape ``(2B, T)``, chosen sequences first, then rejected (as TRL's
+    preference collator builds them). sft stage: shape ``(B, T)``, one row per sequence, the mask
+    1 on the completion tokens (applied by the collator). Return a boolean or 0/1 tensor of the
+    same shape that is 1 where a token may stay in the loss, or ``None``.
 
     Combine: *all results*, multiplied into the completion mask (a token stays only when every
-    plugin keeps it). Policy and reference log-probs and the response lengths all use the
-    combined mask.
+    plugin keeps it). Preference: policy and reference log-probs and the response lengths all
+    use the combined mask. sft: a dropped token's label becomes -100 (the loss averages over the
+    tokens kept).
     """
 
 

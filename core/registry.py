@@ -220,7 +220,9 @@ RESULT_CONTRACT = {
                          "one list of completion strings per prompt"),
     "posttrain_reward": (lambda r: isinstance(r, (list, tuple)) and all(r_ is None or _is_number(r_) for r_ in r),
                          "a list with one float (or None to abstain) per completion"),
-    "posttrain_advantage_estimate": (_is_tensor, "a tensor of advantages"),
+    "posttrain_advantage_estimate": (lambda r: _is_tensor(r) or type(r).__name__ == "Advantages",
+                                     "a tensor of advantages, or a posttrain.Advantages"),
+    "posttrain_critic": (lambda r: any(c.__name__ == "Critic" for c in type(r).__mro__), "a posttrain.Critic"),
     "posttrain_advantage_transform": (_is_tensor, "a tensor of advantages"),
     "posttrain_transform_dataset": (_is_dataset, "a datasets.Dataset"),
     "posttrain_token_mask": (_is_tensor, "a 0/1 or boolean tensor shaped like the completion mask"),
@@ -376,7 +378,9 @@ def build_plugin_set(section: dict | None, stage: str) -> PluginSet:
         if not any(hook in hook_methods(type(p)) for p in plugins):
             found, _ = discover()
             providers = [n for n, info in found.items() if hook in info.hooks]
-            example = providers[0] if providers else "name"
+            # the example is one that works alone (gae, for instance, needs a critic too)
+            alone = [n for n in providers if not getattr(found[n].cls, "uses_critic", False)]
+            example = (alone or providers or ["name"])[0]
             raise UserError(
                 f"no enabled plugin implements '{hook}', which the {stage} stage needs",
                 field="plugins",

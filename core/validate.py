@@ -180,9 +180,25 @@ def online_batch(trl_config: dict) -> dict:
 def check_online(trl_config: dict, plugins: PluginSet) -> None:
     """What GRPOConfig and GRPOTrainer would refuse, said in recipe terms before anything loads."""
     batch = online_batch(trl_config)
-    if batch["group"] is None or batch["group"] < 2:
-        raise UserError(f"num_generations must be at least 2 (completions per prompt), got {batch['group']}",
-                        field="training.num_generations", fix="use e.g. num_generations: 4")
+    critic = bool(plugins.implementers("posttrain_critic"))
+    if batch["group"] is None or batch["group"] < (1 if critic else 2):
+        raise UserError(f"num_generations must be at least 2 (completions per prompt: the group is the baseline) "
+                        f"without a critic, got {batch['group']}", field="training.num_generations",
+                        fix="use e.g. num_generations: 4, or enable a critic (plugins: critic, gae) for one "
+                            "completion per prompt")
+    if batch["group"] == 1 and batch["generation_batch"] < 2:
+        raise UserError("one completion per prompt needs a generation batch of at least 2 completions",
+                        field="training.per_device_train_batch_size", fix="use per_device_train_batch_size >= 2")
+    estimator = plugins.implementers("posttrain_advantage_estimate")
+    uses_critic = [n for n in estimator if getattr(plugins.by_name[n], "uses_critic", False)]
+    if uses_critic and not critic:
+        raise UserError(f"the advantage estimator '{uses_critic[0]}' learns with a critic, and no plugin provides one",
+                        field="plugins", fix="enable the critic plugin: `critic: {}` (LoRA on the policy's base) or "
+                                             "`critic: {model: <reward model>}`")
+    if critic and not uses_critic:
+        raise UserError(f"the critic needs an advantage estimator that uses its values; "
+                        f"'{estimator[0] if estimator else 'none'}' does not", field="plugins.critic",
+                        fix="use the gae estimator with the critic (plugins: {critic: {}, gae: {}})")
     if batch["generation_batch"] % batch["group"]:
         raise UserError(
             f"a generation batch of {batch['generation_batch']} completions (per_device_train_batch_size "

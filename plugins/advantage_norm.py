@@ -10,7 +10,8 @@ found decisive.
 std is the sample standard deviation, ε = 1e-4 (TRL's). With ``center: false`` the mean is not
 subtracted (scaling only). Unscorable completions (NaN) are left out of the statistics. Per-token
 advantages (from a value-model estimator) are whitened over the unmasked tokens of the batch, all
-processes included; ``scope: group`` needs per-sequence advantages.
+processes included (NaN rows, which no reward source scored, are left out and stay NaN);
+``scope: group`` needs per-sequence advantages.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ class AdvantageNorm(Plugin):
     def _whiten_tokens(self, advantages, rollouts):
         import torch
 
-        mask = rollouts.completion_mask.to(advantages.dtype)
-        local = torch.stack([(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum()])
+        # completion tokens of scored rows (a row no source scored is NaN: left out, and stays NaN)
+        mask = (rollouts.completion_mask.bool() & ~torch.isnan(advantages)).to(advantages.dtype)
+        values = torch.nan_to_num(advantages, nan=0.0)
+        local = torch.stack([(values * mask).sum(), (values ** 2 * mask).sum(), mask.sum()])
         total, total_sq, count = rollouts.gather(local.unsqueeze(0)).sum(dim=0)
         mean = total / count.clamp(min=1)
         std = ((total_sq - count * mean ** 2) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
         centred = advantages - mean if self.options.center else advantages
-        return centred / (std + EPSILON) * mask
+        return centred / (std + EPSILON) * rollouts.completion_mask.to(advantages.dtype)

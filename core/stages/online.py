@@ -25,15 +25,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 import torch
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer import grpo_trainer as grpo_trainer_module
 
 from ..errors import UserError
 from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
-from ..registry import PluginSet
+from ..registry import PluginSet, contract_error
 from ..rewards import RewardSource, source_weight
-from ..types import Rollouts
+from ..types import Advantages, Rollouts
 from ..validate import Plan
 from .loop import (GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, load_data, reference_from,
                    trainer_callbacks)
@@ -48,6 +49,16 @@ class _NoAbstentionWarning(logging.Filter):
 
 
 logging.getLogger(grpo_trainer_module.__name__).addFilter(_NoAbstentionWarning())
+
+
+class CriticStepCallback(TrainerCallback):
+    """Steps the critic's optimizer after each of the policy's optimizer steps."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.critic.step()
 
 
 class OnlineTrainer(GuardedTrainer, GRPOTrainer):
@@ -69,6 +80,14 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
             super().__init__(*args, reward_funcs=[RewardSource(plugins, name) for name in sources], **kwargs)
         if plugins.implementers("posttrain_update_reference"):
             self.add_callback(ReferenceUpdateCallback(self))
+        self.critic = plugins.call("posttrain_critic", stage=stage)  # set up by finish_trainer (needs precision)
+        self._kl_in_reward = False  # set when the advantage estimator folds the KL into the reward
+        if self.critic is not None:
+            self.add_callback(CriticStepCallback(self))
+
+    def setup_critic(self) -> None:
+        if self.critic is not None:
+            self.critic.setup(self)
 
     # -- rewards and advantages ---------------------------------------------------------------
 
@@ -83,8 +102,26 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         self._scored = None
         mode = "train" if self.model.training else "eval"
         rollouts = self.rollouts(rewards_per_func, prompts, completions, output["completion_mask"], mode)
-        advantages = self.advantages(rollouts)
+        if self.critic is not None:
+            self._add_per_token_terms(rollouts, output)
+        estimate = self.advantages(rollouts)
+        advantages = estimate.advantages
         output["advantages"] = advantages if advantages.dim() == 2 else advantages[rollouts.local]
+        self._kl_in_reward = estimate.kl_in_reward
+        if self.critic is not None:
+            if estimate.value_targets is None:
+                owner = self.plugins.implementers("posttrain_advantage_estimate")[0]
+                raise UserError(f"the critic needs value targets, and the advantage estimator '{owner}' gives none",
+                                field=f"plugins.{owner}", fix="use the gae estimator with the critic")
+            output["value_targets"] = estimate.value_targets
+            output["old_values"] = rollouts.values
+            mask = rollouts.completion_mask.to(torch.float32)
+            mean_value = (rollouts.values * mask).sum() / mask.sum().clamp(min=1)
+            self._metrics[mode]["critic/values_mean"].append(self.accelerator.gather(mean_value.reshape(1)).mean().item())
+        if estimate.kl_in_reward and rollouts.ref_logps is not None:
+            kl = ((rollouts.logps - rollouts.ref_logps) * rollouts.completion_mask).sum() / \
+                rollouts.completion_mask.sum().clamp(min=1)
+            self._metrics[mode]["kl_in_reward"].append(self.accelerator.gather(kl.reshape(1)).mean().item())
 
         # TRL logged its own advantages for the completions table: log ours instead.
         logged = advantages if advantages.dim() == 1 else self.accelerator.gather(
@@ -122,18 +159,77 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
             gather=self.accelerator.gather,
         )
 
-    def advantages(self, rollouts: Rollouts) -> torch.Tensor:
+    def _add_per_token_terms(self, rollouts: Rollouts, output: dict) -> None:
+        """What a critic-based estimator reads: the critic's values, the policy's log-probs at sampling
+        time and the reference's (TRL computed those with beta > 0), per completion token."""
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        keep = output["completion_ids"].size(1)
+        completion_mask = output["completion_mask"].to(torch.float32)
+        logps = output.get("old_per_token_logps")
+        if logps is None:
+            with torch.no_grad():
+                logps = self._get_per_token_logps_and_entropies(self.model, ids, mask, keep,
+                                                                self.args.per_device_train_batch_size)[0]
+        rollouts.logps = logps.detach() * completion_mask
+        ref = output.get("ref_per_token_logps")
+        rollouts.ref_logps = None if ref is None else ref.detach() * completion_mask
+        rollouts.kl_coef = float(self.args.beta)
+        rollouts.values = self.critic.values(ids, mask, keep) * completion_mask
+
+    def advantages(self, rollouts: Rollouts) -> Advantages:
         """Estimate (one owner), then transform (chained); unscorable rows end at 0."""
         owner = self.plugins.implementers("posttrain_advantage_estimate")[0]
-        advantages = self.plugins.call("posttrain_advantage_estimate", rollouts=rollouts)
+        estimate = self.plugins.call("posttrain_advantage_estimate", rollouts=rollouts)
+        if not isinstance(estimate, Advantages):
+            estimate = Advantages(estimate)
+        advantages = estimate.advantages
         self._check_shape(advantages, rollouts, owner)
+        if estimate.value_targets is not None and tuple(estimate.value_targets.shape) != tuple(
+                rollouts.completion_mask.shape):
+            raise contract_error(owner, "posttrain_advantage_estimate", estimate.value_targets,
+                                 f"value_targets of shape {tuple(rollouts.completion_mask.shape)}")
         for name in self.plugins.implementers("posttrain_advantage_transform"):
             result = self.plugins.call_one(name, "posttrain_advantage_transform", advantages=advantages,
                                            rollouts=rollouts)
             if result is not None:
                 self._check_shape(result, rollouts, name)
                 advantages = result
-        return torch.nan_to_num(advantages.to(torch.float32), nan=0.0)
+        estimate.advantages = torch.nan_to_num(advantages.to(torch.float32), nan=0.0)
+        return estimate
+
+    # -- the loss, and the critic -------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        if self._kl_in_reward and self.beta != 0.0:
+            # the estimator put beta * KL into the reward: TRL's own in-loss KL term would count it twice
+            beta, self.beta = self.beta, 0.0
+            try:
+                loss = super()._compute_loss(model, inputs)
+            finally:
+                self.beta = beta
+        else:
+            loss = super()._compute_loss(model, inputs)
+        if self.critic is not None and self.model.training and "value_targets" in inputs:
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            metrics = self.critic.train_on(ids, mask, inputs["completion_ids"].size(1), inputs["value_targets"],
+                                           inputs["old_values"], inputs["completion_mask"],
+                                           scale=1.0 / self.current_gradient_accumulation_steps)
+            self._finite_guard().add_loss(metrics["critic/value_loss"])
+            for key, value in metrics.items():
+                self._metrics["train"][key].append(self.accelerator.gather(value.reshape(1).float()).mean().item())
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.critic is not None and self.is_world_process_zero():
+            self.critic.save(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.critic is not None and checkpoint is not None:
+            self.critic.load(checkpoint)
 
     @staticmethod
     def _check_shape(advantages, rollouts: Rollouts, plugin: str) -> None:
@@ -229,7 +325,7 @@ def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
     train, heldout = load_data(plan)
     precision = run_precision(recipe)
-    config = build_config(GRPOConfig, plan, run_dir, precision, ONLINE_DEFAULTS)
+    config = online_config(plan, run_dir, precision)
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe, path)
     model, peft_config = load_model(recipe, path, precision)
@@ -239,4 +335,26 @@ def build_trainer(plan: Plan, run_dir: Path):
                                 recipe, resolve_model_path(recipe.model.reference or recipe.model.name_or_path),
                                 precision),
                             callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
-    return finish_trainer(trainer, precision), heldout
+    trainer = finish_trainer(trainer, precision)
+    trainer.setup_critic()
+    return trainer, heldout
+
+
+def online_config(plan: Plan, run_dir: Path, precision):
+    """The GRPOConfig of the run. GRPOConfig refuses num_generations < 2 (GRPO's baseline is the group);
+    with a critic the baseline is the value function, so one completion per prompt is allowed: the
+    config is built with a group that divides the generation batch, then set to 1. GRPOTrainer itself
+    handles groups of one (its sampler repeats each prompt once; its evaluation path already does)."""
+    from ..validate import online_batch
+
+    single = plan.trl_config.get("num_generations") == 1
+    if not single:
+        return build_config(GRPOConfig, plan, run_dir, precision, ONLINE_DEFAULTS)
+    batch = online_batch(plan.trl_config)["generation_batch"]
+    group = next(d for d in range(2, batch + 1) if batch % d == 0)
+    values = {**plan.trl_config, "num_generations": group}
+    if plan.trl_config.get("num_generations_eval") is None:
+        values["num_generations_eval"] = group
+    config = build_config(GRPOConfig, Plan(plan.recipe, plan.plugins, values), run_dir, precision, ONLINE_DEFAULTS)
+    config.num_generations = 1
+    return config

@@ -1,0 +1,268 @@
+"""A learned critic for PPO in the online stage: V(x, y_<t), a scalar value head read at every
+completion token, trained alongside the policy on the value targets of the advantage estimator
+(``gae``).
+
+Two ways to get one (option ``model``):
+
+- ``model: policy`` (the default): the policy's own frozen base with a second LoRA adapter,
+  ``critic``, and a value head. No second copy of the base is held: the critic adds only its
+  adapter and its head (a LoRA policy is needed). Its forward passes switch the base to the
+  critic's adapter and back.
+- ``model: PATH`` or ``stages.NAME``: a separate value model initialised from a reward model (as
+  InstructGPT and the DPO-vs-PPO study do): a sequence classifier with one label (the
+  reward_model stage's output), whose body and head become V. It must share the policy's tokenizer.
+  It trains through its own LoRA adapter (``lora_r`` > 0, its head in full) or all of its weights
+  (``lora_r: 0``; float32 master weights).
+
+The loss is PPO's clipped value loss on the completion tokens,
+
+    L_V = vf_coef · ½ · mean_t max( (V_t − G_t)², (V_old,t + clip(V_t − V_old,t, −c, c) − G_t)² )
+
+with c = ``cliprange_value`` (unclipped: ``cliprange_value: null``), V_old the values at sampling
+time and G the targets. The critic has its own AdamW optimiser (``learning_rate``, gradient
+clipping at ``max_grad_norm``, constant rate) and steps after each policy optimizer step; its
+gradients are averaged over processes. Its state (trained weights and optimiser) is saved in every
+checkpoint (``checkpoint-N/critic.pt``) and restored by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+from posttrain import Critic, Plugin, UserError, hookimpl
+
+CRITIC_ADAPTER = "critic"
+
+
+def clipped_value_loss(values, old_values, targets, mask, clip: float | None):
+    """½ · masked mean of max((V − G)², (V_clipped − G)²); without ``clip``, of (V − G)². Also the share
+    of tokens where the clipped term is the larger one."""
+    import torch
+
+    mask = mask.to(values.dtype)
+    unclipped = (values - targets) ** 2
+    if clip is None:
+        loss, clipped_share = unclipped, torch.zeros((), device=values.device)
+    else:
+        clipped = (old_values + (values - old_values).clamp(-clip, clip) - targets) ** 2
+        loss = torch.maximum(unclipped, clipped)
+        clipped_share = ((clipped > unclipped).to(values.dtype) * mask).sum() / mask.sum().clamp(min=1)
+    return 0.5 * (loss * mask).sum() / mask.sum().clamp(min=1), clipped_share
+
+
+class _CriticBase(Critic):
+    """The optimiser, the loss, the gradient averaging and the checkpoint format both critics share."""
+
+    def __init__(self, options):
+        self.options = options
+        self.trainer = None
+        self.optimizer = None
+
+    def trained_parameters(self) -> list:
+        raise NotImplementedError
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int):
+        raise NotImplementedError
+
+    def _make_optimizer(self):
+        import torch
+
+        params = self.trained_parameters()
+        for p in params:
+            p.data = p.data.float()  # float32 master weights
+        self.optimizer = torch.optim.AdamW(params, lr=self.options.learning_rate, weight_decay=0.0)
+
+    def values(self, input_ids, attention_mask, logits_to_keep: int):
+        import torch
+
+        with torch.no_grad():
+            return self.forward(input_ids, attention_mask, logits_to_keep).detach()
+
+    def train_on(self, input_ids, attention_mask, logits_to_keep, targets, old_values, mask, scale: float) -> dict:
+        import torch
+
+        valid = mask.bool() & ~torch.isnan(targets)
+        targets = torch.nan_to_num(targets, nan=0.0)
+        values = self.forward(input_ids, attention_mask, logits_to_keep)
+        loss, clipped = clipped_value_loss(values, old_values.to(values.dtype), targets.to(values.dtype), valid,
+                                           self.options.cliprange_value)
+        (self.options.vf_coef * loss * scale).backward()
+        return {"critic/value_loss": loss.detach(), "critic/clipped_share": clipped.detach()}
+
+    def step(self) -> None:
+        import torch
+
+        params = [p for p in self.trained_parameters() if p.grad is not None]
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes > 1:
+            for p in params:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
+        if params and self.options.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, folder) -> None:
+        import torch
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": [p.detach().cpu() for p in self.trained_parameters()],
+                    "optimizer": self.optimizer.state_dict()}, Path(folder) / "critic.pt")
+
+    def load(self, folder) -> None:
+        import torch
+
+        state = torch.load(Path(folder) / "critic.pt", map_location="cpu", weights_only=True)
+        params = self.trained_parameters()
+        if len(state["weights"]) != len(params):
+            raise UserError(f"the checkpoint's critic has {len(state['weights'])} tensors, this one {len(params)}",
+                            field="plugins.critic", fix="resume with the critic settings the run started with")
+        with torch.no_grad():
+            for p, saved in zip(params, state["weights"], strict=True):
+                p.copy_(saved.to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    @staticmethod
+    def _states_before_tokens(hidden, logits_to_keep: int):
+        """Hidden states of the positions that predict the last ``logits_to_keep`` tokens: the state
+        before each completion token (the same alignment as TRL's per-token log-probs)."""
+        return hidden[:, -logits_to_keep - 1:-1]
+
+
+class SharedBaseCritic(_CriticBase):
+    """A second LoRA adapter on the policy's frozen base, plus a value head."""
+
+    def setup(self, trainer) -> None:
+        import torch
+        from accelerate.utils import is_peft_model
+        from peft import LoraConfig
+
+        self.trainer = trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if not is_peft_model(model):
+            raise UserError("the critic on the policy's base (model: policy) needs a LoRA policy",
+                            field="plugins.critic.model",
+                            fix="add model.lora to the recipe, or give the critic a model of its own (a reward model "
+                                "folder or stages.NAME)")
+        self.policy = model
+        policy_config = model.peft_config["default"]
+        if CRITIC_ADAPTER not in model.peft_config:
+            model.add_adapter(CRITIC_ADAPTER, LoraConfig(
+                r=self.options.lora_r, lora_alpha=2 * self.options.lora_r, lora_dropout=0.0,
+                target_modules=policy_config.target_modules, task_type="CAUSAL_LM"))
+            model.set_adapter("default")
+        self.adapter_params = [p for n, p in model.named_parameters() if f".{CRITIC_ADAPTER}." in n]
+        hidden = model.get_base_model().config.get_text_config().hidden_size
+        device = next(model.parameters()).device
+        torch.manual_seed(trainer.args.seed)
+        self.head = torch.nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+        torch.nn.init.zeros_(self.head.weight), torch.nn.init.zeros_(self.head.bias)  # V = 0 at the start
+        self._make_optimizer()
+
+    def trained_parameters(self) -> list:
+        return [*self.adapter_params, *self.head.parameters()]
+
+    @contextlib.contextmanager
+    def _critic_adapter(self):
+        """Run the base with the critic's adapter; the policy's adapter and every requires_grad flag come back."""
+        model = self.policy
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        active = model.active_adapter
+        model.set_adapter(CRITIC_ADAPTER)
+        try:
+            yield
+        finally:
+            model.set_adapter(active)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int):
+        inner = self.policy.get_base_model()
+        backbone = getattr(inner, inner.base_model_prefix)
+        with self._critic_adapter(), self.trainer.accelerator.autocast():
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.head(self._states_before_tokens(hidden, logits_to_keep).float()).squeeze(-1)
+
+
+class ValueModelCritic(_CriticBase):
+    """A separate value model initialised from a reward model (its body and its scalar head)."""
+
+    def setup(self, trainer) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from posttrain.models import resolve_model_path, torch_dtype
+
+        self.trainer = trainer
+        path = resolve_model_path(self.options.model)
+        precision = trainer.precision
+        full = self.options.lora_r == 0
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch_dtype(precision.trained if full else precision.compute))
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the critic's value model '{path}': {str(e).splitlines()[0]}",
+                            field="plugins.critic.model", fix="point at a reward model (a reward_model stage's "
+                                                              "merged/ output, or stages.NAME)") from None
+        if tokenizer.get_vocab() != trainer.processing_class.get_vocab():
+            raise UserError(f"the value model '{path}' has another tokenizer than the policy",
+                            field="plugins.critic.model",
+                            fix="initialise the critic from a reward model trained from the policy's family (e.g. a "
+                                "reward_model stage of the same pipeline)")
+        model.config.pad_token_id = trainer.processing_class.pad_token_id
+        if not full:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=self.options.lora_r, lora_alpha=2 * self.options.lora_r,
+                                                     lora_dropout=0.0, target_modules="all-linear",
+                                                     task_type="SEQ_CLS"))
+        self.model = model.to(trainer.accelerator.device).train()
+        self._make_optimizer()
+
+    def trained_parameters(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int):
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backbone = getattr(inner, inner.base_model_prefix)
+        with self.trainer.accelerator.autocast():
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            values = inner.score(self._states_before_tokens(hidden, logits_to_keep))
+        return values.squeeze(-1).float()
+
+
+class CriticPlugin(Plugin):
+    name = "critic"
+    description = "a learned value function V(x, y_<t) trained with the policy (PPO): LoRA on the policy's base, or a " \
+                  "value model initialised from a reward model"
+
+    @dataclass
+    class Options:
+        model: str = field(default="policy", metadata={
+            "help": "'policy': a LoRA adapter on the policy's own frozen base (no second copy); or a reward model "
+                    "(folder, hub id, stages.NAME) whose body and head become the value model."})
+        learning_rate: float = field(default=1e-5, metadata={"help": "The critic's own learning rate (AdamW)."})
+        cliprange_value: Union[float, None] = field(default=0.2, metadata={
+            "help": "Clip the value update to ±c around the values at sampling time (null: unclipped)."})
+        vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+        lora_r: int = field(default=16, metadata={
+            "help": "Rank of the critic's LoRA adapter; with a value model, 0 trains all of its weights."})
+        max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of the critic (0: none)."})
+
+        def validate(self):
+            if self.learning_rate <= 0 or self.vf_coef <= 0:
+                raise ValueError("learning_rate and vf_coef must be positive")
+            if self.cliprange_value is not None and self.cliprange_value <= 0:
+                raise ValueError("cliprange_value must be positive (or null for an unclipped value loss)")
+            if self.lora_r < 0 or (self.model == "policy" and self.lora_r == 0):
+                raise ValueError("lora_r must be > 0 for the critic on the policy's base (>= 0 for a value model)")
+            local = self.model.startswith((".", "/", "~")) or Path(self.model).expanduser().exists()
+            if self.model not in ("policy",) and local and not (Path(self.model).expanduser() / "config.json").is_file():
+                raise ValueError(f"model '{self.model}' is not a model folder (no config.json)")
+
+    @hookimpl
+    def posttrain_critic(self, stage):
+        return (SharedBaseCritic if self.options.model == "policy" else ValueModelCritic)(self.options)

@@ -1,0 +1,93 @@
+"""Generalised advantage estimation (GAE) from a learned critic: PPO's advantage, per token.
+
+For each completion, token t = 0..L-1 (L its length; the rest is padding):
+
+    r_t   = -β·(log π(y_t) - log π_ref(y_t))          the KL penalty, folded into the reward ("kl: reward")
+            + R   at t = L-1                            the sequence's reward from the reward sources
+    δ_t   = r_t + γ·V_{t+1} - V_t                       with V_L = 0 (the episode ends with the completion)
+    A_t   = Σ_{k≥0} (γλ)^k · δ_{t+k}                   computed backwards: A_t = δ_t + γλ·A_{t+1}
+    G_t   = A_t + V_t                                    the value targets the critic learns
+
+V_t = V(x, y_<t) is the critic's value of the state before token t (``rollouts.values``, from the
+``critic`` plugin), log π the policy's log-probs at sampling time (``rollouts.logps``), log π_ref the
+reference's (``rollouts.ref_logps``, present when ``training.beta`` > 0) and β = ``training.beta``.
+
+``kl: reward`` (the default; the DPO-vs-PPO study, InstructGPT) puts the KL in the reward as above
+and takes it out of TRL's loss; ``kl: loss`` leaves the reward alone and TRL adds β·KL to the loss
+(GRPO's way). With λ = 1 and γ = 1 the advantages are the returns minus the values; with a zero critic
+they are the KL-shaped returns. A completion no reward source scored gets advantage 0 and no target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from posttrain import Advantages, Plugin, UserError, hookimpl
+
+
+def per_token_rewards(rewards, mask, logps=None, ref_logps=None, kl_coef: float = 0.0):
+    """(n, T) rewards: -β·(log π - log π_ref) on every completion token, plus each sequence's reward on
+    its last token. NaN rewards (unscored completions) become 0."""
+    import torch
+
+    mask = mask.to(torch.float32)
+    out = torch.zeros_like(mask)
+    if kl_coef and logps is not None and ref_logps is not None:
+        out = out - kl_coef * (logps - ref_logps) * mask
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    has_tokens = mask.sum(dim=1) > 0
+    out[rows[has_tokens], last[has_tokens]] += torch.nan_to_num(rewards.to(out.dtype), nan=0.0)[has_tokens]
+    return out
+
+
+def gae(token_rewards, values, mask, gamma: float, lam: float):
+    """Advantages and value targets, (n, T) each, by the backward recursion above (0 on padding)."""
+    import torch
+
+    mask = mask.to(token_rewards.dtype)
+    values = values.to(token_rewards.dtype) * mask
+    advantages = torch.zeros_like(token_rewards)
+    running = torch.zeros(token_rewards.shape[0], dtype=token_rewards.dtype, device=token_rewards.device)
+    steps = token_rewards.shape[1]
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(running)
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+class GAE(Plugin):
+    name = "gae"
+    description = "PPO's advantages: GAE(γ, λ) over per-token rewards (KL in the reward) from a learned critic"
+    uses_critic = True  # the `critic` plugin provides rollouts.values, and learns the value targets returned here
+
+    @dataclass
+    class Options:
+        gamma: float = field(default=1.0, metadata={"help": "Discount γ over completion tokens."})
+        lam: float = field(default=0.95, metadata={"help": "GAE λ: 1 is Monte-Carlo returns minus values, 0 is TD(0)."})
+        kl: Literal["reward", "loss"] = field(default="reward", metadata={
+            "help": "'reward': the KL penalty β·(log π − log π_ref) is part of the per-token reward and TRL's in-loss "
+                    "KL is off (PPO, the study); 'loss': TRL adds β·KL to the loss (GRPO's way)."})
+
+        def validate(self):
+            if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
+                raise ValueError("gamma and lam must be in [0, 1]")
+
+    @hookimpl
+    def posttrain_advantage_estimate(self, rollouts):
+        if rollouts.values is None:
+            raise UserError("gae needs the critic's values: enable the `critic` plugin", field="plugins.gae",
+                            fix="add `critic: {}` (a LoRA critic on the policy's base) or `critic: {model: ...}`")
+        kl_in_reward = self.options.kl == "reward"
+        rewards = rollouts.rewards[rollouts.local]
+        token_rewards = per_token_rewards(rewards, rollouts.completion_mask, rollouts.logps, rollouts.ref_logps,
+                                          rollouts.kl_coef if kl_in_reward else 0.0)
+        advantages, targets = gae(token_rewards, rollouts.values, rollouts.completion_mask, self.options.gamma,
+                                  self.options.lam)
+        unscored = rewards.isnan()
+        advantages[unscored] = float("nan")  # no reward: advantage 0 after the transforms, and no value target
+        targets[unscored] = float("nan")
+        return Advantages(advantages, value_targets=targets, kl_in_reward=kl_in_reward)

@@ -1,0 +1,202 @@
+"""PPO with a learned critic: GAE and the clipped value loss against hand computations, the KL
+folded into the reward, a critic that learns a constant reward, checkpoint/resume of the critic, the
+LoRA critic's memory (no second base), one completion per prompt, and a value model initialised
+from a reward model."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import read_jsonl
+
+from posttrain.plugins.critic import clipped_value_loss
+from posttrain.plugins.gae import gae, per_token_rewards
+
+
+def _hand_gae(rewards, values, length, gamma, lam):
+    """One sequence, straight from the definitions: δ_t = r_t + γV_{t+1} − V_t, A_t = Σ_k (γλ)^k δ_{t+k}."""
+    v = list(values[:length]) + [0.0]
+    deltas = [rewards[t] + gamma * v[t + 1] - v[t] for t in range(length)]
+    adv = [sum((gamma * lam) ** k * deltas[t + k] for k in range(length - t)) for t in range(length)]
+    return adv, [a + v[t] for t, a in enumerate(adv)]
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 1.0), (1.0, 0.95), (0.9, 0.5), (0.99, 0.0)])
+def test_gae_by_hand_with_padding_and_kl(gamma, lam):
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    logps, ref = -torch.rand(3, 5), -torch.rand(3, 5)
+    values = torch.randn(3, 5)
+    rewards = torch.tensor([1.0, -0.5, 2.0])
+    beta = 0.1
+    token_rewards = per_token_rewards(rewards, mask, logps, ref, beta)
+    adv, targets = gae(token_rewards, values, mask, gamma, lam)
+    for i in range(3):
+        n = int(mask[i].sum())
+        r = [-beta * (logps[i, t] - ref[i, t]).item() for t in range(n)]
+        r[-1] += rewards[i].item()
+        assert token_rewards[i, :n].tolist() == pytest.approx(r, abs=1e-6)
+        hand_adv, hand_targets = _hand_gae(r, values[i].tolist(), n, gamma, lam)
+        assert adv[i, :n].tolist() == pytest.approx(hand_adv, abs=1e-5)
+        assert targets[i, :n].tolist() == pytest.approx(hand_targets, abs=1e-5)
+        assert (adv[i, n:] == 0).all() and (targets[i, n:] == 0).all()  # padding
+
+
+def test_zero_critic_lambda_one_gives_the_kl_shaped_returns():
+    torch.manual_seed(1)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    logps, ref = -torch.rand(2, 4), -torch.rand(2, 4)
+    token_rewards = per_token_rewards(torch.tensor([3.0, -1.0]), mask, logps, ref, 0.2)
+    adv, targets = gae(token_rewards, torch.zeros(2, 4), mask, 1.0, 1.0)
+    returns = token_rewards.flip(1).cumsum(1).flip(1) * mask  # Σ_{k ≥ t} r_k
+    assert torch.allclose(adv, returns, atol=1e-6) and torch.allclose(targets, returns, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_loss_by_hand(clip):
+    values = torch.tensor([[0.5, 1.0, -0.2], [0.1, 0.9, 0.0]])
+    old = torch.tensor([[0.0, 1.5, 0.0], [0.1, 0.2, 0.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.3], [0.0, 1.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, share = clipped_value_loss(values, old, targets, mask, clip)
+    terms, clipped = [], 0
+    for i in range(2):
+        for t in range(3):
+            if not mask[i, t]:
+                continue
+            a = (values[i, t] - targets[i, t]).item() ** 2
+            if clip is None:
+                terms.append(a)
+                continue
+            vc = old[i, t].item() + max(-clip, min(clip, (values[i, t] - old[i, t]).item()))
+            b = (vc - targets[i, t].item()) ** 2
+            terms.append(max(a, b))
+            clipped += b > a + 1e-6  # (float32 ties are not clipping)
+    assert loss.item() == pytest.approx(0.5 * sum(terms) / len(terms), rel=1e-6)
+    assert share.item() == pytest.approx(clipped / len(terms) if clip else 0.0)
+
+
+PPO = {"online_plugins:DigitShare": {}, "critic": {"learning_rate": 1e-3}, "gae": {}, "advantage_norm": {}}
+
+
+def _build(online_recipe, tmp_path, plugins=None, **overrides):
+    from posttrain.recipe import load_recipe
+    from posttrain.stages.online import build_trainer
+    from posttrain.validate import validate
+
+    recipe = online_recipe(plugins=plugins or PPO, **overrides)
+    return build_trainer(validate(load_recipe(recipe)), tmp_path / "run")[0]
+
+
+def test_lora_critic_holds_no_second_copy_of_the_base(online_recipe, tmp_path):
+    trainer = _build(online_recipe, tmp_path)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = {n: p for n, p in model.named_parameters() if "lora_" not in n}
+    critic_own = trainer.critic.trained_parameters()
+    adapter = sum(p.numel() for n, p in model.named_parameters() if ".critic." in n)
+    head = sum(p.numel() for p in trainer.critic.head.parameters())
+    assert sum(p.numel() for p in critic_own) == adapter + head
+    assert head == model.config.hidden_size + 1
+    # the critic's forward pass runs on the same base tensors (no copy): every base weight it touches
+    # is one of the policy model's own parameters
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.update(id(p) for p in mod.parameters(recurse=False)))
+             for m in model.modules()]
+    ids = torch.tensor([[1, 40, 41, 42]], device=trainer.args.device)
+    trainer.critic.values(ids, torch.ones_like(ids), 2)
+    for h in hooks:
+        h.remove()
+    policy_ids = {id(p) for p in model.parameters()}
+    assert seen and seen <= policy_ids | {id(p) for p in trainer.critic.head.parameters()}
+    assert {id(p) for p in base.values()} & seen
+    # the policy's adapter is active again, and only it trains in the policy's optimizer
+    assert model.active_adapter == "default"
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".critic." in n)
+    print("critic parameters:", adapter + head, "base parameters:", sum(p.numel() for p in base.values()))
+
+
+def test_one_completion_per_prompt_runs_with_a_critic(cli, online_recipe, tmp_path):
+    recipe = online_recipe(plugins=PPO, training={"num_generations": 1, "beta": 0.05, "max_steps": 2})
+    code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    lines = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(lines) == 2 and all("critic/value_loss" in r and "kl_in_reward" in r for r in lines)
+    assert all("kl" not in r for r in lines)  # with kl: reward, TRL's in-loss KL is off
+    # without a critic one completion per prompt is refused
+    code, _, err = cli("validate", online_recipe(training={"num_generations": 1}))
+    assert code == 2 and "training.num_generations" in err and "critic" in err
+
+
+def test_critic_learns_a_constant_reward(online_recipe, tmp_path):
+    """γ = λ = 1, no KL: every token's target is the sequence reward, 0.7; the critic's values go there."""
+    plugins = {"online_plugins:Constant": {"value": 0.7}, "critic": {"learning_rate": 3e-2, "cliprange_value": None,
+                                                                     "vf_coef": 1.0}, "gae": {"lam": 1.0}}
+    trainer = _build(online_recipe, tmp_path, plugins=plugins, training={"max_steps": 25, "learning_rate": 1e-6})
+    trainer.train()
+    values = [h["critic/values_mean"] for h in trainer.state.log_history if "critic/values_mean" in h]
+    losses = [h["critic/value_loss"] for h in trainer.state.log_history if "critic/value_loss" in h]
+    assert values[0] == pytest.approx(0.0, abs=1e-6)  # a zero head at the start
+    assert values[-1] == pytest.approx(0.7, abs=0.05), values
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_checkpoint_and_resume_restore_the_critic_exactly(online_recipe, tmp_path):
+    from posttrain.stages.loop import last_checkpoint
+
+    training = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "beta": 0.05}
+    first = _build(online_recipe, tmp_path / "a", training=training)
+    first.train()
+    saved = [p.detach().clone().cpu() for p in first.critic.trained_parameters()]
+    checkpoint = last_checkpoint(tmp_path / "a" / "run")
+    assert checkpoint.name == "checkpoint-2" and (checkpoint / "critic.pt").is_file()
+    second = _build(online_recipe, tmp_path / "b", training={**training, "max_steps": 2})
+    before = [p.detach().clone().cpu() for p in second.critic.trained_parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(saved, before))  # a fresh critic differs
+    # --resume's path: transformers restores the optimizer, the trainer the critic; look right after
+    loaded = {}
+    load = second.critic.load
+
+    def load_and_look(folder):
+        load(folder)
+        loaded["params"] = [p.detach().clone().cpu() for p in second.critic.trained_parameters()]
+
+    second.critic.load = load_and_look
+    second.train(resume_from_checkpoint=str(checkpoint))
+    after = loaded["params"]
+    assert all(torch.equal(a, b) for a, b in zip(saved, after))
+    saved_state = torch.load(checkpoint / "critic.pt", weights_only=True)["optimizer"]["state"]
+    assert saved_state and all(v["step"] == 2 for v in saved_state.values())  # two critic steps, saved
+
+
+def test_value_model_critic_from_a_reward_model(cli, online_recipe, tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tmp_path / "rm"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
+    for lora_r in (0, 4):
+        plugins = {**PPO, "critic": {"model": str(rm), "lora_r": lora_r, "learning_rate": 1e-3}}
+        run = tmp_path / f"run{lora_r}"
+        code, _, err = cli("run", online_recipe(plugins=plugins, training={"max_steps": 2}), "--output-dir", run)
+        assert code == 0, err
+        lines = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+        assert all(math.isfinite(r["critic/value_loss"]) for r in lines)
+        # initialised from the reward model: its head reads every token, so the values are not zero
+        assert lines[0]["critic/values_mean"] != 0.0
+
+
+@pytest.mark.parametrize("plugins, message", [
+    ({"online_plugins:DigitShare": {}, "gae": {}}, "enable the critic plugin"),
+    ({"online_plugins:DigitShare": {}, "critic": {}, "group_relative": {}}, "use the gae estimator"),
+    ({"online_plugins:DigitShare": {}, "critic": {"model": "policy", "lora_r": 0}, "gae": {}}, "lora_r"),
+])
+def test_critic_configuration_errors(cli, online_recipe, plugins, message):
+    code, _, err = cli("validate", online_recipe(plugins=plugins))
+    assert code == 2 and message in err, err
+
+
+def test_the_policy_critic_needs_a_lora_policy(cli, online_recipe, tmp_path):
+    code, _, err = cli("run", online_recipe(plugins=PPO, model={"lora": None}), "--output-dir", tmp_path / "run")
+    assert code == 2 and "plugins.critic.model" in err and "LoRA policy" in err
