@@ -310,15 +310,18 @@ class PluginSet:
             raise KeyError(f"plugin '{plugin}' does not implement {hook}")
         return self._invoke(impl, hook, kwargs)
 
-    def chain(self, hook: str, value_arg: str, value: Any, **kwargs) -> tuple[Any, str | None]:
+    def chain(self, hook: str, value_arg: str, value: Any, on_step=None, **kwargs) -> tuple[Any, str | None]:
         """Pass ``value`` through every implementation; ``None`` results leave it unchanged.
 
-        Returns the final value and the name of the last plugin that changed it.
+        Returns the final value and the name of the last plugin that changed it. ``on_step(plugin,
+        before, after)`` is called after each implementation that returned something.
         """
         last = None
         for impl in self._impls(hook):
             result = self._invoke(impl, hook, {**kwargs, value_arg: value})
             if result is not None:
+                if on_step is not None:
+                    on_step(impl.plugin_name, value, result)
                 value, last = result, impl.plugin_name
         return value, last
 

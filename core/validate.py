@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import trl_fields
@@ -23,6 +23,7 @@ class Plan:
     recipe: Recipe
     plugins: PluginSet
     trl_config: dict  # plugin contributions merged with the recipe's `training` section
+    data_log: list = field(default_factory=list)  # what the dataset transforms kept and dropped, for summary.json
 
 
 STAGE_REF = "stages."

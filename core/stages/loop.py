@@ -216,7 +216,13 @@ def transform(plan: Plan, dataset, split: str):
     """Pass a split through the ``posttrain_transform_dataset`` chain."""
     if dataset is None:
         return None
-    out, last = plan.plugins.chain("posttrain_transform_dataset", "dataset", dataset, split=split,
+    def record(plugin, before, after):
+        entry = {"plugin": plugin, "split": split, "rows_in": len(before), "rows_out": len(after)}
+        plan.data_log.append(entry)
+        print(f"posttrain: {plugin} kept {entry['rows_out']} of {entry['rows_in']} {split} rows "
+              f"(dropped {entry['rows_in'] - entry['rows_out']})", flush=True)
+
+    out, last = plan.plugins.chain("posttrain_transform_dataset", "dataset", dataset, on_step=record, split=split,
                                    stage=plan.recipe.stage)
     if len(out) == 0 and last is not None:
         raise UserError(f"the {split} data is empty after plugin '{last}' transformed it", field=f"plugins.{last}",
@@ -375,6 +381,7 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = T
         "train_loss": result.training_loss if not math.isnan(result.training_loss) else None,
         "last_logged": logs[-1] if logs else {},
         "heldout_examples": len(heldout) if heldout is not None else 0,
+        "data_transforms": plan.data_log,
         **stage.summary_extras(trainer),
         "before": evaluation.result,
         "after": after,
