@@ -87,6 +87,14 @@ class DataSection:
     columns: dict[str, str] = _help("Rename columns: {our_name: their_name}, e.g. {prompt: question}.",
                                     default_factory=dict)
     options: dict[str, Any] = _help("Options of a built-in generator (e.g. n, seed).", default_factory=dict)
+    format: Union[Literal["saferlhf"], None] = _help(
+        "Layout of the source. null: the stage's columns as they are (after `columns`); 'saferlhf': PKU-SafeRLHF's "
+        "pairs (prompt, response_0, response_1, is_response_0_safe, is_response_1_safe, better_response_id, "
+        "safer_response_id) become prompt/chosen/rejected, with the safety labels as is_chosen_safe/is_rejected_safe.",
+        default=None)
+    prefer: Literal["safer", "better"] = _help(
+        "With format: saferlhf, the label that picks the chosen response: safer_response_id or better_response_id.",
+        default="safer")
     max_examples: Union[int, None] = _help("Keep at most this many training examples.", default=None)
     eval: EvalDataSection = _help("Held-out data.", default_factory=EvalDataSection)
 
@@ -97,6 +105,20 @@ class EvalSection:
     generate: int = _help("Held-out prompts the model answers greedily, scored by the reward plugins (0: off).",
                           default=64)
     max_new_tokens: int = _help("Generation budget for those answers.", default=32)
+
+
+@dataclass
+class SamplingSection:
+    samples: int = _help("Completions sampled per prompt (k; Llama 3's rejection sampling used 10-30).", default=4)
+    prompts: Union[int, None] = _help(
+        "Prompts per round (iterative) or in all (rejection_sampling), drawn without repeats from the training "
+        "prompts; null: all of them.", default=64)
+    max_new_tokens: int = _help("Length limit of a sample.", default=64)
+    temperature: float = _help("Sampling temperature.", default=1.0)
+    top_p: float = _help("Nucleus sampling threshold.", default=1.0)
+    batch_size: int = _help("Prompts per generation batch.", default=16)
+    min_score: Union[float, None] = _help(
+        "rejection_sampling: keep a prompt's best sample only if its reward is at least this.", default=None)
 
 
 @dataclass
@@ -116,6 +138,9 @@ class Recipe:
     training: dict[str, Any] = _help("Fields of the TRL config (DPOConfig for the preference stage, GRPOConfig online).",
                                      default_factory=dict)
     eval: EvalSection = _help("Held-out evaluation.", default_factory=EvalSection)
+    rounds: Union[int, None] = _help("iterative stage: the number of rounds (3 when unset).", default=None)
+    sampling: Union[SamplingSection, None] = _help(
+        "iterative and rejection_sampling stages: how samples are drawn from the policy.", default=None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,7 +11,7 @@ from . import trl_fields
 from .data import check_source
 from .errors import UserError, did_you_mean
 from .models import BUILTIN_MODELS
-from .recipe import Recipe
+from .recipe import Recipe, SamplingSection
 from .registry import PluginSet, build_plugin_set, required_columns
 from .stages import STAGES
 
@@ -44,7 +44,8 @@ def stage_references(value, path: str):
 def check_stage_references(recipe: Recipe, earlier: list[str] | None, later: list[str] = ()) -> None:
     """``stages.NAME`` may name an earlier stage of the same pipeline, wherever a model path goes."""
     data = recipe.to_dict()
-    for path, name in stage_references({"model": data["model"], "plugins": data["plugins"]}, ""):
+    sources = {"source": data["data"]["source"], "eval": {"source": data["data"]["eval"]["source"]}}
+    for path, name in stage_references({"model": data["model"], "plugins": data["plugins"], "data": sources}, ""):
         if earlier is None:
             raise UserError(f"'stages.{name}' refers to a pipeline stage, but this recipe has no stages",
                             field=path, fix="give a model folder, hub id or builtin: name, or make this a pipeline "
@@ -97,8 +98,42 @@ def check_model(recipe: Recipe) -> None:
                         fix="add `lora: {r: 16}` to the model section (QLoRA), or remove quantization")
 
 
+def check_sampling(recipe: Recipe) -> None:
+    """The keys of the stages that sample from the policy (iterative, rejection_sampling)."""
+    sampling_stages = ("iterative", "rejection_sampling")
+    if recipe.rounds is not None and recipe.stage != "iterative":
+        raise UserError(f"rounds applies to the iterative stage, not {recipe.stage}", field="rounds",
+                        fix="remove rounds, or use stage: iterative")
+    if recipe.rounds is not None and recipe.rounds < 1:
+        raise UserError(f"must be at least 1, got {recipe.rounds}", field="rounds", fix="use e.g. rounds: 3")
+    s = recipe.sampling
+    if s is None:
+        return
+    if recipe.stage not in sampling_stages:
+        raise UserError(f"sampling applies to the {' and '.join(sampling_stages)} stages, not {recipe.stage}",
+                        field="sampling", fix="remove the sampling section")
+    for name in ("samples", "max_new_tokens", "batch_size"):
+        if getattr(s, name) < 1:
+            raise UserError(f"must be at least 1, got {getattr(s, name)}", field=f"sampling.{name}",
+                            fix="use a positive number")
+    if recipe.stage == "iterative" and s.samples < 2:
+        raise UserError("a pair needs at least 2 samples per prompt", field="sampling.samples", fix="use e.g. 4")
+    if s.prompts is not None and s.prompts < 1:
+        raise UserError(f"must be at least 1, got {s.prompts}", field="sampling.prompts", fix="use e.g. 64, or null")
+    if s.temperature <= 0 or not 0 < s.top_p <= 1:
+        raise UserError("temperature must be > 0 and top_p in (0, 1]", field="sampling", fix="use temperature: 1.0")
+    if s.min_score is not None and recipe.stage != "rejection_sampling":
+        raise UserError("min_score applies to the rejection_sampling stage", field="sampling.min_score",
+                        fix="remove it (iterative pairs are chosen by a pair-selection plugin: best_vs_worst's min_gap)")
+
+
 def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
     kind = STAGES[recipe.stage]
+    if not kind.trains:
+        if recipe.training:
+            raise UserError(f"the {recipe.stage} stage trains nothing, so it takes no TRL settings",
+                            field=f"training.{next(iter(recipe.training))}", fix="remove the training section")
+        return {}
     fields = trl_fields.config_fields(recipe.stage)
     cls_name = kind.config_class
     managed, renamed = kind.managed, kind.renamed
@@ -141,18 +176,22 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
     check_model(recipe)
     data = recipe.data
     required = required_columns(plugins, recipe.stage)
-    check_source(data.source, columns=data.columns, options=data.options, stage=recipe.stage, where="data.source",
-                 required=required)
+    if not data.source.startswith(STAGE_REF):  # an earlier stage's dataset is checked when it exists
+        check_source(data.source, columns=data.columns, options=data.options, stage=recipe.stage,
+                     where="data.source", required=required, format=data.format, prefer=data.prefer)
     ev = data.eval
-    if ev.source:
+    if ev.source and not ev.source.startswith(STAGE_REF):
         check_source(ev.source, columns=data.columns, options={}, stage=recipe.stage, where="data.eval.source",
-                     required=required)
+                     required=required, format=data.format, prefer=data.prefer)
     if not 0 <= ev.fraction < 1:
         raise UserError(f"must be in [0, 1), got {ev.fraction}", field="data.eval.fraction",
                         fix="use e.g. 0.1 to hold out 10% of the training data, or 0 for no held-out set")
     if recipe.eval.generate < 0 or recipe.eval.max_new_tokens < 1:
         raise UserError("eval.generate must be >= 0 and eval.max_new_tokens >= 1", field="eval",
                         fix="use e.g. generate: 64, max_new_tokens: 32")
+    check_sampling(recipe)
+    if recipe.stage in ("iterative", "rejection_sampling") and recipe.sampling is None:
+        recipe.sampling = SamplingSection()
     trl_config = check_training(recipe, plugins)
     if recipe.stage == "online":
         check_online(trl_config, plugins)
