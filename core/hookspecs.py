@@ -40,12 +40,15 @@ SINGLE_OWNER_HOOKS = (
     "posttrain_data_collator",
     "posttrain_train_sampler",
     "posttrain_critic",
+    "posttrain_select_pair",
 )
 
 # Hooks that at least one enabled plugin must implement, per stage (exactly one for the
 # single-owner hooks above).
 REQUIRED_HOOKS = {
     "preference": ("posttrain_preference_loss",),
+    "iterative": ("posttrain_preference_loss", "posttrain_reward"),
+    "rejection_sampling": ("posttrain_reward",),
     "online": ("posttrain_reward", "posttrain_advantage_estimate"),
 }
 
@@ -66,6 +69,16 @@ STAGE_HOOKS = {
     "reward_model": (
         "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
         "posttrain_transform_dataset",
+    ),
+    "rejection_sampling": (
+        "posttrain_reference_needed", "posttrain_required_columns", "posttrain_transform_dataset", "posttrain_sample",
+        "posttrain_reward",
+    ),
+    "iterative": (
+        "posttrain_trl_config", "posttrain_callbacks", "posttrain_step_metrics", "posttrain_preference_loss",
+        "posttrain_loss_terms", "posttrain_reference_needed", "posttrain_required_columns", "posttrain_sample",
+        "posttrain_reward", "posttrain_select_pair", "posttrain_update_reference", "posttrain_transform_dataset",
+        "posttrain_token_mask", "posttrain_data_collator", "posttrain_train_sampler",
     ),
     "preference": (
         "posttrain_trl_config", "posttrain_callbacks", "posttrain_step_metrics", "posttrain_preference_loss",
@@ -304,6 +317,22 @@ def posttrain_advantage_transform(advantages: Any, rollouts: Any) -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def posttrain_select_pair(prompt: Any, completions: list, rewards: list) -> Any:
+    """Choose the preference pair of one prompt from its scored samples (iterative stage).
+
+    Called once per prompt of a round, after the reward sources scored its samples.
+    ``completions`` are the samples that were scored (abstained ones are left out) and
+    ``rewards`` their rewards (floats, same order); there are at least two. Return
+    ``(chosen_index, rejected_index)`` into those lists, or ``None`` to drop the prompt this round
+    (a tie, a reward gap below a threshold...). The core drops prompts whose samples all abstained
+    or where fewer than two were scored before calling, and counts every kind of drop.
+
+    Combine: *one owner*; without one, the best sample against the worst (``best_vs_worst`` with
+    its defaults), ties dropped.
+    """
+
+
 # --------------------------------------------------------------------------------------
 # Reference-update family
 # --------------------------------------------------------------------------------------
@@ -313,8 +342,9 @@ def posttrain_advantage_transform(advantages: Any, rollouts: Any) -> Any:
 def posttrain_update_reference(trainer: Any, event: str, step: int) -> None:
     """Update the reference model.
 
-    Called with ``event="step"`` after every optimizer step (``step`` is the global step) and
-    with ``event="iteration"`` at the end of each iteration of an iterative stage. ``trainer``
+    Called with ``event="step"`` after every optimizer step (``step`` is the global step) and,
+    in an iterative stage, with ``event="round"`` at the end of each round (``step`` is the round,
+    1, 2, ...), after its training and before the next round samples. ``trainer``
     is the running TRL trainer (the ``DPOTrainer`` or ``GRPOTrainer`` subclass):
     ``trainer.model`` is the policy, ``trainer.ref_model`` the reference (``None`` with LoRA,
     where the reference is the policy with its adapter disabled, or its ``ref`` adapter when

@@ -229,6 +229,9 @@ RESULT_CONTRACT = {
     "posttrain_data_collator": (callable, "a collator (a callable that turns examples into a batch)"),
     "posttrain_train_sampler": (lambda r: hasattr(r, "__iter__"), "a torch.utils.data.Sampler"),
     "posttrain_update_reference": (lambda r: True, "nothing (the result is ignored)"),
+    "posttrain_select_pair": (lambda r: isinstance(r, (tuple, list)) and len(r) == 2 and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in r) and r[0] != r[1],
+                              "a pair (chosen_index, rejected_index) of two different indices, or None"),
 }
 
 

@@ -50,13 +50,18 @@ def prepare_run_dir(plan: Plan, run_dir: Path, *, resume: bool, overwrite: bool)
             raise UserError("the recipe differs from the one the run started with: " + "; ".join(changes[:5]),
                             field="--resume", fix="resume with the same recipe and --set values")
         return
+    new_run_dir(run_dir, resolved, overwrite)
+
+
+def new_run_dir(run_dir: Path, recipe_data: dict, overwrite: bool) -> None:
+    """A new run directory holding the resolved recipe; an existing non-empty one only with --overwrite."""
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise UserError(f"run directory '{run_dir}' already exists", field="--output-dir",
                             fix="choose another --output-dir, continue it with --resume, or replace it with --overwrite")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    recipe_file.write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_data, sort_keys=False), encoding="utf-8")
 
 
 def is_main_process() -> bool:

@@ -1,8 +1,9 @@
 """Reference-model EMA: π_ref ← η·π_θ + (1-η)·π_ref every k optimizer steps.
 
 One of the three PPO factors the study *Is DPO Superior to PPO?* found decisive; the same
-plugin works in the preference stage (and, later, the online stage) because it acts through the
-``posttrain_update_reference`` hook.
+plugin works in the preference and online stages because it acts through the
+``posttrain_update_reference`` hook, after optimizer steps, or (``on: round``) at the end of each
+round of an iterative stage (iterative DPO with a reference that follows the policy by EMA).
 
 - **Full fine-tuning**: the reference is a separate copy of the model; its weights move towards
   the policy's (TRL's ``SyncRefModelCallback.sync_target_model``, which also gathers ZeRO-3
@@ -16,27 +17,18 @@ plugin works in the preference stage (and, later, the online stage) because it a
   a term of second order in how far the factors moved, and is exact at η = 0 (frozen) and η = 1
   (reference = policy). No second copy of the base model is held.
 
-Limits: the reference is not part of checkpoints, so after ``--resume`` it restarts from the
-resumed policy (as with TRL's own sync).
+The moving itself is ``posttrain.reference`` (shared with ``ref_to_latest``). Limits: within a
+stage the reference is not part of checkpoints, so after ``--resume`` it restarts from the
+resumed policy (as with TRL's own sync); an iterative stage saves it with each round.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from posttrain import Plugin, hookimpl
-
-REF_ADAPTER = "ref"
-
-
-def _adapter_pairs(model):
-    """(policy parameter, reference parameter) for every LoRA weight of the 'default' adapter."""
-    params = dict(model.named_parameters())
-    for name, param in params.items():
-        if ".default." in name:
-            ref = params.get(name.replace(".default.", f".{REF_ADAPTER}."))
-            if ref is not None:
-                yield param, ref
+from posttrain.reference import add_reference_adapter, move_reference
 
 
 class RefEMA(Plugin):
@@ -46,7 +38,9 @@ class RefEMA(Plugin):
     @dataclass
     class Options:
         eta: float = field(default=0.05, metadata={"help": "EMA rate η: 0 keeps the reference frozen, 1 copies the policy."})
-        every: int = field(default=1, metadata={"help": "Update the reference every k optimizer steps."})
+        every: int = field(default=1, metadata={"help": "Update the reference every k optimizer steps (or rounds)."})
+        on: Literal["step", "round"] = field(default="step", metadata={
+            "help": "'step': after optimizer steps; 'round': at the end of each round of an iterative stage."})
 
         def validate(self):
             if not 0 <= self.eta <= 1:
@@ -70,29 +64,6 @@ class RefEMA(Plugin):
 
     @hookimpl
     def posttrain_update_reference(self, trainer, event, step):
-        if event != "step" or step % self.options.every:
+        if event != self.options.on or step % self.options.every:
             return
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if trainer.ref_model is not None:
-            from trl.trainer.callbacks import SyncRefModelCallback
-
-            SyncRefModelCallback.sync_target_model(model, trainer.ref_model, self.options.eta)
-            return
-        eta = self.options.eta
-        for policy, ref in _adapter_pairs(model):
-            ref.data.mul_(1 - eta).add_(policy.data.to(ref.dtype), alpha=eta)
-
-
-def add_reference_adapter(model) -> None:
-    """For a PEFT policy without one, add the 'ref' adapter as a frozen copy of 'default'."""
-    from accelerate.utils import is_peft_model
-
-    while hasattr(model, "module") and not is_peft_model(model):  # DDP / DeepSpeed wrappers
-        model = model.module
-    if not is_peft_model(model) or REF_ADAPTER in model.peft_config:
-        return
-    model.add_adapter(REF_ADAPTER, model.peft_config["default"])
-    model.set_adapter("default")
-    for policy, ref in _adapter_pairs(model):
-        ref.data.copy_(policy.data)
-        ref.requires_grad_(False)
+        move_reference(trainer, self.options.eta)

@@ -152,3 +152,43 @@ class Constant(Plugin):
     @hookimpl
     def posttrain_reward(self, completions):
         return [self.options.value for _ in completions]
+
+
+class KillInRound(Plugin):
+    name = "kill_in_round"
+    description = "SIGKILLs its own process once, at a training step of a given round of an iterative stage"
+
+    @dataclass
+    class Options:
+        round: int = 2
+        at_step: int = 1
+        marker: str = "killed.marker"
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        self.rounds_done = 0
+
+    @hookimpl
+    def posttrain_update_reference(self, event):
+        if event == "round":
+            self.rounds_done += 1
+
+    @hookimpl
+    def posttrain_callbacks(self):
+        import os
+        import signal
+        from pathlib import Path
+
+        from transformers import TrainerCallback
+
+        plugin = self
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                marker = Path(plugin.options.marker)
+                if (plugin.rounds_done + 1 == plugin.options.round and state.global_step == plugin.options.at_step
+                        and not marker.exists()):
+                    marker.write_text("killed")
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return [Kill()]

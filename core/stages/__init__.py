@@ -31,7 +31,11 @@ class StageKind:
 
     @property
     def config_class(self) -> str:
-        return self.config_chain[0][2]
+        return self.config_chain[0][2] if self.config_chain else ""
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.config_chain)
 
 
 _BASES = (("trl", "trainer/base_config.py", "_BaseConfig"), ("transformers", "training_args.py", "TrainingArguments"))
@@ -131,4 +135,26 @@ REWARD_MODEL = StageKind(
     renamed={**_COMMON_RENAMED, "max_prompt_length": "use max_length (the whole prompt + response)"},
 )
 
-STAGES = {kind.name: kind for kind in (SFT, REWARD_MODEL, PREFERENCE, ONLINE)}
+ITERATIVE = StageKind(
+    name="iterative",
+    trainer="trl.DPOTrainer",
+    config_chain=PREFERENCE.config_chain,
+    columns=("prompt",),
+    about="iterative DPO: rounds of sampling from the policy, scoring, pairing and DPO, the reference updated per "
+          "round",
+    default_plugins={"dpo": {}},
+    managed={**PREFERENCE.managed,
+             "precompute_ref_log_probs": "each round trains on new pairs, and the reference may move between rounds: "
+                                         "its log-probs are computed as training goes"},
+    renamed=PREFERENCE.renamed,
+)
+
+REJECTION_SAMPLING = StageKind(
+    name="rejection_sampling",
+    trainer="none (sampling and scoring only)",
+    config_chain=(),
+    columns=("prompt",),
+    about="sample completions, score them, keep each prompt's best as an SFT dataset for the next stage",
+)
+
+STAGES = {kind.name: kind for kind in (SFT, REWARD_MODEL, PREFERENCE, ONLINE, ITERATIVE, REJECTION_SAMPLING)}

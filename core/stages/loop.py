@@ -174,14 +174,16 @@ class GuardedTrainer:
 
 
 class MetricsWriter(TrainerCallback):
-    """Appends one JSON line per logged step to metrics.jsonl."""
+    """Appends one JSON line per logged step to metrics.jsonl (with ``extra``, e.g. an iterative
+    stage's round, in every line)."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.extra: dict = {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            record = {**self.extra, "step": state.global_step, "epoch": state.epoch, **logs}
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -270,21 +272,27 @@ def _text(prompt) -> str:
 
 
 def answer_metrics(plan: Plan, trainer, heldout) -> dict | None:
-    """Greedy answers to held-out prompts, scored by the enabled reward plugins."""
+    """Greedy answers to held-out prompts, scored by the enabled reward plugins (the trainer's model)."""
+    ds_plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    if ds_plugin is not None and ds_plugin.zero_stage == 3:
+        return {"skipped": "greedy answers are not generated under DeepSpeed ZeRO-3 (the weights are sharded)"}
+    return greedy_answers(plan, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, heldout,
+                          trainer.accelerator.autocast())
+
+
+def greedy_answers(plan: Plan, model, tokenizer, heldout, autocast) -> dict | None:
+    """Greedy answers of ``model`` to ``eval.generate`` held-out prompts (under ``autocast``, the compute
+    dtype), scored by the enabled reward plugins; None without prompts or reward plugins."""
     n = plan.recipe.eval.generate
     if n == 0 or heldout is None or "prompt" not in heldout.column_names:
         return None
     if not plan.plugins.implementers("posttrain_reward"):
         return None
-    ds_plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
-    if ds_plugin is not None and ds_plugin.zero_stage == 3:
-        return {"skipped": "greedy answers are not generated under DeepSpeed ZeRO-3 (the weights are sharded)"}
     subset = heldout.select(range(min(n, len(heldout))))
     prompts = subset["prompt"]
-    model = trainer.accelerator.unwrap_model(trainer.model)
     generation = {"max_new_tokens": plan.recipe.eval.max_new_tokens, "do_sample": False}
-    with trainer.accelerator.autocast():  # generate in the compute dtype, as training runs
-        completions = [c[0] for c in sample(plan.plugins, model, trainer.processing_class, prompts, 1, generation)]
+    with autocast:
+        completions = [c[0] for c in sample(plan.plugins, model, tokenizer, prompts, 1, generation)]
     columns = {c: subset[c] for c in subset.column_names}
     rewards = score(plan.plugins, prompts, completions, columns)
     scored = [r for r in rewards.total if r is not None]
@@ -346,6 +354,8 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = T
     """Build, evaluate, train, save, evaluate, summarise. In a distributed launch every rank runs
     this (training and evaluation are collective); only the main process writes files."""
     stage = importlib.import_module(STAGES[plan.recipe.stage].module)
+    if hasattr(stage, "run"):  # a stage with its own loop (iterative rounds, sampling only)
+        return stage.run(plan, run_dir, resume, end_distributed)
     trainer, heldout = stage.build_trainer(plan, run_dir)
     main = trainer.is_world_process_zero()
     before_path = run_dir / "eval_before.json"

@@ -34,7 +34,8 @@ from ..recipe import DEFAULT_PLUGINS, Recipe, from_data
 from ..validate import STAGE_REF, Plan, validate
 from . import STAGES
 
-STAGE_KEYS = ("name", "stage", "description", "model", "data", "plugins", "training", "eval", "seed")
+STAGE_KEYS = ("name", "stage", "description", "model", "data", "plugins", "training", "eval", "seed", "rounds",
+              "sampling")
 PIPELINE_KEYS = ("name", "description", "model", "stages", "seed", "output_dir", "merged_dtype")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -151,6 +152,7 @@ def parse_pipeline(data: dict) -> Pipeline:
                 DEFAULT_PLUGINS.get(kind, {})),
             "training": raw.get("training") or {},
             "eval": raw.get("eval") or {},
+            **{key: raw[key] for key in ("rounds", "sampling") if key in raw},
         }
         recipe = from_data(Recipe, stage_data, f"stages[{i}]")
         stages.append(PipelineStage(i, raw["name"], stage_data, recipe))
@@ -174,26 +176,45 @@ def validate_pipeline(pipeline: Pipeline) -> Pipeline:
 
 
 def stage_output(stage_dir: Path, recipe: Recipe) -> Path:
-    """Where a stage's model is, for the stages after it: merged/ with LoRA, else final/."""
+    """Where a stage's model is, for the stages after it: merged/ with LoRA, else final/; a
+    rejection_sampling stage trains nothing, so its output is the model it sampled from."""
+    if recipe.stage == "rejection_sampling":
+        summary = stage_dir / "summary.json"
+        return Path(json.loads(summary.read_text())["model"]) if summary.is_file() else stage_dir / "model"
     return stage_dir / ("merged" if recipe.model.lora is not None else "final")
 
 
+def stage_dataset(stage_dir: Path) -> Path:
+    """The dataset a stage wrote for the next ones (rejection_sampling's best samples)."""
+    from .rejection_sampling import DATASET_FILE
+
+    return stage_dir / DATASET_FILE
+
+
 def _finished(stage_dir: Path, recipe: Recipe) -> bool:
-    return (stage_dir / "summary.json").is_file() and (stage_output(stage_dir, recipe) / "config.json").is_file()
+    if not (stage_dir / "summary.json").is_file():
+        return False
+    if recipe.stage == "rejection_sampling":
+        return stage_dataset(stage_dir).is_file()
+    return (stage_output(stage_dir, recipe) / "config.json").is_file()
 
 
-def _resolve_references(data: dict, outputs: dict[str, Path]) -> dict:
-    """The stage's recipe data with every ``stages.NAME`` replaced by that stage's output folder."""
-    def walk(value):
+def _resolve_references(data: dict, outputs: dict[str, Path], dirs: dict[str, Path]) -> dict:
+    """The stage's recipe data with every ``stages.NAME`` replaced by that stage's output folder, or,
+    as a data source, by the dataset that stage wrote."""
+    def walk(value, path):
         if isinstance(value, str) and value.startswith(STAGE_REF):
-            return str(outputs[value[len(STAGE_REF):]].resolve())
+            name = value[len(STAGE_REF):]
+            if path in ("data.source", "data.eval.source"):
+                return str(stage_dataset(dirs[name]).resolve())
+            return str(outputs[name].resolve())
         if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
+            return {k: walk(v, f"{path}.{k}" if path else k) for k, v in value.items()}
         if isinstance(value, list):
-            return [walk(v) for v in value]
+            return [walk(v, path) for v in value]
         return value
 
-    return walk(copy.deepcopy(data))
+    return walk(copy.deepcopy(data), "")
 
 
 def _changed_stages(saved: dict, current: dict) -> list[str]:
@@ -245,13 +266,9 @@ def prepare_pipeline_dir(pipeline: Pipeline, top: Path, *, resume: bool, overwri
                                     "--from NAME")
         recipe_file.write_text(yaml.safe_dump(pipeline.data, sort_keys=False), encoding="utf-8")
         return
-    if top.exists() and any(top.iterdir()):
-        if not overwrite:
-            raise UserError(f"run directory '{top}' already exists", field="--output-dir",
-                            fix="choose another --output-dir, continue it with --resume, or replace it with --overwrite")
-        shutil.rmtree(top)
-    top.mkdir(parents=True, exist_ok=True)
-    recipe_file.write_text(yaml.safe_dump(pipeline.data, sort_keys=False), encoding="utf-8")
+    from ..run import new_run_dir
+
+    new_run_dir(top, pipeline.data, overwrite)
 
 
 def _stage_summary(stage: PipelineStage, stage_dir: Path, summary: dict, seconds: float | None) -> dict:
@@ -287,7 +304,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
             outputs[stage.name] = stage_output(stage_dir, stage.recipe)
             continue
         print(f"posttrain: stage {stage.dir_name} ({stage.recipe.stage})", flush=True)
-        resolved = _resolve_references(stage.data, outputs)
+        resolved = _resolve_references(stage.data, outputs, {s.name: top / s.dir_name for s in pipeline.stages})
         try:
             plan = validate(from_data(Recipe, resolved, f"stages[{stage.index}]"), earlier_stages=[])
         except UserError as e:
@@ -305,7 +322,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
                 summary = run_stage(plan, stage_dir, continuing, end_distributed=False)
             except UserError as e:
                 raise _prefixed(e, f"stages[{stage.index}]") from None
-        if main and stage.recipe.model.lora is not None:
+        if main and stage.recipe.model.lora is not None and STAGES[stage.recipe.stage].trains:
             export_merged(plan, stage_dir, pipeline.merged_dtype)
         _barrier()  # under a distributed launch, the other ranks wait for rank 0's merged output
         seconds = round(time.time() - t0, 1)
