@@ -17,7 +17,7 @@ RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt test bench bench-gpu clean
+.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt table-saferlhf test bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ demo-pipeline: setup
 
 demo-instructgpt: setup
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/pipeline-instructgpt-cpu.yaml --output-dir runs/pipeline-instructgpt-cpu-$(shell date +%Y%m%d-%H%M%S)
+
+# The DPO-vs-PPO study's SafeRLHF table in miniature: 6 recipes (8 rows), then each evaluated on
+# the same held-out prompts (about an hour on 2 CPU cores; re-running skips finished rows).
+table-saferlhf: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/saferlhf_table.py --out runs/saferlhf-table
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -64,7 +64,8 @@ def _recipe(tiny_model_dir, tmp_path, name="it", plugins=None, **extra):
                       "dtype": "float32"},
             "data": {"source": "builtin:word_problems", "options": {"n": 40}, "eval": {"fraction": 0.2}},
             "plugins": plugins or {"dpo": {"beta": 0.1}, "online_plugins:DigitShare": {}, "ref_to_latest": {}},
-            "rounds": 2, "sampling": {"samples": 4, "prompts": 8, "max_new_tokens": 8, "batch_size": 8},
+            # two sampling batches per round: round 2 samples with the trainer's (single-use) autocast per batch
+            "rounds": 2, "sampling": {"samples": 4, "prompts": 8, "max_new_tokens": 8, "batch_size": 4},
             "training": {"per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1, "learning_rate": 5e-3,
                          "save_strategy": "steps", "save_steps": 1, "max_length": 512},
             "eval": {"generate": 4, "max_new_tokens": 6}, **extra}

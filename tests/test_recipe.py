@@ -256,9 +256,13 @@ def test_shipped_cpu_recipes_run_on_the_tiny_model(cli, tiny_model_dir, tmp_path
     sets = [f"model.name_or_path={tiny_model_dir}"]
     for prefix in prefixes:
         sets += [f"{prefix}training.max_steps=2", f"{prefix}eval.generate=4", f"{prefix}data.options.n=80"]
-    if (yaml.safe_load(path.read_text()) or {}).get("stage") == "iterative":
-        # a random model's answers all score 0 with a verifier (every pair would tie): add a graded reward
-        sets += ["plugins.online_plugins:DigitShare={}", "rounds=2", "sampling.prompts=8", "training.max_length=512"]
+    recipe = yaml.safe_load(path.read_text()) or {}
+    for prefix, stage in zip(prefixes, stages or [recipe]):
+        if stage.get("stage") == "iterative":
+            # a random model's answers tie under a verifier or a rule judge (no pair would survive): add a
+            # graded reward
+            sets += [f"{prefix}{key}" for key in ("plugins.online_plugins:DigitShare={}", "rounds=2",
+                                                   "sampling.prompts=8", "training.max_length=512")]
     code, out, err = cli("run", path, "--output-dir", tmp_path / "run", *[a for s in sets for a in ("--set", s)])
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

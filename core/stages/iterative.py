@@ -66,8 +66,22 @@ def round_prompts(train, sampling, round_index: int, seed: int) -> list[dict]:
     return [train[order[(start + i) % len(order)]] for i in range(count)]
 
 
+def compute_autocast(precision):
+    """A factory of the autocast context for ``precision``'s compute dtype on this process's device."""
+    import contextlib
+
+    from accelerate import PartialState
+
+    flags = precision.trl_flags
+    if not (flags["bf16"] or flags["fp16"]):
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if flags["bf16"] else torch.float16
+    return lambda: torch.autocast(PartialState().device.type, dtype=dtype)
+
+
 def sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast) -> list[dict]:
-    """Every row's samples, their combined rewards and each source's (None where it abstained)."""
+    """Every row's samples, their combined rewards and each source's (None where it abstained).
+    ``autocast`` makes a new compute-dtype context per batch (some, like accelerate's, are single-use)."""
     s = plan.recipe.sampling
     generation = {"max_new_tokens": s.max_new_tokens, "do_sample": True, "temperature": s.temperature,
                   "top_p": s.top_p}
@@ -75,7 +89,7 @@ def sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast) -
     for start in range(0, len(rows), s.batch_size):
         chunk = rows[start:start + s.batch_size]
         prompts = [r["prompt"] for r in chunk]
-        with autocast:
+        with autocast():
             samples = sample(plan.plugins, model, tokenizer, prompts, s.samples, generation)
         flat = [text for group in samples for text in group]
         columns = {key: [r[key] for r in chunk for _ in range(s.samples)] for key in chunk[0]}
@@ -265,24 +279,19 @@ class Rounds:
     # -- evaluation and sampling ---------------------------------------------------------------
 
     def _device_model(self):
+        """The model to sample from and a factory of its compute-dtype context (a new one per use)."""
         if self.trainer is not None:
-            return self.trainer.accelerator.unwrap_model(self.trainer.model), self.trainer.accelerator.autocast()
+            return self.trainer.accelerator.unwrap_model(self.trainer.model), self.trainer.accelerator.autocast
         from accelerate import PartialState
 
         self.model.to(PartialState().device)
-        dtype = self.precision.trl_flags
-        device_type = PartialState().device.type
-        if dtype["bf16"] or dtype["fp16"]:
-            return self.model, torch.autocast(device_type, dtype=torch.bfloat16 if dtype["bf16"] else torch.float16)
-        import contextlib
-
-        return self.model, contextlib.nullcontext()
+        return self.model, compute_autocast(self.precision)
 
     def heldout_answers(self) -> dict | None:
         if self.trainer is not None:
             return answer_metrics(self.plan, self.trainer, self.heldout)
         model, autocast = self._device_model()
-        return greedy_answers(self.plan, model, self.tokenizer, self.heldout, autocast)
+        return greedy_answers(self.plan, model, self.tokenizer, self.heldout, autocast())
 
     def sample_round(self, rows: list[dict]) -> list[dict]:
         model, autocast = self._device_model()

@@ -279,7 +279,8 @@ def _stage_summary(stage: PipelineStage, stage_dir: Path, summary: dict, seconds
         "before": summary.get("before"), "after": summary.get("after"),
         **({"reward_stats": summary["reward_stats"]} if "reward_stats" in summary else {}),
         **({"data_transforms": summary["data_transforms"]} if summary.get("data_transforms") else {}),
-        **({k: summary[k] for k in ("reward_first_third", "reward_last_third") if k in summary}),
+        **({k: summary[k] for k in ("reward_first_third", "reward_last_third", "rounds",  # online, iterative
+                                    "kept", "best_rewards") if k in summary}),  # rejection sampling
     }
 
 

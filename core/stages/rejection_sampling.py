@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
 from ..validate import Plan
-from .iterative import _write_jsonl, round_prompts, sample_and_score
+from .iterative import _write_jsonl, compute_autocast, round_prompts, sample_and_score
 from .loop import close_process_group, load_data
 
 STAGE = "rejection_sampling"
@@ -62,10 +62,8 @@ def keep_best(scored: list[dict], min_score: float | None) -> tuple[list[dict], 
 
 
 def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -> dict:
-    import contextlib
     import os
 
-    import torch
     from accelerate import PartialState
 
     recipe = plan.recipe
@@ -76,9 +74,7 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
     tokenizer = load_tokenizer(recipe, path)
     model, _ = load_model(recipe, path, precision)  # nothing is trained: a LoRA section is not used here
     model.to(PartialState().device).eval()
-    flags = precision.trl_flags
-    autocast = (torch.autocast(PartialState().device.type, dtype=torch.bfloat16 if flags["bf16"] else torch.float16)
-                if flags["bf16"] or flags["fp16"] else contextlib.nullcontext())
+    autocast = compute_autocast(precision)
     rows = round_prompts([train[i] for i in range(len(train))], recipe.sampling, 1, recipe.seed)
     scored = sample_and_score(plan, model, tokenizer, rows, autocast)
     records, counts = keep_best(scored, recipe.sampling.min_score)

@@ -1,0 +1,40 @@
+"""bench/saferlhf_table.py on the tiny model: one row run end to end, then evaluated with the safety task's
+judges. The numbers of a random model mean nothing; what is checked is that the table holds the start
+and the row's trained model with rates in range and example answers, the study's column beside them, and
+that a second call reuses the finished run instead of training again (the same rates)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_table_runs_a_row_and_evaluates_it(tiny_model_dir, tmp_path):
+    sets = [f"model.name_or_path={tiny_model_dir}"]
+    for stage in ("sft", "dpo"):
+        sets += [f"stages.{stage}.training.max_steps=2", f"stages.{stage}.eval.generate=2",
+                 f"stages.{stage}.data.options.n=40"]
+    command = [sys.executable, str(REPO / "bench" / "saferlhf_table.py"), "--out", str(tmp_path / "table"),
+               "--prompts", "6", "--max-new-tokens", "6", "--rows", "1-dpo", *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "table" / "table.json").read_text())
+    start, dpo = report["table"]
+    assert start["row"].startswith("start (") and dpo["row"] == "DPO"
+    assert dpo["run"].endswith("saferlhf-1-dpo") and (Path(dpo["run"]) / "02-dpo" / "merged").is_dir()
+    assert report["heldout"] == {"generator": "safety_prompts", "n": 6, "seed": 99}
+    for line in (start, dpo):
+        assert line["n"] == 6 and 0.0 <= line["safety_rate"] <= 1.0 and 0.0 <= line["helpfulness"] <= 1.0
+        shown = line["examples"]
+        assert shown and all(set(e) == {"prompt", "answer", "safe", "helpful"} for e in shown)
+    md = (tmp_path / "table" / "table.md").read_text()
+    assert "| DPO |" in md and "55.4%" in md  # the study's column beside the measured one
+    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert again.returncode == 0 and "1-dpo: finished earlier" in again.stderr
+    assert json.loads((tmp_path / "table" / "table.json").read_text())["table"][1]["safety_rate"] == dpo["safety_rate"]
