@@ -16,7 +16,9 @@ requests for the secret or the forbidden action), judged by the task's rules:
                                    [--set KEY=VALUE ...]   (applied to every row, e.g. stages.dpo.training.max_steps=2)
 
 Rows whose run finished are not run again (an interrupted one is resumed), so the command can be
-repeated; prints the table as JSON and Markdown and writes both next to the runs.
+repeated; a row's first stages that an earlier row trained with the same recipe (every row's SFT
+stage, the fix rows' safe-SFT stage) are hard-linked from that row instead of trained again. Prints
+the table as JSON and Markdown and writes both next to the runs.
 """
 
 from __future__ import annotations
@@ -42,17 +44,77 @@ STUDY = {"SFT": ("41.6%", "-2.62"), "DPO": ("55.4%", "-4.19"), "+ SFT on safe da
          "iterative DPO, round 3": ("99.9%", "-3.26")}
 
 
-def run_row(row: str, out: Path, overrides: list[str]) -> Path:
-    """Run (or resume, or skip) one row's pipeline; its run directory."""
+def row_overrides(row: str, overrides: list[str]) -> list[str]:
+    """The overrides that apply to ``row``: a ``stages.NAME.`` one only where the row has that stage."""
+    import yaml
+
+    names = {s["name"] for s in yaml.safe_load((REPO / "recipes" / f"saferlhf-{row}.yaml").read_text())["stages"]}
+    return [o for o in overrides if not o.startswith("stages.") or o.split(".")[1] in names]
+
+
+def pipeline_data(row: str, overrides: list[str]) -> dict:
+    """The row's pipeline as its run directory records it (``recipe.yaml``)."""
+    from posttrain.recipe import load_recipe_data
+    from posttrain.stages.pipeline import parse_pipeline, validate_pipeline
+
+    data = load_recipe_data(str(REPO / "recipes" / f"saferlhf-{row}.yaml"), overrides)
+    return validate_pipeline(parse_pipeline(data)).data
+
+
+def shared_stages(data: dict, done: dict[str, tuple[dict, Path]]) -> tuple[Path | None, int]:
+    """The finished row whose first stages are the same as this row's (same model, seed and stage
+    recipes, in the same order), and how many: those stages are reused instead of trained again."""
+    def top(d):
+        return {k: v for k, v in d.items() if k not in ("name", "description", "stages")}
+
+    best, count = None, 0
+    for other, other_dir in done.values():
+        if top(other) != top(data):
+            continue
+        n = 0
+        while n < min(len(data["stages"]) - 1, len(other["stages"])) and data["stages"][n] == other["stages"][n]:
+            n += 1
+        if n > count:
+            best, count = other_dir, n
+    return best, count
+
+
+def seed_from(run_dir: Path, data: dict, source: Path, count: int) -> None:
+    """Start ``run_dir`` as a pipeline whose first ``count`` stages finished: their folders are hard-linked
+    from ``source`` (nothing is copied or changed there); ``posttrain run --resume`` then skips them."""
+    import shutil
+
+    import yaml
+
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    for stage_dir in sorted(p for p in source.iterdir() if p.is_dir() and p.name[:2].isdigit())[:count]:
+        shutil.copytree(stage_dir, run_dir / stage_dir.name, copy_function=os.link)
+
+
+def run_row(row: str, out: Path, overrides: list[str], done: dict[str, tuple[dict, Path]]) -> Path:
+    """Run (or resume, or skip) one row's pipeline; its run directory. Stages that an earlier row
+    already trained with the same recipe (every row's SFT stage; the safe-SFT stage of the fix rows)
+    are reused from it."""
     from posttrain.run import run
 
     run_dir = out / f"saferlhf-{row}"
     recipe = str(REPO / "recipes" / f"saferlhf-{row}.yaml")
+    overrides = row_overrides(row, overrides)
+    data = pipeline_data(row, overrides)
     if (run_dir / "summary.json").is_file():
         print(f"[table] {row}: finished earlier", file=sys.stderr)
+        done[row] = (data, run_dir)
         return run_dir
+    if not run_dir.exists():
+        source, count = shared_stages(data, done)
+        if source is not None:
+            seed_from(run_dir, data, source, count)
+            print(f"[table] {row}: its first {count} stage(s) are {source.name}'s (same recipe): reused",
+                  file=sys.stderr)
     started = time.time()
     run(recipe, overrides, str(run_dir), resume=(run_dir / "recipe.yaml").is_file())
+    done[row] = (data, run_dir)
     print(f"[table] {row}: {time.time() - started:.0f} s", file=sys.stderr)
     return run_dir
 
@@ -121,11 +183,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rows", default=",".join(ROWS), help="rows to run, e.g. 0-sft,1-dpo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a recipe override applied to every row (as posttrain run --set)")
+                        help="a recipe override applied to every row (as posttrain run --set; stages.NAME.* only to "
+                             "rows with that stage)")
     args = parser.parse_args(argv)
     from posttrain.builtin.safety import SafetyPromptOptions, safety_prompts
     from posttrain.models import resolve_model_path
-    from posttrain.recipe import load_recipe_data
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,12 +195,13 @@ def main(argv=None) -> int:
     heldout = safety_prompts(SafetyPromptOptions(n=args.prompts, seed=99))  # a seed no row trains on
     started = time.time()
     table = []
-    start = load_recipe_data(str(REPO / "recipes" / f"saferlhf-{rows[0]}.yaml"), args.set)["model"]["name_or_path"]
+    done: dict[str, tuple[dict, Path]] = {}
+    start = pipeline_data(rows[0], row_overrides(rows[0], args.set))["model"]["name_or_path"]
     start_model, start_tokenizer = load(Path(resolve_model_path(start)), None)
     table.append({"row": f"start ({start}, no training)",
                   **evaluate(start_model, start_tokenizer, heldout, args.max_new_tokens)})
     for row in rows:
-        run_dir = run_row(row, out, args.set)
+        run_dir = run_row(row, out, args.set, done)
         for label, model_dir, adapter in models_of(row, run_dir):
             model, tokenizer = load(model_dir, adapter)
             table.append({"row": label, "run": str(run_dir), **evaluate(model, tokenizer, heldout, args.max_new_tokens)})

@@ -1,5 +1,5 @@
-"""bench/saferlhf_table.py on the tiny model: one row run end to end, then evaluated with the safety task's
-judges. The numbers of a random model mean nothing; what is checked is that the table holds the start
+"""bench/saferlhf_table.py on the tiny model: two rows run end to end, then evaluated with the safety task's
+judges, the second row reusing the first row's SFT stage. The numbers of a random model mean nothing; what is checked is that the table holds the start
 and the row's trained model with rates in range and example answers, the study's column beside them, and
 that a second call reuses the finished run instead of training again (the same rates)."""
 
@@ -20,16 +20,19 @@ def test_table_runs_a_row_and_evaluates_it(tiny_model_dir, tmp_path):
         sets += [f"stages.{stage}.training.max_steps=2", f"stages.{stage}.eval.generate=2",
                  f"stages.{stage}.data.options.n=40"]
     command = [sys.executable, str(REPO / "bench" / "saferlhf_table.py"), "--out", str(tmp_path / "table"),
-               "--prompts", "6", "--max-new-tokens", "6", "--rows", "1-dpo", *[a for s in sets for a in ("--set", s)]]
+               "--prompts", "6", "--max-new-tokens", "6", "--rows", "0-sft,1-dpo", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "table" / "table.json").read_text())
-    start, dpo = report["table"]
+    start, sft, dpo = report["table"]
+    assert sft["row"] == "SFT" and "1-dpo: its first 1 stage(s) are saferlhf-0-sft's (same recipe): reused" in proc.stderr
+    shared = "01-sft/merged/model.safetensors"
+    assert (Path(sft["run"]) / shared).stat().st_ino == (Path(dpo["run"]) / shared).stat().st_ino  # hard-linked
     assert start["row"].startswith("start (") and dpo["row"] == "DPO"
     assert dpo["run"].endswith("saferlhf-1-dpo") and (Path(dpo["run"]) / "02-dpo" / "merged").is_dir()
     assert report["heldout"] == {"generator": "safety_prompts", "n": 6, "seed": 99}
-    for line in (start, dpo):
+    for line in (start, sft, dpo):
         assert line["n"] == 6 and 0.0 <= line["safety_rate"] <= 1.0 and 0.0 <= line["helpfulness"] <= 1.0
         shown = line["examples"]
         assert shown and all(set(e) == {"prompt", "answer", "safe", "helpful"} for e in shown)
@@ -37,4 +40,4 @@ def test_table_runs_a_row_and_evaluates_it(tiny_model_dir, tmp_path):
     assert "| DPO |" in md and "55.4%" in md  # the study's column beside the measured one
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert again.returncode == 0 and "1-dpo: finished earlier" in again.stderr
-    assert json.loads((tmp_path / "table" / "table.json").read_text())["table"][1]["safety_rate"] == dpo["safety_rate"]
+    assert json.loads((tmp_path / "table" / "table.json").read_text())["table"][2]["safety_rate"] == dpo["safety_rate"]
