@@ -112,11 +112,15 @@ class CheckWorker:
     def start(self) -> None:
         """Start the process if it is not running, and wait until it is ready (RuntimeError if it cannot)."""
         with self.lock:
-            if self.process is None or not self.process.is_alive():
-                self._kill()
-                self._start()
-            if not self.ready:
-                self._wait_until_ready()
+            self._ensure_started()
+
+    def _ensure_started(self) -> None:
+        """(Under the lock.) A live, ready process: a dead one is replaced."""
+        if self.process is None or not self.process.is_alive():
+            self._kill()
+            self._start()
+        if not self.ready:
+            self._wait_until_ready()
 
     def answers_now(self) -> bool:
         """Whether the process is ready, or has said how its start went (no waiting, nothing read)."""
@@ -130,11 +134,7 @@ class CheckWorker:
     def call(self, request: Any, timeout: float) -> Any:
         """The handler's answer to ``request``, or ``failed`` when it takes over ``timeout`` seconds or dies."""
         with self.lock:
-            if self.process is None or not self.process.is_alive():
-                self._kill()
-                self._start()
-            if not self.ready:
-                self._wait_until_ready()
+            self._ensure_started()
             try:
                 self.conn.send(request)
                 if self.conn.poll(timeout):
