@@ -165,6 +165,13 @@ def _print_metrics(summary: dict, indent: str = "  ") -> None:
             print(f"{indent}{'metric':<30} {'before':>8} {'after':>8}")
             shown = True
         print(f"{indent}{label:<30} {_fmt(b):>8} {_fmt(a):>8}")
+    # With several reward sources the accuracy above is the share of positive weighted totals; each
+    # source's own mean says which one moved (a verifier's mean is its accuracy).
+    b_src = ((before.get("answers") or {}).get("by_source")) or {}
+    a_src = ((after.get("answers") or {}).get("by_source")) or {}
+    if len(set(b_src) | set(a_src)) > 1:
+        for name in sorted(set(b_src) | set(a_src)):
+            print(f"{indent}{'  greedy answers, ' + name:<30} {_fmt(b_src.get(name)):>8} {_fmt(a_src.get(name)):>8}")
     if summary.get("reward_first_third") is not None or summary.get("reward_curve"):
         print(f"{indent}training reward, mean of the first / last third of the steps: "
               f"{_fmt(summary.get('reward_first_third'))} -> {_fmt(summary.get('reward_last_third'))}")

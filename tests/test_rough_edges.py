@@ -182,3 +182,21 @@ def test_plugin_author_docs_are_complete_and_runnable():
     assert "posttrain_reference_needed" in loss_section and "return False" in loss_section
     hooks_md = (REPO / "docs" / "hooks.md").read_text()
     assert '"rpo_nll"' in hooks_md and '{"nll"' not in hooks_md  # the name the rpo plugin logs
+
+
+def test_the_screen_summary_shows_each_reward_sources_mean_when_there_are_several(capsys):
+    """With a reward model and a verifier the accuracy row counts positive weighted totals; each
+    source's own row says which one moved."""
+    from posttrain.cli import _print_metrics
+
+    def answers(rm, gsm8k):
+        return {"answers": {"answer_accuracy": 0.5, "mean_reward": rm,
+                            "by_source": {"reward_model": rm, "verify_gsm8k": gsm8k}}}
+
+    _print_metrics({"before": answers(0.448, 0.825), "after": answers(0.351, 0.6)})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[-2:] for line in lines if "greedy answers," in line] == [["0.448", "0.351"], ["0.825", "0.600"]]
+
+    one = {"answers": {"answer_accuracy": 0.5, "mean_reward": 0.5, "by_source": {"verify_gsm8k": 0.5}}}
+    _print_metrics({"before": one, "after": one})
+    assert "greedy answers," not in capsys.readouterr().out
