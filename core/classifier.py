@@ -39,6 +39,35 @@ def check_model_folder(path: str) -> None:
         raise ValueError(f"'{path}' is not a model folder (no config.json or adapter_config.json)")
 
 
+STATS_FILE = "reward_stats.json"  # written next to its model by the reward_model stage
+
+
+def check_normalize(model: str, normalize) -> None:
+    """ValueError unless ``normalize`` is null, ``heldout`` (with the stats file there, for a local
+    folder) or ``{mean, std > 0}`` (for options' validate)."""
+    if isinstance(normalize, dict):
+        if set(normalize) != {"mean", "std"} or normalize["std"] <= 0:
+            raise ValueError("normalize must be {mean: number, std: positive number} or 'heldout'")
+    if normalize == "heldout" and is_local_folder(model) and not (Path(model).expanduser() / STATS_FILE).is_file():
+        raise ValueError(f"normalize: heldout needs {STATS_FILE} in '{model}' (the reward_model stage writes it); "
+                         "give normalize: {mean, std} instead")
+
+
+def normalization(model: str, normalize) -> tuple[float, float]:
+    """(shift, scale) such that (r - shift) / scale is the normalised score: (0, 1) for null, the
+    given mean and std, or for ``heldout`` those of ``reward_stats.json`` next to the model."""
+    if not normalize:
+        return 0.0, 1.0
+    if normalize == "heldout":
+        import json
+
+        from .models import resolve_model_path
+
+        stats = json.loads((Path(resolve_model_path(model)) / STATS_FILE).read_text())
+        normalize = {"mean": stats["mean"], "std": stats["std"]}
+    return float(normalize["mean"]), float(normalize["std"])
+
+
 class SequenceClassifier:
     def __init__(self, path: str, *, dtype: str = "auto", batch_size: int = 8, max_length: int = 1024,
                  field: str = "plugins", what: str = "model"):

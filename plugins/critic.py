@@ -12,7 +12,9 @@ Two ways to get one (option ``model``):
   InstructGPT and the DPO-vs-PPO study do): a sequence classifier with one label (the
   reward_model stage's output), whose body and head become V. It must share the policy's tokenizer.
   It trains through its own LoRA adapter (``lora_r`` > 0, its head in full) or all of its weights
-  (``lora_r: 0``; float32 master weights).
+  (``lora_r: 0``; float32 master weights). ``normalize`` puts its outputs on the scale of a
+  normalised ``reward_model`` source, V = (head − mean) / std, so its values start where the
+  returns are (give it the same ``normalize`` as the reward source).
 
 The loss is PPO's clipped value loss on the completion tokens,
 
@@ -30,9 +32,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 from posttrain import Critic, Plugin, UserError, hookimpl
+from posttrain.classifier import check_normalize, normalization
 
 CRITIC_ADAPTER = "critic"
 
@@ -220,6 +223,7 @@ class ValueModelCritic(_CriticBase):
                                                      lora_dropout=0.0, target_modules="all-linear",
                                                      task_type="SEQ_CLS"))
         self.model = model.to(trainer.accelerator.device).train()
+        self.shift, self.scale = normalization(self.options.model, self.options.normalize)
         self._make_optimizer()
 
     def trained_parameters(self) -> list:
@@ -231,7 +235,7 @@ class ValueModelCritic(_CriticBase):
         with self.trainer.accelerator.autocast():
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             values = inner.score(self._states_before_tokens(hidden, logits_to_keep))
-        return values.squeeze(-1).float()
+        return (values.squeeze(-1).float() - self.shift) / self.scale  # on the normalised reward's scale
 
 
 class CriticPlugin(Plugin):
@@ -251,6 +255,9 @@ class CriticPlugin(Plugin):
         lora_r: int = field(default=16, metadata={
             "help": "Rank of the critic's LoRA adapter; with a value model, 0 trains all of its weights."})
         max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of the critic (0: none)."})
+        normalize: Union[Literal["heldout"], dict[str, float], None] = field(default=None, metadata={
+            "help": "A value model's scores as the reward_model source normalises them, so V starts on the reward's "
+                    "scale: null (raw), {mean, std}, or heldout (the model's reward_stats.json)."})
 
         def validate(self):
             if self.learning_rate <= 0 or self.vf_coef <= 0:
@@ -259,6 +266,10 @@ class CriticPlugin(Plugin):
                 raise ValueError("cliprange_value must be positive (or null for an unclipped value loss)")
             if self.lora_r < 0 or (self.model == "policy" and self.lora_r == 0):
                 raise ValueError("lora_r must be > 0 for the critic on the policy's base (>= 0 for a value model)")
+            if self.normalize is not None and self.model == "policy":
+                raise ValueError("normalize applies to a value model initialised from a reward model, not to "
+                                 "model: policy (its head starts at zero)")
+            check_normalize(self.model, self.normalize)
             local = self.model.startswith((".", "/", "~")) or Path(self.model).expanduser().exists()
             if self.model not in ("policy",) and local and not (Path(self.model).expanduser() / "config.json").is_file():
                 raise ValueError(f"model '{self.model}' is not a model folder (no config.json)")

@@ -15,15 +15,11 @@ per-prompt shift, so normalising matters when it is combined with a verifier by 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Union
 
 from posttrain import Plugin, UserError, hookimpl
-from posttrain.classifier import SequenceClassifier, check_model_folder, is_local_folder
-
-STATS_FILE = "reward_stats.json"
+from posttrain.classifier import SequenceClassifier, check_model_folder, check_normalize, normalization
 
 
 class RewardModel(Plugin):
@@ -48,16 +44,10 @@ class RewardModel(Plugin):
         def validate(self):
             if self.batch_size < 1 or self.max_length < 2:
                 raise ValueError("batch_size must be >= 1 and max_length >= 2")
-            if isinstance(self.normalize, dict):
-                if set(self.normalize) != {"mean", "std"} or self.normalize["std"] <= 0:
-                    raise ValueError("normalize must be {mean: number, std: positive number} or 'heldout'")
             if self.clip is not None and self.clip <= 0:
                 raise ValueError("clip must be positive")
             check_model_folder(self.model)
-            folder = Path(self.model).expanduser()
-            if self.normalize == "heldout" and is_local_folder(self.model) and not (folder / STATS_FILE).is_file():
-                raise ValueError(f"normalize: heldout needs {STATS_FILE} in '{self.model}' (the reward_model stage "
-                                 "writes it); give normalize: {mean, std} instead")
+            check_normalize(self.model, self.normalize)
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -74,13 +64,7 @@ class RewardModel(Plugin):
                             field="plugins.reward_model.model", fix="point at a reward model (a reward_model stage's "
                                                                     "output); for a classifier use the safety plugin")
         if self._shift is None:
-            norm = self.options.normalize
-            if norm == "heldout":
-                from posttrain.models import resolve_model_path
-
-                stats = json.loads((Path(resolve_model_path(self.options.model)) / STATS_FILE).read_text())
-                norm = {"mean": stats["mean"], "std": stats["std"]}
-            self._shift, self._scale = (float(norm["mean"]), float(norm["std"])) if norm else (0.0, 1.0)
+            self._shift, self._scale = normalization(self.options.model, self.options.normalize)
         return model, tokenizer
 
     def raw_scores(self, prompts: list, completions: list) -> list[float]:

@@ -176,21 +176,29 @@ def test_value_model_critic_from_a_reward_model(cli, online_recipe, tmp_path, ti
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     model.save_pretrained(rm)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
-    for lora_r in (0, 4):
-        plugins = {**PPO, "critic": {"model": str(rm), "lora_r": lora_r, "learning_rate": 1e-3}}
-        run = tmp_path / f"run{lora_r}"
+    first_values = {}
+    for lora_r, normalize in ((0, None), (4, None), (4, {"mean": 3.0, "std": 2.0})):
+        plugins = {**PPO, "critic": {"model": str(rm), "lora_r": lora_r, "learning_rate": 1e-3,
+                                     "normalize": normalize}}
+        run = tmp_path / f"run{lora_r}-{bool(normalize)}"
         code, _, err = cli("run", online_recipe(plugins=plugins, training={"max_steps": 2}), "--output-dir", run)
         assert code == 0, err
         lines = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
         assert all(math.isfinite(r["critic/value_loss"]) for r in lines)
         # initialised from the reward model: its head reads every token, so the values are not zero
         assert lines[0]["critic/values_mean"] != 0.0
+        first_values[lora_r, bool(normalize)] = lines[0]["critic/values_mean"]
+    # the same rollouts (same seed) valued before any critic step: normalised = (raw - mean) / std
+    assert first_values[4, True] == pytest.approx((first_values[4, False] - 3.0) / 2.0, rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize("plugins, message", [
     ({"online_plugins:DigitShare": {}, "gae": {}}, "enable the critic plugin"),
     ({"online_plugins:DigitShare": {}, "critic": {}, "group_relative": {}}, "use the gae estimator"),
     ({"online_plugins:DigitShare": {}, "critic": {"model": "policy", "lora_r": 0}, "gae": {}}, "lora_r"),
+    ({"online_plugins:DigitShare": {}, "critic": {"normalize": "heldout"}, "gae": {}}, "normalize applies"),
+    ({"online_plugins:DigitShare": {}, "critic": {"model": "stages.rm", "normalize": {"mean": 0, "std": 0}},
+      "gae": {}}, "positive"),
 ])
 def test_critic_configuration_errors(cli, online_recipe, plugins, message):
     code, _, err = cli("validate", online_recipe(plugins=plugins))

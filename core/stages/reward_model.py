@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from trl import RewardConfig, RewardTrainer
 
+from ..classifier import STATS_FILE
 from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
 from ..registry import PluginSet
 from ..validate import Plan
 from .loop import GuardedTrainer, build_config, finish_trainer, load_data, trainer_callbacks
 
 STAGE = "reward_model"
-STATS_FILE = "reward_stats.json"
 HELDOUT_KEYS = {"accuracy": "pairwise_accuracy", "margin": "reward_margin", "loss": "loss",
                 "mean_reward": "mean_reward"}
 
