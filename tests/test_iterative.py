@@ -159,6 +159,39 @@ def test_killed_in_round_two_resumes_without_repeating_round_one(tiny_model_dir,
     assert [r["round"] for r in json.loads((run / "summary.json").read_text())["rounds"]] == [1, 2]
 
 
+def test_a_reward_model_and_a_verifier_label_the_samples_by_weight(cli, tiny_model_dir, tmp_path):
+    """Round 1's stored rewards are the weighted sum of the sources, each recomputed here on its own:
+    the reward model by a direct RewardModel call (normalised by its reward_stats.json), the
+    digit-share rule by hand."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from posttrain.plugins.reward_model import RewardModel
+    from posttrain.types import completion_text
+
+    rm = tmp_path / "rm"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(rm), tokenizer.save_pretrained(rm)
+    (rm / "reward_stats.json").write_text(json.dumps({"mean": 0.5, "std": 2.0}))
+    plugins = {"dpo": {}, "reward_model": {"model": str(rm), "normalize": "heldout", "weight": 0.5, "dtype": "float32"},
+               "online_plugins:DigitShare": {}}
+    run = tmp_path / "run"
+    code, _, err = cli("run", _recipe(tiny_model_dir, tmp_path, plugins=plugins, rounds=1), "--output-dir", run)
+    assert code == 0, err
+    samples = read_jsonl(run / "round-01" / "samples.jsonl")
+    direct = RewardModel(RewardModel.parse_options({"model": str(rm), "normalize": "heldout", "dtype": "float32"},
+                                                   where="plugins.reward_model"))
+    for s in samples:
+        rm_scores = direct.posttrain_reward(prompts=[s["prompt"]] * len(s["completions"]), completions=s["completions"])
+        texts = [completion_text(c) for c in s["completions"]]
+        digits = [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts]
+        assert s["by_source"]["reward_model"] == pytest.approx(rm_scores, abs=1e-4)
+        assert s["by_source"]["digit_share"] == pytest.approx(digits, abs=1e-6)
+        assert s["rewards"] == pytest.approx([0.5 * r + d for r, d in zip(rm_scores, digits)], abs=1e-4)
+
+
 def test_a_round_without_pairs_is_a_clear_error(cli, tiny_model_dir, tmp_path):
     recipe = _recipe(tiny_model_dir, tmp_path, plugins={"dpo": {}, "online_plugins:Constant": {"value": 1.0}})
     code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
