@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,23 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
     trl_config = check_training(recipe, plugins)
     if recipe.stage == "online":
         check_online(trl_config, plugins)
+    if recipe.stage == "iterative" and zero_stage(trl_config.get("deepspeed")) == 3:
+        raise UserError("the iterative stage samples with each process on its own share of the prompts, which "
+                        "DeepSpeed ZeRO-3 cannot do (every forward pass needs every process)",
+                        field="training.deepspeed", fix="use ZeRO-2 (or plain data parallelism) for iterative DPO")
     return Plan(recipe, plugins, trl_config)
+
+
+def zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a DeepSpeed config given inline or by the path of its JSON file."""
+    if isinstance(deepspeed, str):
+        try:
+            deepspeed = json.loads(Path(deepspeed).expanduser().read_text())
+        except (OSError, ValueError):
+            return None
+    if not isinstance(deepspeed, dict):
+        return None
+    return (deepspeed.get("zero_optimization") or {}).get("stage")
 
 
 def world_size() -> int:

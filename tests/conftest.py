@@ -145,6 +145,15 @@ def _fresh_registry():
     registry.clear_cache()
 
 
+def free_port() -> str:
+    """A free loopback port for a multi-process launch's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def cpu_processes_env(**extra) -> dict:
     """Environment for a multi-process launch in a test: CPU processes over gloo whatever GPUs the
     machine has (a one-GPU machine cannot give each of two processes its own device)."""

@@ -192,3 +192,27 @@ class KillInRound(Plugin):
                     os.kill(os.getpid(), signal.SIGKILL)
 
         return [Kill()]
+
+
+class ScoredPerRank(Plugin):
+    name = "scored_per_rank"
+    description = "the digit-share reward, recording in FOLDER/rank-N.jsonl which prompts each process scored"
+
+    @dataclass
+    class Options:
+        folder: str = "scored"
+        weight: float = 1.0
+
+    @hookimpl
+    def posttrain_reward(self, prompts, completions):
+        import json
+        import os
+        from pathlib import Path
+
+        folder = Path(self.options.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"rank-{os.environ.get('RANK', '0')}.jsonl", "a") as f:
+            for p in prompts:
+                f.write(json.dumps(p) + "\n")
+        texts = [completion_text(c) for c in completions]
+        return [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts]

@@ -1,7 +1,8 @@
 """Iterative DPO (rounds of sampling, scoring, pairing, DPO, reference update) and rejection
 sampling, on the tiny random Llama: pairs from hand-checked scores, the reference after a
-ref_to_latest round, kill in round 2 and resume, a round without pairs, and rejection sampling
-feeding an sft stage of the same pipeline."""
+ref_to_latest round, kill in round 2 and resume, a round without pairs, a reward model and a rule
+labelling by weight, two processes sharing a round's prompts, and rejection sampling feeding an sft
+stage of the same pipeline."""
 
 import json
 import os
@@ -192,6 +193,46 @@ def test_a_reward_model_and_a_verifier_label_the_samples_by_weight(cli, tiny_mod
         assert s["rewards"] == pytest.approx([0.5 * r + d for r, d in zip(rm_scores, digits)], abs=1e-4)
 
 
+def test_two_process_iterative_rounds(tiny_model_dir, tmp_path):
+    """Two rounds under torchrun with two CPU processes (gloo): every prompt of a round is sampled
+    and scored once, the round's files are written once, and both ranks train on the same pairs."""
+    from conftest import cpu_processes_env, free_port
+
+    run = tmp_path / "run"
+    scored = tmp_path / "scored"
+    recipe = _recipe(tiny_model_dir, tmp_path, plugins={"dpo": {"beta": 0.1}, "ref_to_latest": {},
+                                                         "online_plugins:ScoredPerRank": {"folder": str(scored)}},
+                     eval={"generate": 0})
+    env = cpu_processes_env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from posttrain.recipe import load_recipe
+    from posttrain.stages.iterative import Rounds, _rows, round_prompts
+    from posttrain.validate import validate
+
+    plan = validate(load_recipe(recipe))
+    train = _rows(Rounds(plan, tmp_path / "probe").train)
+    for r in (1, 2):
+        folder = run / f"round-{r:02d}"
+        samples, pairs = read_jsonl(folder / "samples.jsonl"), read_jsonl(folder / "pairs.jsonl")
+        info = json.loads((folder / "round.json").read_text())
+        # each process sampled every other prompt; the gathered list is the round's prompts in order
+        assert [s["prompt"] for s in samples] == [row["prompt"] for row in round_prompts(train, plan.recipe.sampling,
+                                                                                         r, plan.recipe.seed)]
+        assert all(len(s["completions"]) == 4 and len(s["rewards"]) == 4 for s in samples)
+        assert info["pairs"] == len(pairs) > 0 and info["global_step"] == 2
+    # and it was shared: rank 0 scored the even-numbered prompts of each round, rank 1 the odd ones
+    by_rank = [[json.loads(line) for line in (scored / f"rank-{k}.jsonl").read_text().splitlines()] for k in (0, 1)]
+    rounds = [[s["prompt"] for s in read_jsonl(run / f"round-{r:02d}" / "samples.jsonl")] for r in (1, 2)]
+    for k in (0, 1):
+        assert by_rank[k] == [p for prompts in rounds for p in prompts[k::2] for _ in range(4)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert proc.stdout.count("round 2:") == 1  # printed by rank 0 only
+
+
 def test_a_round_without_pairs_is_a_clear_error(cli, tiny_model_dir, tmp_path):
     recipe = _recipe(tiny_model_dir, tmp_path, plugins={"dpo": {}, "online_plugins:Constant": {"value": 1.0}})
     code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
@@ -203,6 +244,7 @@ def test_a_round_without_pairs_is_a_clear_error(cli, tiny_model_dir, tmp_path):
     ("rounds", 0, "rounds: must be at least 1"),
     ("sampling", {"samples": 1}, "sampling.samples: a pair needs at least 2"),
     ("training", {"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
+    ("training", {"deepspeed": {"zero_optimization": {"stage": 3}}}, "ZeRO-3 cannot do"),
 ])
 def test_iterative_recipe_errors(cli, tiny_model_dir, tmp_path, key, value, message):
     code, _, err = cli("validate", _recipe(tiny_model_dir, tmp_path, **{key: value}))
@@ -216,11 +258,11 @@ def test_rounds_and_sampling_belong_to_their_stages(cli, write_recipe):
     assert code == 2 and "plugins.ref_to_latest" in err
 
 
-def test_rejection_sampling_feeds_an_sft_stage(cli, tiny_model_dir, tmp_path):
+def _rejection_sampling_then_sft(tiny_model_dir, tmp_path, reward):
     stages = [
         {"name": "best-of-n", "stage": "rejection_sampling",
          "data": {"source": "builtin:word_problems", "options": {"n": 24}, "eval": {"fraction": 0.0}},
-         "plugins": {"online_plugins:DigitShare": {}},
+         "plugins": reward,
          "sampling": {"samples": 4, "prompts": 12, "max_new_tokens": 8, "min_score": 0.05}},
         {"name": "sft", "stage": "sft", "data": {"source": "stages.best-of-n", "eval": {"fraction": 0.25}},
          "plugins": {}, "training": {"per_device_train_batch_size": 4, "max_steps": 2, "save_strategy": "no",
@@ -229,6 +271,31 @@ def test_rejection_sampling_feeds_an_sft_stage(cli, tiny_model_dir, tmp_path):
     path = tmp_path / "rs.yaml"
     path.write_text(yaml.safe_dump({"name": "rs", "model": {"name_or_path": str(tiny_model_dir),
                                                             "lora": {"r": 8, "alpha": 16}}, "stages": stages}))
+    return path
+
+
+def test_two_process_rejection_sampling_shares_the_prompts(tiny_model_dir, tmp_path):
+    from conftest import cpu_processes_env, free_port
+
+    scored = tmp_path / "scored"
+    path = _rejection_sampling_then_sft(tiny_model_dir, tmp_path, {"online_plugins:ScoredPerRank": {"folder": str(scored)}})
+    run = tmp_path / "run"
+    env = cpu_processes_env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", free_port(), "-m", "posttrain.cli", "run", str(path), "--output-dir", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("rejection sampling kept") == 1
+    prompts = [s["prompt"] for s in read_jsonl(run / "01-best-of-n" / "samples.jsonl")]
+    assert len(prompts) == 12
+    for k in (0, 1):
+        lines = (scored / f"rank-{k}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in lines] == [p for p in prompts[k::2] for _ in range(4)]
+    assert json.loads((run / "02-sft" / "summary.json").read_text())["global_step"] == 2
+
+
+def test_rejection_sampling_feeds_an_sft_stage(cli, tiny_model_dir, tmp_path):
+    path = _rejection_sampling_then_sft(tiny_model_dir, tmp_path, {"online_plugins:DigitShare": {}})
     run = tmp_path / "run"
     code, out, err = cli("run", path, "--output-dir", run)
     assert code == 0, err

@@ -386,7 +386,7 @@ def test_two_process_run_whitens_over_the_gathered_batch(online_recipe, tmp_path
     import subprocess
     import sys
 
-    from test_training import free_port
+    from conftest import free_port
 
     run = tmp_path / "run"
     recipe = online_recipe(plugins={"online_plugins:DigitShare": {}, "group_relative": {},

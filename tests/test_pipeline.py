@@ -58,6 +58,28 @@ def test_pipeline_runs_each_stage_from_the_last_and_summarises(cli, tmp_path, ti
     assert "01-sft" in out and "02-dpo" in out and (tmp_path / "cmp.png").is_file()
 
 
+def test_two_process_pipeline_merges_once_and_the_next_stage_starts_from_it(tmp_path, tiny_model_dir):
+    """SFT then DPO under torchrun with two CPU processes (gloo): rank 0 alone merges the SFT stage
+    and writes the summaries, the other rank waits for the merged model before the DPO stage loads
+    it, and both ranks train every stage in step."""
+    from conftest import cpu_processes_env, free_port
+
+    run = tmp_path / "run"
+    recipe = pipeline_recipe(tmp_path, tiny_model_dir, sft_then_dpo())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cpu_processes_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [(s["name"], s["global_step"]) for s in summary["stages"]] == [("sft", 3), ("dpo", 3)]
+    assert proc.stdout.count("pipeline 'p' finished") == 1  # printed by rank 0 only
+    stage2 = yaml.safe_load((run / "02-dpo" / "recipe.yaml").read_text())
+    assert stage2["model"]["name_or_path"] == str((run / "01-sft" / "merged").resolve())
+    for stage in ("01-sft", "02-dpo"):
+        assert json.loads((run / stage / "summary.json").read_text())["world_size"] == 2
+    assert (run / "02-dpo" / "merged" / "config.json").is_file()
+
+
 def _logps(model, batch):
     """Summed log-probs of the completion tokens, computed by hand from the model's logits."""
     with torch.no_grad():

@@ -10,14 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_processes_env, device_batch, read_jsonl
-
-def free_port() -> str:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
+from conftest import cpu_processes_env, device_batch, free_port, read_jsonl
 
 
 # Evaluate on examples the run trains on (the first 16 of the same generator): "the loss goes

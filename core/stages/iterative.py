@@ -66,22 +66,43 @@ def round_prompts(train, sampling, round_index: int, seed: int) -> list[dict]:
     return [train[order[(start + i) % len(order)]] for i in range(count)]
 
 
+def process_state():
+    """accelerate's state of this process. Created here before any trainer exists, it must see the
+    other processes: without a GPU, accelerate counts a torchrun launch as several CPU processes
+    (gloo) only when asked with ``cpu=True``."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def compute_autocast(precision):
     """A factory of the autocast context for ``precision``'s compute dtype on this process's device."""
     import contextlib
-
-    from accelerate import PartialState
 
     flags = precision.trl_flags
     if not (flags["bf16"] or flags["fp16"]):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if flags["bf16"] else torch.float16
-    return lambda: torch.autocast(PartialState().device.type, dtype=dtype)
+    return lambda: torch.autocast(process_state().device.type, dtype=dtype)
 
 
 def sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast) -> list[dict]:
-    """Every row's samples, their combined rewards and each source's (None where it abstained).
-    ``autocast`` makes a new compute-dtype context per batch (some, like accelerate's, are single-use)."""
+    """Every row's samples, their combined rewards and each source's (None where it abstained), in
+    the order of ``rows``. With several processes each samples and scores every world-size-th row and
+    all of them get the whole list, so every process trains on the same pairs and the files rank 0
+    writes are what was trained on. ``autocast`` makes a new compute-dtype context per batch (some,
+    like accelerate's, are single-use)."""
+    from accelerate.utils import gather_object
+
+    state = process_state()
+    world, rank = state.num_processes, state.process_index
+    if world == 1:
+        return _sample_and_score(plan, model, tokenizer, rows, autocast)
+    parts = gather_object([_sample_and_score(plan, model, tokenizer, rows[rank::world], autocast)])
+    return [parts[i % world][i // world] for i in range(len(rows))]
+
+
+def _sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast) -> list[dict]:
     s = plan.recipe.sampling
     generation = {"max_new_tokens": s.max_new_tokens, "do_sample": True, "temperature": s.temperature,
                   "top_p": s.top_p}
@@ -282,9 +303,7 @@ class Rounds:
         """The model to sample from and a factory of its compute-dtype context (a new one per use)."""
         if self.trainer is not None:
             return self.trainer.accelerator.unwrap_model(self.trainer.model), self.trainer.accelerator.autocast
-        from accelerate import PartialState
-
-        self.model.to(PartialState().device)
+        self.model.to(process_state().device)
         return self.model, compute_autocast(self.precision)
 
     def heldout_answers(self) -> dict | None:
@@ -321,7 +340,8 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
         if (round_dir / "round.json").is_file():
             rounds_done.append(json.loads((round_dir / "round.json").read_text()))
             state.restore(round_dir)
-            print(f"posttrain: round {r} finished earlier; its samples, pairs and policy are reused", flush=True)
+            if main:
+                print(f"posttrain: round {r} finished earlier; its samples, pairs and policy are reused", flush=True)
             continue
         round_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -368,9 +388,10 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
         if main:
             state.save(round_dir)
             (round_dir / "round.json").write_text(json.dumps(info, indent=2, default=str))
-        print(f"posttrain: round {r}: {counts['pairs']} pairs from {counts['prompts']} prompts ({_describe(counts)}), "
-              f"sample reward {_fmt(info['sample_mean_reward'])}, held-out answer accuracy "
-              f"{_fmt((after or {}).get('answer_accuracy'))}", flush=True)
+        if main:
+            print(f"posttrain: round {r}: {counts['pairs']} pairs from {counts['prompts']} prompts "
+                  f"({_describe(counts)}), sample reward {_fmt(info['sample_mean_reward'])}, held-out answer "
+                  f"accuracy {_fmt((after or {}).get('answer_accuracy'))}", flush=True)
         rounds_done.append(info)
     final = run_dir / "final"
     if main and state.trainer is not None:

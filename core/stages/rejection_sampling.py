@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
 from ..validate import Plan
-from .iterative import _write_jsonl, compute_autocast, round_prompts, sample_and_score
+from .iterative import _write_jsonl, compute_autocast, process_state, round_prompts, sample_and_score
 from .loop import close_process_group, load_data
 
 STAGE = "rejection_sampling"
@@ -64,8 +64,6 @@ def keep_best(scored: list[dict], min_score: float | None) -> tuple[list[dict], 
 def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -> dict:
     import os
 
-    from accelerate import PartialState
-
     recipe = plan.recipe
     started = time.time()
     train, _ = load_data(plan)
@@ -73,7 +71,7 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe, path)
     model, _ = load_model(recipe, path, precision)  # nothing is trained: a LoRA section is not used here
-    model.to(PartialState().device).eval()
+    model.to(process_state().device).eval()
     autocast = compute_autocast(precision)
     rows = round_prompts([train[i] for i in range(len(train))], recipe.sampling, 1, recipe.seed)
     scored = sample_and_score(plan, model, tokenizer, rows, autocast)
@@ -84,9 +82,9 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
             {"prompt": s["row"]["prompt"], "completions": s["completions"], "rewards": s["rewards"],
              "by_source": s["by_source"]} for s in scored])
         _write_jsonl(run_dir / DATASET_FILE, records)
-    print(f"posttrain: rejection sampling kept {counts['kept']} of {counts['prompts']} prompts "
-          f"({counts['dropped_all_abstained']} with no scored sample, {counts['dropped_below_min_score']} below "
-          f"min_score) -> {run_dir / DATASET_FILE}", flush=True)
+        print(f"posttrain: rejection sampling kept {counts['kept']} of {counts['prompts']} prompts "
+              f"({counts['dropped_all_abstained']} with no scored sample, {counts['dropped_below_min_score']} below "
+              f"min_score) -> {run_dir / DATASET_FILE}", flush=True)
     summary = {
         "recipe": recipe.name, "stage": STAGE, "plugins": list(plan.plugins.by_name), "global_step": 0,
         "model": path, "dataset": str(run_dir / DATASET_FILE), **counts,
