@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .validate import deepspeed_config
 
 GiB = 2 ** 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -779,26 +780,6 @@ def _lora_targets(targets, shape: ModelShape, notes: list[str]) -> tuple:
     return found
 
 
-def _deepspeed(value) -> dict | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        path = Path(value).expanduser()
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except OSError:
-            raise UserError(f"DeepSpeed config file '{value}' does not exist", field="training.deepspeed",
-                            fix="give the path of a DeepSpeed JSON file (relative to where you run posttrain) or "
-                                "write the config inline as a mapping") from None
-        except ValueError as e:
-            raise UserError(f"DeepSpeed config '{value}' is not valid JSON: {e}", field="training.deepspeed",
-                            fix="fix the JSON file") from None
-    if not isinstance(value, dict):
-        raise UserError("expected a path or a mapping", field="training.deepspeed",
-                        fix="give the path of a DeepSpeed JSON file or a mapping")
-    return value
-
-
 def processes_default() -> int:
     try:
         return max(1, int(os.environ.get("WORLD_SIZE", "1")))
@@ -906,7 +887,7 @@ def setup_from_recipe(si: StageInput, *, processes: int, prompt_length: int | No
     if optim_note:
         notes.append(optim_note)
 
-    ds = _deepspeed(cfg.get("deepspeed"))
+    ds = deepspeed_config(cfg.get("deepspeed"))
     if ds is not None:
         zero = ds.get("zero_optimization") or {}
         s.zero_stage = int(zero.get("stage", 0))

@@ -196,23 +196,33 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
     trl_config = check_training(recipe, plugins)
     if recipe.stage == "online":
         check_online(trl_config, plugins)
-    if recipe.stage == "iterative" and zero_stage(trl_config.get("deepspeed")) == 3:
+    ds = deepspeed_config(trl_config.get("deepspeed")) if recipe.stage == "iterative" else None
+    if ((ds or {}).get("zero_optimization") or {}).get("stage") == 3:
         raise UserError("the iterative stage samples with each process on its own share of the prompts, which "
                         "DeepSpeed ZeRO-3 cannot do (every forward pass needs every process)",
                         field="training.deepspeed", fix="use ZeRO-2 (or plain data parallelism) for iterative DPO")
     return Plan(recipe, plugins, trl_config)
 
 
-def zero_stage(deepspeed) -> int | None:
-    """The ZeRO stage of a DeepSpeed config given inline or by the path of its JSON file."""
-    if isinstance(deepspeed, str):
-        try:
-            deepspeed = json.loads(Path(deepspeed).expanduser().read_text())
-        except (OSError, ValueError):
-            return None
-    if not isinstance(deepspeed, dict):
+def deepspeed_config(value) -> dict | None:
+    """A DeepSpeed config given inline or by the path of its JSON file (None without one)."""
+    if value is None:
         return None
-    return (deepspeed.get("zero_optimization") or {}).get("stage")
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except OSError:
+            raise UserError(f"DeepSpeed config file '{value}' does not exist", field="training.deepspeed",
+                            fix="give the path of a DeepSpeed JSON file (relative to where you run posttrain) or "
+                                "write the config inline as a mapping") from None
+        except ValueError as e:
+            raise UserError(f"DeepSpeed config '{value}' is not valid JSON: {e}", field="training.deepspeed",
+                            fix="fix the JSON file") from None
+    if not isinstance(value, dict):
+        raise UserError("expected a path or a mapping", field="training.deepspeed",
+                        fix="give the path of a DeepSpeed JSON file or a mapping")
+    return value
 
 
 def world_size() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
 from ..validate import Plan
-from .iterative import _write_jsonl, compute_autocast, process_state, round_prompts, sample_and_score
+from .iterative import _is_main, _write_jsonl, compute_autocast, process_state, round_prompts, sample_and_score
 from .loop import close_process_group, load_data
 
 STAGE = "rejection_sampling"
@@ -62,8 +62,6 @@ def keep_best(scored: list[dict], min_score: float | None) -> tuple[list[dict], 
 
 
 def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -> dict:
-    import os
-
     recipe = plan.recipe
     started = time.time()
     train, _ = load_data(plan)
@@ -76,7 +74,7 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
     rows = round_prompts([train[i] for i in range(len(train))], recipe.sampling, 1, recipe.seed)
     scored = sample_and_score(plan, model, tokenizer, rows, autocast)
     records, counts = keep_best(scored, recipe.sampling.min_score)
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = _is_main()
     if main:
         _write_jsonl(run_dir / "samples.jsonl", [
             {"prompt": s["row"]["prompt"], "completions": s["completions"], "rewards": s["rewards"],
