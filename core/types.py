@@ -111,8 +111,10 @@ class Critic:
 
     def train_on(self, input_ids, attention_mask, logits_to_keep: int, targets, old_values, mask,
                  scale: float) -> dict:
-        """Value loss on one micro-batch, back-propagated with ``scale`` (1 / accumulation steps);
-        returns metrics (``value_loss`` at least)."""
+        """Value loss on one micro-batch, differentiated with ``scale`` (1 / accumulation steps) and its
+        gradients accumulated for :meth:`step`; returns metrics (``value_loss`` at least). The gradients
+        must stay the critic's own: a parameter's ``.grad`` that the policy's model holds would be clipped
+        and stepped with the policy's (the built-in critic uses ``torch.autograd.grad`` into its own buffers)."""
         raise NotImplementedError
 
     def step(self) -> None:

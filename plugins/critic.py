@@ -25,6 +25,12 @@ time and G the targets. The critic has its own AdamW optimiser (``learning_rate`
 clipping at ``max_grad_norm``, constant rate) and steps after each policy optimizer step; its
 gradients are averaged over processes. Its state (trained weights and optimiser) is saved in every
 checkpoint (``checkpoint-N/critic.pt``) and restored by ``--resume``.
+
+The critic's gradients never touch a parameter's ``.grad``: each micro-batch's value loss is
+differentiated with ``torch.autograd.grad`` with respect to the critic's own parameters only, while
+they are trainable (the critic's adapter is active), and accumulated in the critic's buffers until
+its step. So the policy's gradient clipping and optimizer never see them, and the policy's loss
+never reaches the critic.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class _CriticBase(Critic):
         self.options = options
         self.trainer = None
         self.optimizer = None
+        self._grads = None  # the value loss's gradients accumulated since the last step, one per parameter
+        self.last_grad_norm = None
 
     def trained_parameters(self) -> list:
         raise NotImplementedError
@@ -78,10 +86,14 @@ class _CriticBase(Critic):
             p.data = p.data.float()  # float32 master weights
         self.optimizer = torch.optim.AdamW(params, lr=self.options.learning_rate, weight_decay=0.0)
 
+    def active(self):
+        """The context in which the critic's parameters are trainable and its forward pass runs."""
+        return contextlib.nullcontext()
+
     def values(self, input_ids, attention_mask, logits_to_keep: int):
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self.active():
             return self.forward(input_ids, attention_mask, logits_to_keep).detach()
 
     def train_on(self, input_ids, attention_mask, logits_to_keep, targets, old_values, mask, scale: float) -> dict:
@@ -89,24 +101,39 @@ class _CriticBase(Critic):
 
         valid = mask.bool() & ~torch.isnan(targets)
         targets = torch.nan_to_num(targets, nan=0.0)
-        values = self.forward(input_ids, attention_mask, logits_to_keep)
-        loss, clipped = clipped_value_loss(values, old_values.to(values.dtype), targets.to(values.dtype), valid,
-                                           self.options.cliprange_value)
-        (self.options.vf_coef * loss * scale).backward()
+        params = self.trained_parameters()
+        with self.active():
+            values = self.forward(input_ids, attention_mask, logits_to_keep)
+            loss, clipped = clipped_value_loss(values, old_values.to(values.dtype), targets.to(values.dtype), valid,
+                                               self.options.cliprange_value)
+            # Gradients of the critic's parameters only, kept out of every .grad (see the module's docstring).
+            grads = torch.autograd.grad(self.options.vf_coef * loss * scale, params, allow_unused=True)
+        if self._grads is None:
+            self._grads = [None] * len(params)
+        for i, g in enumerate(grads):
+            if g is not None:
+                g = g.to(params[i].dtype)
+                self._grads[i] = g if self._grads[i] is None else self._grads[i] + g
         return {"critic/value_loss": loss.detach(), "critic/clipped_share": clipped.detach()}
 
     def step(self) -> None:
+        """One AdamW step on the accumulated gradients (averaged over processes, clipped at max_grad_norm)."""
         import torch
 
-        params = [p for p in self.trained_parameters() if p.grad is not None]
+        if self._grads is None:
+            return
+        params = self.trained_parameters()
         accelerator = self.trainer.accelerator
-        if accelerator.num_processes > 1:
-            for p in params:
-                p.grad = accelerator.reduce(p.grad, reduction="mean")
-        if params and self.options.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.options.max_grad_norm)
+        for p, g in zip(params, self._grads, strict=True):
+            p.grad = None if g is None else (accelerator.reduce(g, reduction="mean")
+                                             if accelerator.num_processes > 1 else g)
+        with_grad = [p for p in params if p.grad is not None]
+        if with_grad:
+            norm = torch.nn.utils.clip_grad_norm_(with_grad, self.options.max_grad_norm or float("inf"))
+            self.last_grad_norm = float(norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._grads = None
 
     def save(self, folder) -> None:
         import torch
@@ -169,12 +196,16 @@ class SharedBaseCritic(_CriticBase):
         return [*self.adapter_params, *self.head.parameters()]
 
     @contextlib.contextmanager
-    def _critic_adapter(self):
-        """Run the base with the critic's adapter; the policy's adapter and every requires_grad flag come back."""
+    def active(self):
+        """Run the base with the critic's adapter, trainable; the policy's adapter and every requires_grad
+        flag come back on exit. The critic's value loss is differentiated inside (train_on): a parameter
+        frozen between its forward and backward pass would get no gradient."""
         model = self.policy
         flags = [(p, p.requires_grad) for p in model.parameters()]
         active = model.active_adapter
         model.set_adapter(CRITIC_ADAPTER)
+        for p in self.adapter_params:
+            p.requires_grad_(True)
         try:
             yield
         finally:
@@ -183,9 +214,10 @@ class SharedBaseCritic(_CriticBase):
                 p.requires_grad_(flag)
 
     def forward(self, input_ids, attention_mask, logits_to_keep: int):
+        """V per completion token; runs inside :meth:`active`."""
         inner = self.policy.get_base_model()
         backbone = getattr(inner, inner.base_model_prefix)
-        with self._critic_adapter(), self.trainer.accelerator.autocast():
+        with self.trainer.accelerator.autocast():
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         return self.head(self._states_before_tokens(hidden, logits_to_keep).float()).squeeze(-1)
 

@@ -130,7 +130,7 @@ def test_one_completion_per_prompt_runs_with_a_critic(cli, online_recipe, tmp_pa
 
 def test_critic_learns_a_constant_reward(online_recipe, tmp_path):
     """γ = λ = 1, no KL: every token's target is the sequence reward, 0.7; the critic's values go there."""
-    plugins = {"online_plugins:Constant": {"value": 0.7}, "critic": {"learning_rate": 3e-2, "cliprange_value": None,
+    plugins = {"online_plugins:Constant": {"value": 0.7}, "critic": {"learning_rate": 3e-3, "cliprange_value": None,
                                                                      "vf_coef": 1.0}, "gae": {"lam": 1.0}}
     trainer = _build(online_recipe, tmp_path, plugins=plugins, training={"max_steps": 25, "learning_rate": 1e-6})
     trainer.train()
@@ -208,3 +208,93 @@ def test_critic_configuration_errors(cli, online_recipe, plugins, message):
 def test_the_policy_critic_needs_a_lora_policy(cli, online_recipe, tmp_path):
     code, _, err = cli("run", online_recipe(plugins=PPO, model={"lora": None}), "--output-dir", tmp_path / "run")
     assert code == 2 and "plugins.critic.model" in err and "LoRA policy" in err
+
+
+# -- the critic's own parameters train, and only they (issue: a frozen LoRA critic) ---------------
+
+
+def _value_model_folder(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tmp_path / "rm"
+    if not (rm / "config.json").is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+        model.save_pretrained(rm)
+        AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
+    return rm
+
+
+def _critic_options(kind, tmp_path, tiny_model_dir, **extra):
+    options = {"learning_rate": 1e-2, "cliprange_value": None, "vf_coef": 1.0, **extra}
+    if kind == "value_model":
+        options.update(model=str(_value_model_folder(tmp_path, tiny_model_dir)), lora_r=4)
+    return options
+
+
+def _named_critic_parameters(trainer) -> dict:
+    """The critic's trained parameters by name: adapter (or value model) weights and the head."""
+    critic = trainer.critic
+    owner = critic.model if hasattr(critic, "model") else trainer.accelerator.unwrap_model(trainer.model)
+    ids = {id(p) for p in critic.trained_parameters()}
+    named = {n: p for n, p in owner.named_parameters() if id(p) in ids}
+    if hasattr(critic, "head"):
+        named.update({f"head.{n}": p for n, p in critic.head.named_parameters()})
+    assert len(named) == len(ids)
+    return named
+
+
+@pytest.mark.parametrize("kind", ["policy", "value_model"])
+def test_a_ppo_run_trains_every_critic_parameter(kind, online_recipe, tmp_path, tiny_model_dir):
+    plugins = {**PPO, "critic": _critic_options(kind, tmp_path, tiny_model_dir)}
+    # three steps: the head starts at zero (no gradient reaches the adapter), then LoRA's B at zero (none reaches A)
+    trainer = _build(online_recipe, tmp_path, plugins=plugins, training={"max_steps": 3, "beta": 0.05})
+    named = _named_critic_parameters(trainer)
+    adapter = [n for n in named if "lora_" in n]
+    assert len(adapter) >= 4 and any("lora_B" in n for n in adapter), sorted(named)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    trainer.train()
+    unmoved = [n for n, p in named.items() if torch.equal(p.detach(), before[n])]
+    assert not unmoved, f"critic parameters that never moved: {unmoved}"
+    assert all(p.detach().abs().sum() > 0 for n, p in named.items() if "lora_B" in n)  # B starts at zero
+    state = trainer.critic.optimizer.state
+    assert len(state) == len(named) and all(v["step"] == 3 for v in state.values())
+    logged = [h for h in trainer.state.log_history if "critic/value_loss" in h]
+    for key in ("critic/grad_norm", "critic/explained_variance", "critic/explained_variance_last",
+                "critic/values_mean", "critic/returns_mean", "critic/clipped_share"):
+        assert all(key in h for h in logged), (key, logged[-1])
+
+
+@pytest.mark.parametrize("kind", ["policy", "value_model"])
+def test_the_critic_loss_moves_only_the_critic_and_falls_on_a_fixed_batch(kind, online_recipe, tmp_path,
+                                                                          tiny_model_dir):
+    plugins = {**PPO, "critic": _critic_options(kind, tmp_path, tiny_model_dir)}
+    trainer = _build(online_recipe, tmp_path, plugins=plugins)
+    critic = trainer.critic
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    critic_ids = {id(p) for p in critic.trained_parameters()}
+    named = _named_critic_parameters(trainer)
+    critic_before = {n: p.detach().clone() for n, p in named.items()}
+    policy_params = {n: p for n, p in policy.named_parameters() if id(p) not in critic_ids}
+    policy_before = {n: p.detach().clone() for n, p in policy_params.items()}
+    generator = torch.Generator().manual_seed(0)
+    device = trainer.args.device
+    ids = torch.randint(3, 200, (4, 12), generator=generator).to(device)
+    attention = torch.ones_like(ids)
+    keep = 6
+    targets = (0.5 + 0.3 * torch.randn(4, keep, generator=generator)).to(device)
+    mask = torch.ones(4, keep, device=device)
+    old = critic.values(ids, attention, keep)
+    losses = []
+    for _ in range(8):
+        metrics = critic.train_on(ids, attention, keep, targets, old, mask, scale=1.0)
+        # the gradients are the critic's own: no parameter of the policy model (the critic's adapter
+        # included) holds a .grad that the policy's clipping or optimizer would see
+        assert all(p.grad is None for p in policy.parameters())
+        critic.step()
+        losses.append(metrics["critic/value_loss"].item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    unmoved = [n for n, p in named.items() if torch.equal(p.detach(), critic_before[n])]
+    assert not unmoved, f"critic parameters the value loss never moved: {unmoved[:5]}"
+    moved = [n for n, p in policy_params.items() if not torch.equal(p.detach(), policy_before[n])]
+    assert not moved, f"the critic's loss moved policy parameters: {moved[:5]}"
+    assert policy.active_adapter == "default" if kind == "policy" else True

@@ -58,7 +58,53 @@ class CriticStepCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.critic.step()
+        critic = self.trainer.critic
+        critic.step()
+        norm = getattr(critic, "last_grad_norm", None)
+        if norm is not None:
+            self.trainer._metrics["train"]["critic/grad_norm"].append(norm)
+
+
+_FIT_TERMS = ("n", "g", "g2", "e", "e2", "v", "n_last", "g_last", "g2_last", "e_last", "e2_last")
+
+
+def value_fit_sums(values, targets, completion_mask):
+    """Sufficient statistics of how the values V fit the returns G on the valid completion tokens (those
+    with a target), overall and at each completion's last token: counts and sums of G, G², G − V, (G − V)²
+    and V, as one vector that sums over processes."""
+    valid = completion_mask.bool() & ~torch.isnan(targets)
+    g = torch.nan_to_num(targets.float(), nan=0.0)
+    v = values.float()
+    e = (g - v) * valid
+    g, v = g * valid, v * valid
+    lengths = completion_mask.long().sum(1)
+    rows = torch.nonzero((lengths > 0) & valid.any(1)).flatten()
+    last = (lengths[rows] - 1).clamp(min=0)
+    g_last, e_last = g[rows, last], e[rows, last]
+    return torch.stack([valid.sum().float(), g.sum(), (g * g).sum(), e.sum(), (e * e).sum(), v.sum(),
+                        torch.tensor(float(len(rows)), device=g.device), g_last.sum(), (g_last * g_last).sum(),
+                        e_last.sum(), (e_last * e_last).sum()])
+
+
+def value_fit(sums) -> dict:
+    """Explained variance of the returns by the values, 1 − Var(G − V) / Var(G) (1: a perfect critic, 0: no
+    better than a constant, below 0: worse), overall and at the last token, and the mean value and return."""
+    t = dict(zip(_FIT_TERMS, sums.tolist(), strict=True))
+
+    def explained(n, g, g2, e, e2):
+        if n < 2:
+            return None
+        var_g = g2 / n - (g / n) ** 2
+        var_e = e2 / n - (e / n) ** 2
+        return None if var_g <= 1e-12 else 1.0 - var_e / var_g
+
+    n = max(t["n"], 1.0)
+    return {
+        "values_mean": t["v"] / n,
+        "returns_mean": t["g"] / n,
+        "explained_variance": explained(t["n"], t["g"], t["g2"], t["e"], t["e2"]),
+        "explained_variance_last": explained(t["n_last"], t["g_last"], t["g2_last"], t["e_last"], t["e2_last"]),
+    }
 
 
 class OnlineTrainer(GuardedTrainer, GRPOTrainer):
@@ -115,9 +161,10 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
                                 field=f"plugins.{owner}", fix="use the gae estimator with the critic")
             output["value_targets"] = estimate.value_targets
             output["old_values"] = rollouts.values
-            mask = rollouts.completion_mask.to(torch.float32)
-            mean_value = (rollouts.values * mask).sum() / mask.sum().clamp(min=1)
-            self._metrics[mode]["critic/values_mean"].append(self.accelerator.gather(mean_value.reshape(1)).mean().item())
+            sums = value_fit_sums(rollouts.values, estimate.value_targets, rollouts.completion_mask)
+            for key, value in value_fit(self.accelerator.gather(sums.reshape(1, -1)).sum(0)).items():
+                if value is not None:  # explained variance of returns that do not vary is undefined
+                    self._metrics[mode][f"critic/{key}"].append(value)
         if estimate.kl_in_reward and rollouts.ref_logps is not None:
             kl = ((rollouts.logps - rollouts.ref_logps) * rollouts.completion_mask).sum() / \
                 rollouts.completion_mask.sum().clamp(min=1)
