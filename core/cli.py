@@ -90,9 +90,10 @@ def _cmd_estimate(args) -> int:
 
 
 def _cmd_plugins(args) -> int:
-    from .registry import discover
+    """Exit 0, or 2 when installed packages fight over a plugin name (the listing says which)."""
+    from .registry import discover_all
 
-    found, failures = discover()
+    found, failures, conflicts = discover_all()
     rows = [{
         "name": info.name, "version": info.version, "distribution": info.distribution,
         "entry_point": info.entry_point, "description": info.cls.description, "hooks": info.hooks,
@@ -100,9 +101,13 @@ def _cmd_plugins(args) -> int:
     } for info in found.values()]
     failed = [{"name": f.name, "distribution": f.distribution, "entry_point": f.entry_point, "reason": f.reason}
               for f in failures]
+    clashes = [{"name": c.name, "providers": [{"distribution": d, "entry_point": v} for d, v in c.providers],
+                "used": ({"distribution": c.kept[0], "entry_point": c.kept[1]} if c.kept else None),
+                "message": c.describe()} for c in conflicts]
+    code = 2 if conflicts else 0
     if args.json:
-        print(json.dumps({"plugins": rows, "failed": failed}, indent=2, default=str))
-        return 0
+        print(json.dumps({"plugins": rows, "failed": failed, "conflicts": clashes}, indent=2, default=str))
+        return code
     for row in rows:
         print(f"{row['name']}  {row['distribution']} {row['version']}  -  {row['description']}")
         print(f"    hooks:   {', '.join(h.removeprefix('posttrain_') for h in row['hooks'])}")
@@ -111,12 +116,21 @@ def _cmd_plugins(args) -> int:
         for i, o in enumerate(row["options"]):
             label = "    options: " if i == 0 else " " * 13
             about = f"  -  {o['help']}" if o["help"] else ""
-            print(f"{label}{o['name']}: {o['type']} = {o['default']!r}{about}")
+            value = "(required)" if o.get("required") else f"= {o['default']!r}"
+            print(f"{label}{o['name']}: {o['type']} {value}{about}")
     for f in failed:
         print(f"FAILED {f['name']}  ({f['distribution']}, {f['entry_point']}): {f['reason']}")
+    for c in conflicts:
+        print(f"CONFLICT {c.name}: {c.describe()}")
+        for dist, value in c.providers:
+            used = "  <- used" if c.kept == (dist, value) else ""
+            print(f"    {dist}: {value}{used}")
+    if conflicts:
+        print("posttrain: error: installed packages register the same plugin name; uninstall all but one, or name "
+              "the plugin you mean by import path (module.path:ClassName) in recipes", file=sys.stderr)
     if not rows and not failed:
         print("no plugins installed")
-    return 0
+    return code
 
 
 def _cmd_recipes(args) -> int:

@@ -60,13 +60,14 @@ class Plugin:
         hints = typing.get_type_hints(cls.Options)
         out = []
         for f in dataclasses.fields(cls.Options):
+            required = False
             if f.default is not dataclasses.MISSING:
                 default = f.default
             elif f.default_factory is not dataclasses.MISSING:
                 default = f.default_factory()
             else:
-                default = "<required>"
-            out.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
+                default, required = None, True
+            out.append({"name": f.name, "type": type_name(hints[f.name]), "default": default, "required": required,
                         "help": f.metadata.get("help", "")})
         return out
 

@@ -4,6 +4,11 @@ Every plugin, built-in or third-party, is found the same way: an entry point in 
 ``posttrain.plugins`` whose name is the plugin name and whose value is a
 :class:`posttrain.Plugin` subclass. ``POSTTRAIN_PLUGINS=a,b`` restricts loading to those names
 (the others are not even imported). ``POSTTRAIN_TRACE_HOOKS=1`` prints every hook call.
+
+A name belongs to one plugin. A built-in's name (one of posttrain's own entry points) is never
+taken by another package: that package's entry point is refused and reported as a conflict. Two
+other packages registering one name both lose it: the name is a conflict until one is uninstalled
+(or the plugin is named by import path), and a recipe using it is refused naming both.
 """
 
 from __future__ import annotations
@@ -53,6 +58,34 @@ class LoadFailure:
     reason: str
 
 
+@dataclass
+class NameConflict:
+    """Several installed distributions register one plugin name. ``kept`` is the built-in that keeps
+    it (a built-in's name is never taken), or None when nobody does."""
+
+    name: str
+    providers: list[tuple[str, str]]  # (distribution, entry point), in discovery order
+    kept: tuple[str, str] | None = None
+
+    def describe(self) -> str:
+        listed = ", ".join(f"{dist} ({value})" for dist, value in self.providers)
+        if self.kept is not None:
+            others = [f"{d} ({v})" for d, v in self.providers if (d, v) != self.kept]
+            return (f"plugin name '{self.name}' is posttrain's built-in, and {' and '.join(others)} also "
+                    f"register{'s' if len(others) == 1 else ''} it: the built-in is used, the other entry point "
+                    f"is refused")
+        return f"plugin name '{self.name}' is registered by several packages: {listed}"
+
+
+BUILTIN_DISTRIBUTION = "posttrain"
+BUILTIN_MODULE = "posttrain.plugins."
+
+
+def is_builtin(distribution: str, entry_point: str) -> bool:
+    """One of posttrain's own plugins (its distribution, its plugins package)."""
+    return distribution == BUILTIN_DISTRIBUTION and entry_point.startswith(BUILTIN_MODULE)
+
+
 def hook_methods(cls: type) -> list[str]:
     """Names of the methods of ``cls`` marked with ``@hookimpl``."""
     return sorted(
@@ -70,11 +103,17 @@ def check_plugin_class(cls: Any, expected_name: str | None = None) -> list[str]:
     if expected_name is not None and cls.name != expected_name:
         raise ValueError(f"entry point is named '{expected_name}' but the plugin calls itself '{cls.name}'")
     hooks = hook_methods(cls)
+    unmarked = sorted(n for n in dir(cls) if n.startswith("posttrain_") and callable(getattr(cls, n))
+                      and n not in hooks)
     if not hooks:
-        unmarked = sorted(n for n in dir(cls) if n.startswith("posttrain_") and callable(getattr(cls, n)))
         detail = (f": its method(s) {', '.join(unmarked)} lack the @hookimpl marker" if unmarked else
                   ": no method is marked with @hookimpl")
         raise ValueError(f"{cls.__qualname__} implements no hook{detail} (from posttrain import hookimpl)")
+    if unmarked:
+        # pluggy would never call them: a reward source without its marker would run with no reward
+        raise ValueError(f"{cls.__qualname__}'s method(s) {', '.join(unmarked)} lack the @hookimpl marker, so they "
+                         f"would never be called (its marked hooks: {', '.join(hooks)}); mark them with @hookimpl, or "
+                         f"rename helpers so that they do not start with posttrain_")
     for hook in hooks:
         if hook not in HOOK_NAMES:
             raise ValueError(f"method '{hook}' is marked @hookimpl but matches no hook{did_you_mean(hook, HOOK_NAMES)}")
@@ -101,21 +140,38 @@ def _allowed_names() -> set[str] | None:
     return {n.strip() for n in raw.split(",") if n.strip()}
 
 
-@lru_cache(maxsize=1)
-def _discover_cached(allowed: frozenset | None) -> tuple[dict[str, PluginInfo], list[LoadFailure]]:
-    found: dict[str, PluginInfo] = {}
-    failures: list[LoadFailure] = []
+def _entry_points_by_name(allowed: frozenset | None) -> dict[str, list]:
+    """The group's entry points by plugin name, each name's providers in discovery order; the same
+    distribution seen twice on sys.path (an editable install, a copy in another site folder) counts once."""
+    by_name: dict[str, list] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if allowed is not None and ep.name not in allowed:
             continue
         dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
-        version = ep.dist.version if ep.dist is not None else "?"
-        if ep.name in found:
-            if found[ep.name].entry_point == ep.value:  # the same distribution seen twice on sys.path
-                continue
-            failures.append(LoadFailure(ep.name, ep.value, dist,
-                                        f"name already used by {found[ep.name].distribution} ({found[ep.name].entry_point})"))
+        providers = by_name.setdefault(ep.name, [])
+        if any(dist == d and ep.value == e.value for d, e in providers):
             continue
+        providers.append((dist, ep))
+    return by_name
+
+
+@lru_cache(maxsize=1)
+def _discover_cached(allowed: frozenset | None) -> tuple[dict[str, PluginInfo], list[LoadFailure],
+                                                         list[NameConflict]]:
+    found: dict[str, PluginInfo] = {}
+    failures: list[LoadFailure] = []
+    conflicts: list[NameConflict] = []
+    for name, providers in _entry_points_by_name(allowed).items():
+        if len(providers) > 1:
+            builtin = [(d, ep) for d, ep in providers if is_builtin(d, ep.value)]
+            kept = builtin[0] if len(builtin) == 1 else None
+            conflicts.append(NameConflict(name, [(d, ep.value) for d, ep in providers],
+                                          (kept[0], kept[1].value) if kept else None))
+            if kept is None:
+                continue  # nobody gets the name: which package would win depends on sys.path order
+            providers = [kept]
+        dist, ep = providers[0]
+        version = ep.dist.version if ep.dist is not None else "?"
         try:
             cls = ep.load()
             hooks = check_plugin_class(cls, ep.name)
@@ -123,13 +179,26 @@ def _discover_cached(allowed: frozenset | None) -> tuple[dict[str, PluginInfo], 
             failures.append(LoadFailure(ep.name, ep.value, dist, f"{type(e).__name__}: {e}"))
             continue
         found[ep.name] = PluginInfo(ep.name, cls, version, dist, ep.value, hooks)
-    return dict(sorted(found.items())), failures
+    return dict(sorted(found.items())), failures, conflicts
 
 
 def discover() -> tuple[dict[str, PluginInfo], list[LoadFailure]]:
     """All installed plugins that loaded, by name, and those that failed (with the reason)."""
+    found, failures, _ = discover_all()
+    return found, failures
+
+
+def discover_all() -> tuple[dict[str, PluginInfo], list[LoadFailure], list[NameConflict]]:
+    """:func:`discover`, and the plugin names that several installed packages register."""
     allowed = _allowed_names()
     return _discover_cached(frozenset(allowed) if allowed is not None else None)
+
+
+_warned: set[str] = set()  # built-in names whose impostor was reported in this process
+
+
+def conflict_for(name: str) -> NameConflict | None:
+    return next((c for c in discover_all()[2] if c.name == name), None)
 
 
 def clear_cache() -> None:
@@ -141,24 +210,57 @@ def _import_path(path: str) -> PluginInfo:
     module_name, _, attr = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-        hooks = check_plugin_class(cls)
-    except (ImportError, AttributeError, ValueError) as e:
+    except (ImportError, AttributeError) as e:
         raise UserError(f"cannot load plugin '{path}': {type(e).__name__}: {e}", field=f"plugins.{path}",
                         fix="check the import path (module.path:ClassName) and that the module is importable") from None
+    try:
+        hooks = check_plugin_class(cls)
+    except ValueError as e:
+        raise UserError(f"cannot use plugin '{path}': {e}", field=f"plugins.{path}", fix=_class_fix(str(e))) from None
     return PluginInfo(cls.name, cls, "-", "(import path)", path, hooks)
+
+
+def _class_fix(reason: str) -> str:
+    """What to do about a plugin class that check_plugin_class refused."""
+    if "@hookimpl" in reason:
+        return ("decorate each hook method with @hookimpl (`from posttrain import hookimpl`, then `@hookimpl` on the "
+                "line above `def posttrain_...`)")
+    if "matches no hook" in reason or "does not provide" in reason:
+        return "give the method a hook's name and arguments (docs/hooks.md lists them)"
+    if "not a subclass" in reason or "has no `name`" in reason:
+        return "subclass posttrain.Plugin and give the class a `name`"
+    if reason.startswith("needs "):
+        return reason.split(": ", 1)[-1]
+    return "fix the plugin class (docs/plugins.md)"
 
 
 def find_plugin(name: str) -> PluginInfo:
     """Look a plugin up by name (or import path), with a helpful error when it is not there."""
     if ":" in name:
         return _import_path(name)
-    found, failures = discover()
+    found, failures, conflicts = discover_all()
+    conflict = next((c for c in conflicts if c.name == name), None)
+    if conflict is not None and conflict.kept is None:
+        listed = " and ".join(f"{d} ({v})" for d, v in conflict.providers)
+        raise UserError(f"plugin name '{name}' is registered by several installed packages: {listed}",
+                        field=f"plugins.{name}",
+                        fix="uninstall all but one of them, or name the plugin you mean by import path "
+                            f"(e.g. `plugins: {{{conflict.providers[0][1]}: {{}}}}`)")
+    if conflict is not None and name in found and name not in _warned:
+        _warned.add(name)
+        others = ", ".join(f"{d} ({v})" for d, v in conflict.providers if (d, v) != conflict.kept)
+        print(f"posttrain: warning: {others} also register{'s' if ',' not in others else ''} the built-in plugin name "
+              f"'{name}'; the built-in is used (name the other by import path to use it, or uninstall it)",
+              file=sys.stderr)
     if name in found:
         return found[name]
     for failure in failures:
         if failure.name == name:
             raise UserError(f"plugin '{name}' is installed but failed to load: {failure.reason}",
-                            field=f"plugins.{name}", fix=f"fix or reinstall {failure.distribution}")
+                            field=f"plugins.{name}",
+                            fix=(_class_fix(failure.reason) + f" ({failure.distribution}, {failure.entry_point})"
+                                 if failure.reason.startswith("ValueError") else
+                                 f"fix or reinstall {failure.distribution}"))
     restricted = f" ({ENV_ONLY} is set to '{os.environ[ENV_ONLY]}')" if ENV_ONLY in os.environ else ""
     raise UserError(
         f"unknown plugin '{name}'{did_you_mean(name, found)}{restricted}",
@@ -224,7 +326,9 @@ RESULT_CONTRACT = {
                                      "a tensor of advantages, or a posttrain.Advantages"),
     "posttrain_critic": (lambda r: any(c.__name__ == "Critic" for c in type(r).__mro__), "a posttrain.Critic"),
     "posttrain_advantage_transform": (_is_tensor, "a tensor of advantages"),
-    "posttrain_transform_dataset": (_is_dataset, "a datasets.Dataset"),
+    "posttrain_transform_dataset": (lambda r: _is_dataset(r) or (type(r).__name__ == "Transformed"
+                                                                 and _is_dataset(r.dataset)),
+                                    "a datasets.Dataset, or a posttrain.Transformed(dataset, reason)"),
     "posttrain_token_mask": (_is_tensor, "a 0/1 or boolean tensor shaped like the completion mask"),
     "posttrain_data_collator": (callable, "a collator (a callable that turns examples into a batch)"),
     "posttrain_train_sampler": (lambda r: hasattr(r, "__iter__"), "a torch.utils.data.Sampler"),
@@ -313,18 +417,20 @@ class PluginSet:
             raise KeyError(f"plugin '{plugin}' does not implement {hook}")
         return self._invoke(impl, hook, kwargs)
 
-    def chain(self, hook: str, value_arg: str, value: Any, on_step=None, **kwargs) -> tuple[Any, str | None]:
+    def chain(self, hook: str, value_arg: str, value: Any, on_step=None, unwrap=None, **kwargs) -> tuple[Any, str | None]:
         """Pass ``value`` through every implementation; ``None`` results leave it unchanged.
 
-        Returns the final value and the name of the last plugin that changed it. ``on_step(plugin,
-        before, after)`` is called after each implementation that returned something.
+        Returns the final value and the name of the last plugin that changed it. ``unwrap(result)`` turns a
+        result into ``(value, note)`` (default: the result itself, no note); ``on_step(plugin, before,
+        after, note)`` is called after each implementation that returned something.
         """
         last = None
         for impl in self._impls(hook):
             result = self._invoke(impl, hook, {**kwargs, value_arg: value})
             if result is not None:
+                result, note = unwrap(result) if unwrap is not None else (result, None)
                 if on_step is not None:
-                    on_step(impl.plugin_name, value, result)
+                    on_step(impl.plugin_name, value, result, note)
                 value, last = result, impl.plugin_name
         return value, last
 

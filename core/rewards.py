@@ -34,8 +34,11 @@ def source_scores(plugins: PluginSet, name: str, prompts: list, completions: lis
     if scores is None:
         return None
     if len(scores) != n:
-        raise UserError(f"plugin '{name}' returned {len(scores)} rewards for {n} completions",
-                        field=f"plugins.{name}", fix="report this to the plugin's author")
+        raise UserError(f"plugin '{name}' returned {len(scores)} rewards for {n} completions from hook "
+                        f"'posttrain_reward'; expected one reward (a float, or None to abstain) per completion, in "
+                        f"order", field=f"plugins.{name}",
+                        fix="fix the plugin (see `posttrain_reward` in docs/hooks.md) or disable it; report it to its "
+                            "author")
     return [None if s is None else float(s) for s in scores]
 
 

@@ -1,8 +1,45 @@
-"""The default sampler: ``model.generate``, used when no plugin owns ``posttrain_sample``."""
+"""Sampling from the policy: the ``posttrain_sample`` owner, else the default sampler
+(``model.generate``), seeded.
+
+Every place posttrain samples (iterative rounds, rejection sampling, held-out answers) goes through
+:func:`sample` with a seed derived from the recipe's ``seed`` and where it samples
+(:func:`derive_seed`), and the sampling runs on a forked random state seeded with it: the same
+recipe and seed give the same samples on a CPU, and sampling leaves the training's random state as
+it was.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+
 from .registry import PluginSet
+
+
+def derive_seed(base: int, *parts) -> int:
+    """A seed for one use of the recipe's seed (``derive_seed(seed, "round", 2)``): stable across runs,
+    machines and Python versions, different for different parts."""
+    digest = hashlib.sha256(repr((int(base), *parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, model=None):
+    """torch's random state forked and seeded with ``seed`` (the CPU's, and the model's GPU's); restored on
+    exit. ``None``: the current state, untouched."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    devices = []
+    if model is not None and torch.cuda.is_available():
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def _render(tokenizer, prompt) -> str:
@@ -38,10 +75,14 @@ def default_sample(model, tokenizer, prompts: list, num_samples: int, generation
     return out
 
 
-def sample(plugins: PluginSet, model, tokenizer, prompts: list, num_samples: int, generation: dict):
-    """Completions from the plugin that owns ``posttrain_sample``, else from the default sampler."""
-    result = plugins.call("posttrain_sample", model=model, tokenizer=tokenizer, prompts=prompts,
-                          num_samples=num_samples, generation=generation)
-    if result is None:
-        result = default_sample(model, tokenizer, prompts, num_samples, generation)
+def sample(plugins: PluginSet, model, tokenizer, prompts: list, num_samples: int, generation: dict,
+           seed: int | None = None):
+    """Completions from the plugin that owns ``posttrain_sample``, else from the default sampler, with
+    torch's random state seeded with ``seed`` for the call (see :func:`seeded`)."""
+    prompts = list(prompts)
+    with seeded(seed, model):
+        result = plugins.call("posttrain_sample", model=model, tokenizer=tokenizer, prompts=prompts,
+                              num_samples=num_samples, generation=generation)
+        if result is None:
+            result = default_sample(model, tokenizer, prompts, num_samples, generation)
     return result

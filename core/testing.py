@@ -185,7 +185,7 @@ def assert_plugin_conforms(cls: Any) -> None:
     else:
         try:
             schema = cls.options_schema()
-            required = [o["name"] for o in schema if o["default"] == "<required>"]
+            required = [o["name"] for o in schema if o["required"]]
             if not required:
                 cls(cls.parse_options({}, where=f"plugins.{cls.name}"))
         except Exception as e:  # noqa: BLE001 - reported as a conformance problem

@@ -83,6 +83,17 @@ class Rollouts:
 
 
 @dataclass
+class Transformed:
+    """What a ``posttrain_transform_dataset`` implementation may return instead of a bare dataset: the
+    dataset and why rows were dropped (e.g. "both responses unsafe"). posttrain counts the rows every
+    transform keeps and drops either way; the reason is printed beside the counts and recorded in
+    ``summary.json`` (``data_transforms``)."""
+
+    dataset: Any  # a datasets.Dataset
+    reason: str = ""
+
+
+@dataclass
 class Advantages:
     """What an advantage estimator may return instead of a bare tensor (the form a critic-based
     estimator such as ``gae`` returns)."""

@@ -196,6 +196,7 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
     trl_config = check_training(recipe, plugins)
     if recipe.stage == "online":
         check_online(trl_config, plugins)
+        check_generation_engine(trl_config, plugins)
     ds = deepspeed_config(trl_config.get("deepspeed")) if recipe.stage == "iterative" else None
     if ((ds or {}).get("zero_optimization") or {}).get("stage") == 3:
         raise UserError("the iterative stage samples with each process on its own share of the prompts, which "
@@ -223,6 +224,36 @@ def deepspeed_config(value) -> dict | None:
         raise UserError("expected a path or a mapping", field="training.deepspeed",
                         fix="give the path of a DeepSpeed JSON file or a mapping")
     return value
+
+
+def check_generation_engine(trl_config: dict, plugins: PluginSet) -> None:
+    """The online stage's generation engine (TRL's ``use_vllm``), checked before anything loads: vLLM
+    installed, a CUDA device, no sampler plugin that would replace it, no vLLM option without it."""
+    if not trl_config.get("use_vllm"):
+        stray = sorted(k for k in trl_config if k.startswith("vllm_"))
+        if stray:
+            raise UserError(f"{', '.join(stray)} {'has' if len(stray) == 1 else 'have'} no effect without use_vllm: "
+                            "true", field=f"training.{stray[0]}",
+                            fix="add training.use_vllm: true (on a CUDA machine with vllm installed), or remove it")
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("use_vllm needs the vllm package, which is not installed", field="training.use_vllm",
+                        fix="pip install vllm (a version matching your torch) on a CUDA machine, or remove "
+                            "training.use_vllm to generate with transformers")
+    import torch  # only here: vLLM itself imports torch, and the check needs it
+
+    if not torch.cuda.is_available():
+        raise UserError("use_vllm needs a CUDA GPU, and this machine has none", field="training.use_vllm",
+                        fix="remove training.use_vllm to generate with transformers, or run on a GPU machine")
+    samplers = plugins.implementers("posttrain_sample")
+    if samplers:
+        raise UserError(f"plugin '{samplers[0]}' produces the rollouts (posttrain_sample), so vLLM would never "
+                        "generate", field="training.use_vllm",
+                        fix=f"remove training.use_vllm, or disable '{samplers[0]}'")
+    mode = trl_config.get("vllm_mode", "colocate")
+    if mode not in ("colocate", "server"):
+        raise UserError(f"vllm_mode must be 'colocate' or 'server', got {mode!r}", field="training.vllm_mode",
+                        fix="use colocate (vLLM shares this GPU) or server (a `trl vllm-serve` process)")
 
 
 def world_size() -> int:

@@ -20,6 +20,7 @@ class FilterDualSafe(FilterDualUnsafe):
 
     name = "filter_dual_safe"
     description = "drops preference pairs whose two responses are both safe (per-response safety labels)"
+    dropped = "both responses safe"
 
     def keep(self, chosen_safe: bool, rejected_safe: bool) -> bool:
         return not (chosen_safe and rejected_safe)

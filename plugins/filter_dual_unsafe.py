@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain import Plugin, UserError, hookimpl
+from posttrain import Plugin, Transformed, UserError, hookimpl
 from posttrain.data import as_bool
 
 
@@ -56,6 +56,8 @@ class FilterDualUnsafe(Plugin):
     def posttrain_required_columns(self, stage):
         return [self.options.chosen_column, self.options.rejected_column]
 
+    dropped = "both responses unsafe"  # the kind of pair this plugin drops, reported with its counts
+
     def keep(self, chosen_safe: bool, rejected_safe: bool) -> bool:
         """Whether a pair with these labels stays (subclasses drop other kinds of pair)."""
         return chosen_safe or rejected_safe
@@ -63,4 +65,5 @@ class FilterDualUnsafe(Plugin):
     @hookimpl
     def posttrain_transform_dataset(self, dataset):
         chosen, rejected = safety_labels(self, dataset)
-        return dataset.select([i for i, (c, r) in enumerate(zip(chosen, rejected)) if self.keep(c, r)])
+        kept = dataset.select([i for i, (c, r) in enumerate(zip(chosen, rejected)) if self.keep(c, r)])
+        return Transformed(kept, reason=self.dropped)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain import Plugin, UserError, hookimpl
+from posttrain import Plugin, Transformed, UserError, hookimpl
 
 
 class KeepRows(Plugin):
@@ -29,4 +29,5 @@ class KeepRows(Plugin):
             raise UserError(f"the data has no column '{column}'; it has: {', '.join(dataset.column_names)}",
                             field="plugins.keep_rows.column", fix="name one of the data's columns")
         keep = set(values)
-        return dataset.filter(lambda value: value in keep, input_columns=[column])
+        kept = dataset.filter(lambda value: value in keep, input_columns=[column])
+        return Transformed(kept, reason=f"{column} not in {sorted(map(str, keep))}")

@@ -154,11 +154,14 @@ def test_filters_keep_and_drop_by_hand():
     # 2 dual-safe, 3 mixed (both orders), 2 dual-unsafe
     data = _labelled([(True, True), (True, False), (False, False), (False, True), (True, True), (True, False),
                       (False, False)])
-    unsafe_dropped = FilterDualUnsafe().posttrain_transform_dataset(data)
+    result = FilterDualUnsafe().posttrain_transform_dataset(data)
+    assert result.reason == "both responses unsafe"  # said beside the counts and in summary.json
+    unsafe_dropped = result.dataset
     assert unsafe_dropped["prompt"] == ["p0", "p1", "p3", "p4", "p5"]
-    safe_dropped = FilterDualSafe().posttrain_transform_dataset(data)
-    assert safe_dropped["prompt"] == ["p1", "p2", "p3", "p5", "p6"]
-    both = FilterDualSafe().posttrain_transform_dataset(unsafe_dropped)
+    result = FilterDualSafe().posttrain_transform_dataset(data)
+    assert result.reason == "both responses safe"
+    assert result.dataset["prompt"] == ["p1", "p2", "p3", "p5", "p6"]
+    both = FilterDualSafe().posttrain_transform_dataset(unsafe_dropped).dataset
     assert both["prompt"] == ["p1", "p3", "p5"]
     # other column names, labels as text or 0/1
     import datasets
@@ -166,7 +169,7 @@ def test_filters_keep_and_drop_by_hand():
     text = datasets.Dataset.from_list([{"a": "true", "b": "false"}, {"a": "false", "b": "0"}, {"a": "1", "b": "1"}])
     plugin = FilterDualUnsafe(FilterDualUnsafe.parse_options({"chosen_column": "a", "rejected_column": "b"},
                                                              where="plugins.filter_dual_unsafe"))
-    assert len(plugin.posttrain_transform_dataset(text)) == 2
+    assert len(plugin.posttrain_transform_dataset(text).dataset) == 2
 
 
 def test_filters_refuse_data_without_labels(write_recipe, cli):

@@ -42,7 +42,7 @@ from ..errors import UserError
 from ..reference import REF_ADAPTER
 from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
 from ..rewards import score
-from ..sampling import sample
+from ..sampling import derive_seed, sample
 from ..validate import Plan
 from .loop import (MetricsWriter, answer_metrics, build_config, close_process_group, finish_trainer, greedy_answers, last_checkpoint,
                    load_data, trainer_callbacks)
@@ -86,23 +86,26 @@ def compute_autocast(precision):
     return lambda: torch.autocast(process_state().device.type, dtype=dtype)
 
 
-def sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast) -> list[dict]:
+def sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast, seed: int) -> list[dict]:
     """Every row's samples, their combined rewards and each source's (None where it abstained), in
     the order of ``rows``. With several processes each samples and scores every world-size-th row and
     all of them get the whole list, so every process trains on the same pairs and the files rank 0
     writes are what was trained on. ``autocast`` makes a new compute-dtype context per batch (some,
-    like accelerate's, are single-use)."""
+    like accelerate's, are single-use). Each generation batch is sampled with a seed derived from
+    ``seed``, the process's rank and the batch's place: the same seed and number of processes give the
+    same samples."""
     from accelerate.utils import gather_object
 
     state = process_state()
     world, rank = state.num_processes, state.process_index
     if world == 1:
-        return _sample_and_score(plan, model, tokenizer, rows, autocast)
-    parts = gather_object([_sample_and_score(plan, model, tokenizer, rows[rank::world], autocast)])
+        return _sample_and_score(plan, model, tokenizer, rows, autocast, seed)
+    parts = gather_object([_sample_and_score(plan, model, tokenizer, rows[rank::world], autocast,
+                                             derive_seed(seed, "rank", rank))])
     return [parts[i % world][i // world] for i in range(len(rows))]
 
 
-def _sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast) -> list[dict]:
+def _sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast, seed: int) -> list[dict]:
     s = plan.recipe.sampling
     generation = {"max_new_tokens": s.max_new_tokens, "do_sample": True, "temperature": s.temperature,
                   "top_p": s.top_p}
@@ -111,7 +114,8 @@ def _sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast) 
         chunk = rows[start:start + s.batch_size]
         prompts = [r["prompt"] for r in chunk]
         with autocast():
-            samples = sample(plan.plugins, model, tokenizer, prompts, s.samples, generation)
+            samples = sample(plan.plugins, model, tokenizer, prompts, s.samples, generation,
+                             seed=derive_seed(seed, "batch", start))
         flat = [text for group in samples for text in group]
         columns = {key: [r[key] for r in chunk for _ in range(s.samples)] for key in chunk[0]}
         rewards = score(plan.plugins, [p for p in prompts for _ in range(s.samples)], flat, columns)
@@ -120,6 +124,12 @@ def _sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast) 
             out.append({"row": row, "completions": flat[span], "rewards": rewards.total[span],
                         "by_source": {name: values[span] for name, values in rewards.by_source.items()}})
     return out
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The seed a round samples with, derived from the recipe's (recorded in the round's counts.json and
+    round.json)."""
+    return derive_seed(seed, "iterative", "round", round_index)
 
 
 def select_pairs(plan: Plan, scored: list[dict]) -> tuple[list[dict], dict]:
@@ -312,9 +322,9 @@ class Rounds:
         model, autocast = self._device_model()
         return greedy_answers(self.plan, model, self.tokenizer, self.heldout, autocast())
 
-    def sample_round(self, rows: list[dict]) -> list[dict]:
+    def sample_round(self, rows: list[dict], seed: int) -> list[dict]:
         model, autocast = self._device_model()
-        return sample_and_score(self.plan, model, self.tokenizer, rows, autocast)
+        return sample_and_score(self.plan, model, self.tokenizer, rows, autocast, seed)
 
 
 def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -> dict:
@@ -350,8 +360,9 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
             scored = _read_jsonl(round_dir / "samples.jsonl")
         else:
             rows = round_prompts(_rows(state.train), recipe.sampling, r, recipe.seed)
-            scored = state.sample_round(rows)
+            scored = state.sample_round(rows, round_seed(recipe.seed, r))
             pairs, counts = select_pairs(plan, scored)
+            counts["seed"] = round_seed(recipe.seed, r)
             if main:
                 _write_jsonl(round_dir / "samples.jsonl", [
                     {"prompt": s["row"]["prompt"], "completions": s["completions"], "rewards": s["rewards"],

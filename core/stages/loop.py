@@ -25,8 +25,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from ..errors import UserError
+from ..types import Transformed
 from ..rewards import score
-from ..sampling import sample
+from ..sampling import derive_seed, sample
 from ..models import Precision, cast_trained_weights
 from ..validate import Plan
 from . import STAGES
@@ -172,6 +173,37 @@ class GuardedTrainer:
         self._finite_guard().check(self, grad_norm)
         return grad_norm
 
+    # TRL's method whose paper the model card (the README.md TRL writes into the run directory) cites, for
+    # the plugins that are that method
+    _METHOD_OF_TRAINER = {"preference": ("posttrain_preference_loss", "dpo"),
+                          "iterative": ("posttrain_preference_loss", "dpo"),
+                          "online": ("posttrain_advantage_estimate", "group_relative")}
+
+    def create_model_card(self, *args, **kwargs):
+        """TRL's model card, naming what trained the model: posttrain's stage on TRL's trainer, the plugin
+        that owns the loss or advantage, the enabled plugins (TRL's own says e.g. "trained with DPO" whatever
+        the loss was); TRL's method paper is cited only when the plugins are that method."""
+        plugins = getattr(self, "plugins", None)
+        if plugins is None:
+            return super().create_model_card(*args, **kwargs)
+        stage = getattr(self, "stage", "?")
+        hook, same = self._METHOD_OF_TRAINER.get(stage, (None, None))
+        owner = (plugins.implementers(hook) or [None])[0] if hook else None
+        parts = [f"loss: {owner}" if hook == "posttrain_preference_loss" else
+                 f"advantage: {owner}" if hook else None,
+                 f"plugins: {', '.join(plugins.by_name) or 'none'}"]
+        trl_class = next((c.__name__ for c in type(self).__mro__ if c.__module__.startswith("trl.")), "trainer")
+        name = (f"posttrain's {stage} stage on TRL's {trl_class} ("
+                + "; ".join(p for p in parts if p) + ")")
+        saved = self._name, self._paper
+        self._name = name
+        if hook is not None and owner != same:
+            self._paper = {}
+        try:
+            return super().create_model_card(*args, **kwargs)
+        finally:
+            self._name, self._paper = saved
+
 
 class MetricsWriter(TrainerCallback):
     """Appends one JSON line per logged step to metrics.jsonl (with ``extra``, e.g. an iterative
@@ -218,14 +250,20 @@ def transform(plan: Plan, dataset, split: str):
     """Pass a split through the ``posttrain_transform_dataset`` chain."""
     if dataset is None:
         return None
-    def record(plugin, before, after):
+    def record(plugin, before, after, reason):
         entry = {"plugin": plugin, "split": split, "rows_in": len(before), "rows_out": len(after)}
+        if reason:
+            entry["reason"] = reason
         plan.data_log.append(entry)
+        why = f": {reason}" if reason else ""
         print(f"posttrain: {plugin} kept {entry['rows_out']} of {entry['rows_in']} {split} rows "
-              f"(dropped {entry['rows_in'] - entry['rows_out']})", flush=True)
+              f"(dropped {entry['rows_in'] - entry['rows_out']}{why})", flush=True)
 
-    out, last = plan.plugins.chain("posttrain_transform_dataset", "dataset", dataset, on_step=record, split=split,
-                                   stage=plan.recipe.stage)
+    def unwrap(result):
+        return (result.dataset, result.reason) if isinstance(result, Transformed) else (result, None)
+
+    out, last = plan.plugins.chain("posttrain_transform_dataset", "dataset", dataset, on_step=record, unwrap=unwrap,
+                                   split=split, stage=plan.recipe.stage)
     if len(out) == 0 and last is not None:
         raise UserError(f"the {split} data is empty after plugin '{last}' transformed it", field=f"plugins.{last}",
                         fix=f"relax the options of '{last}' or use more data")
@@ -289,10 +327,11 @@ def greedy_answers(plan: Plan, model, tokenizer, heldout, autocast) -> dict | No
     if not plan.plugins.implementers("posttrain_reward"):
         return None
     subset = heldout.select(range(min(n, len(heldout))))
-    prompts = subset["prompt"]
+    prompts = list(subset["prompt"])  # a list, as in every other call of posttrain_sample (not a datasets Column)
     generation = {"max_new_tokens": plan.recipe.eval.max_new_tokens, "do_sample": False}
     with autocast:
-        completions = [c[0] for c in sample(plan.plugins, model, tokenizer, prompts, 1, generation)]
+        completions = [c[0] for c in sample(plan.plugins, model, tokenizer, prompts, 1, generation,
+                                            seed=derive_seed(plan.recipe.seed, "heldout"))]
     columns = {c: subset[c] for c in subset.column_names}
     rewards = score(plan.plugins, prompts, completions, columns)
     scored = [r for r in rewards.total if r is not None]

@@ -17,6 +17,7 @@ import math
 import time
 from pathlib import Path
 
+from ..sampling import derive_seed
 from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
 from ..validate import Plan
 from .iterative import _is_main, _write_jsonl, compute_autocast, process_state, round_prompts, sample_and_score
@@ -72,7 +73,8 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
     model.to(process_state().device).eval()
     autocast = compute_autocast(precision)
     rows = round_prompts([train[i] for i in range(len(train))], recipe.sampling, 1, recipe.seed)
-    scored = sample_and_score(plan, model, tokenizer, rows, autocast)
+    seed = derive_seed(recipe.seed, "rejection_sampling")
+    scored = sample_and_score(plan, model, tokenizer, rows, autocast, seed)
     records, counts = keep_best(scored, recipe.sampling.min_score)
     main = _is_main()
     if main:
@@ -86,7 +88,7 @@ def run(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -
     summary = {
         "recipe": recipe.name, "stage": STAGE, "plugins": list(plan.plugins.by_name), "global_step": 0,
         "model": path, "dataset": str(run_dir / DATASET_FILE), **counts,
-        "samples_per_prompt": recipe.sampling.samples,
+        "samples_per_prompt": recipe.sampling.samples, "seed": seed,
         "best_rewards": distribution([r["reward"] for r in records]),
         "all_rewards": distribution([x for s in scored for x in s["rewards"] if x is not None]),
         "data_transforms": plan.data_log, "seconds": round(time.time() - started, 1),

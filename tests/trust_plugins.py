@@ -1,0 +1,63 @@
+"""Plugins for the plugin-trust tests, enabled by import path (``trust_plugins:Name``): an author's
+mistakes (a hook left unmarked beside a marked one, no hook marked at all, the wrong number of
+rewards), a sampler that records what it was given, and a hinge loss for the model card."""
+
+from dataclasses import dataclass
+
+from posttrain import Plugin, PreferenceLoss, hookimpl
+
+
+class HalfMarked(Plugin):
+    name = "half_marked"
+    description = "a reward source whose posttrain_reward lacks @hookimpl (its trl_config has it)"
+
+    @hookimpl
+    def posttrain_trl_config(self, stage):
+        return None
+
+    def posttrain_reward(self, completions):  # the mistake: no @hookimpl
+        return [1.0] * len(completions)
+
+
+class Unmarked(Plugin):
+    name = "unmarked"
+    description = "no hook is marked"
+
+    def posttrain_reward(self, completions):
+        return [1.0] * len(completions)
+
+
+class ShortRewards(Plugin):
+    name = "short_rewards"
+    description = "returns one reward too few"
+
+    @hookimpl
+    def posttrain_reward(self, completions):
+        return [1.0] * (len(completions) - 1)
+
+
+class PromptKinds(Plugin):
+    name = "prompt_kinds"
+    description = "samples a fixed text and records the type of the prompts it was given"
+    seen: list = []
+
+    @hookimpl
+    def posttrain_sample(self, prompts, num_samples):
+        PromptKinds.seen.append(type(prompts).__name__)
+        return [["4"] * num_samples for _ in prompts]
+
+
+class Hinge(Plugin):
+    name = "hinge"
+    description = "a hinge preference loss"
+
+    @dataclass
+    class Options:
+        margin: float = 1.0
+
+    @hookimpl
+    def posttrain_preference_loss(self, logps):
+        import torch
+
+        margin = logps.chosen_logratios - logps.rejected_logratios
+        return PreferenceLoss(torch.relu(self.options.margin - margin), margin.detach(), 0 * margin.detach())
