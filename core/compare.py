@@ -2,7 +2,9 @@
 
 Reads each run directory's ``metrics.jsonl`` and ``summary.json`` (no torch import) and draws,
 one line per run: the training loss, the reward margin, the chosen and rejected log-probs, and
-the held-out preference accuracy before and after training.
+the held-out preference accuracy before and after training. When a run is an online run, the
+mean training reward is drawn too, and with a critic (PPO) what tells whether to trust it: the
+explained variance of the returns by the values, and the value loss, each on its own axis.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ PANELS = (
     ("rewards/margins", "reward margin (chosen - rejected)"),
     ("logps", "log-probs: chosen (solid), rejected (dashed)"),
     ("heldout", "held-out preference accuracy"),
+)
+# Drawn when at least one run logged the metric (online runs; PPO's critic).
+EXTRA_PANELS = (
+    ("reward", "online: mean training reward"),
+    ("critic/explained_variance", "critic: explained variance of the returns (1 = perfect)"),
+    ("critic/value_loss", "critic: value loss"),
 )
 
 
@@ -75,14 +83,22 @@ def table(runs: list[Run]) -> str:
 
     header = ["run", "steps", "final loss", "final margin", "pref acc before", "pref acc after",
               "answer acc before", "answer acc after"]
+    critic = any(run.series("critic/explained_variance")[0] for run in runs)
+    if critic:
+        header.append("critic EV (last third)")
     rows = []
     for run in runs:
         _, losses = run.series("loss")
         _, margins = run.series("rewards/margins")
-        rows.append([run.label, str(run.summary.get("global_step", len(losses)) or "-"),
-                     fmt(losses[-1] if losses else None), fmt(margins[-1] if margins else None),
-                     fmt(run.heldout("before")), fmt(run.heldout("after")),
-                     fmt(run.answers("before")), fmt(run.answers("after"))])
+        row = [run.label, str(run.summary.get("global_step", len(losses)) or "-"),
+               fmt(losses[-1] if losses else None), fmt(margins[-1] if margins else None),
+               fmt(run.heldout("before")), fmt(run.heldout("after")),
+               fmt(run.answers("before")), fmt(run.answers("after"))]
+        if critic:
+            _, ev = run.series("critic/explained_variance")
+            tail = sorted(ev[-max(1, len(ev) // 3):])
+            row.append(fmt(tail[len(tail) // 2] if ev else None))  # the median: robust to steps with flat returns
+        rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -95,32 +111,43 @@ def figure(runs: list[Run]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    extras = [(key, title) for key, title in EXTRA_PANELS if any(run.series(key)[0] for run in runs)]
+    panels = [*PANELS, *extras]
+    rows = (len(panels) + 1) // 2
+    fig, grid = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
+    flat = [ax for row in grid for ax in row]
+    for ax in flat[len(panels):]:
+        fig.delaxes(ax)
+    axes = dict(zip((key for key, _ in panels), flat, strict=False))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
-        for ax, key in ((axes[0][0], "loss"), (axes[0][1], "rewards/margins")):
+        for key in ("loss", "rewards/margins", *(k for k, _ in extras)):
             steps, values = run.series(key)
-            ax.plot(steps, values, color=color, label=run.label)
+            axes[key].plot(steps, values, color=color, label=run.label)
         steps, chosen = run.series("logps/chosen")
-        axes[1][0].plot(steps, chosen, color=color, label=run.label)
+        axes["logps"].plot(steps, chosen, color=color, label=run.label)
         steps, rejected = run.series("logps/rejected")
-        axes[1][0].plot(steps, rejected, color=color, linestyle="--")
+        axes["logps"].plot(steps, rejected, color=color, linestyle="--")
         before, after = run.heldout("before"), run.heldout("after")
-        axes[1][1].plot([0, 1], [before if before is not None else float("nan"),
-                                 after if after is not None else float("nan")],
-                        color=color, marker="o", label=run.label)
-    for ax, (_, title) in zip([axes[0][0], axes[0][1], axes[1][0], axes[1][1]], PANELS, strict=True):
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        axes["heldout"].plot([0, 1], [before if before is not None else float("nan"),
+                                      after if after is not None else float("nan")],
+                             color=color, marker="o", label=run.label)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (axes[0][0], axes[0][1], axes[1][0]):
-        ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[1][1].set_xticks([0, 1], ["before", "after"])
-    axes[1][1].set_ylim(0, 1)
-    axes[0][0].legend(fontsize=8)
+    for key, title in panels:
+        ax = axes[key]
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if key != "heldout":
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes["heldout"].set_xticks([0, 1], ["before", "after"])
+    axes["heldout"].set_ylim(0, 1)
+    if "critic/explained_variance" in axes:
+        low, high = axes["critic/explained_variance"].get_ylim()
+        axes["critic/explained_variance"].set_ylim(max(low, -1.0), max(high, 1.0))  # EV far below -1 says "worse"
+    axes["loss"].legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -14,7 +14,12 @@ Two ways to get one (option ``model``):
   It trains through its own LoRA adapter (``lora_r`` > 0, its head in full) or all of its weights
   (``lora_r: 0``; float32 master weights). ``normalize`` puts its outputs on the scale of a
   normalised ``reward_model`` source, V = (head − mean) / std, so its values start where the
-  returns are (give it the same ``normalize`` as the reward source).
+  returns are (give it the same ``normalize`` as the reward source). Its value at a completion's
+  last token is read where the reward model reads its score of that completion (the reply closed
+  as the reward model's inputs close it: the chat template's end of turn for chat prompts, EOS for
+  plain ones; the last token that is not padding), in every format, ended or truncated: at the
+  start its last values equal the reward model's scores of the same completions. Its other values
+  are the states before each completion token, as for the LoRA critic.
 
 The loss is PPO's clipped value loss on the completion tokens,
 
@@ -256,18 +261,83 @@ class ValueModelCritic(_CriticBase):
                                                      task_type="SEQ_CLS"))
         self.model = model.to(trainer.accelerator.device).train()
         self.shift, self.scale = normalization(self.options.model, self.options.normalize)
+        self.pad_id = model.config.pad_token_id
+        self.eos_id = trainer.processing_class.eos_token_id
+        self.suffix = reply_suffix(trainer.processing_class, _conversational(trainer.train_dataset))
         self._make_optimizer()
 
     def trained_parameters(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def forward(self, input_ids, attention_mask, logits_to_keep: int):
+        """V before each completion token; at the last one, where the reward model reads its score."""
+        import torch
+
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         backbone = getattr(inner, inner.base_model_prefix)
+        ids, mask, reads, lengths = closed_replies(input_ids, attention_mask, logits_to_keep, self.suffix,
+                                                   self.eos_id, self.pad_id)
         with self.trainer.accelerator.autocast():
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-            values = inner.score(self._states_before_tokens(hidden, logits_to_keep))
-        return (values.squeeze(-1).float() - self.shift) / self.scale  # on the normalised reward's scale
+            hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            prompt = input_ids.shape[1] - logits_to_keep
+            before = hidden[:, prompt - 1:prompt - 1 + logits_to_keep]  # the state before each completion token
+            rows = torch.arange(ids.shape[0], device=ids.device)
+            values = inner.score(before).squeeze(-1).float()
+            last = inner.score(hidden[rows, reads]).squeeze(-1).float()
+        ended = lengths > 0
+        values = values.clone()
+        values[rows[ended], (lengths[ended] - 1)] = last[ended]
+        return (values - self.shift) / self.scale  # on the normalised reward's scale
+
+
+def _conversational(dataset) -> bool:
+    """Whether the stage's prompts are message lists (chat) rather than text."""
+    if dataset is None or len(dataset) == 0:
+        return False
+    return isinstance(dataset[0].get("prompt"), list)
+
+
+def reply_suffix(tokenizer, chat: bool) -> list[int]:
+    """The tokens a reward model's input has after the reply's text: what the chat template writes after
+    an assistant message (e.g. ``<|im_end|>`` and a newline), or EOS for plain text (posttrain's reward
+    sources and TRL's RewardTrainer close a reply that way)."""
+    if not chat:
+        return [tokenizer.eos_token_id]
+    mark = "\u2063REPLY\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}],
+                                         tokenize=False)
+    tail = text[text.rindex(mark) + len(mark):]
+    return tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+
+
+def closed_replies(input_ids, attention_mask, logits_to_keep: int, suffix: list[int], eos_id: int, pad_id):
+    """The sequences with each completion closed as a reward model's input closes it (its final EOS, if
+    any, replaced by ``suffix``), right-padded, and per row the position a sequence classifier reads (the
+    last token that is not ``pad_id``) and the completion's length. The tokens before each completion's
+    last token are unchanged, and so are the states before each completion token."""
+    import torch
+
+    n, width = input_ids.shape
+    prompt = width - logits_to_keep
+    completion, kept = input_ids[:, prompt:], attention_mask[:, prompt:].bool()
+    lengths = kept.long().sum(1)
+    pad = pad_id if pad_id is not None else eos_id
+    ids = torch.full((n, width + len(suffix)), pad, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros_like(ids, dtype=attention_mask.dtype)
+    ids[:, :prompt], mask[:, :prompt] = input_ids[:, :prompt], attention_mask[:, :prompt]
+    tail = torch.tensor(suffix, dtype=input_ids.dtype, device=input_ids.device)
+    reads = torch.zeros(n, dtype=torch.long, device=input_ids.device)
+    for i in range(n):
+        length = int(lengths[i])
+        content = completion[i, :length]
+        if length and int(content[-1]) == eos_id:
+            content = content[:-1]
+        row = torch.cat([content, tail])
+        ids[i, prompt:prompt + len(row)] = row
+        mask[i, prompt:prompt + len(row)] = 1
+        real = torch.nonzero((ids[i] != pad) & mask[i].bool()).flatten()
+        reads[i] = real[-1] if len(real) else prompt + len(row) - 1
+    return ids, mask, reads, lengths
 
 
 class CriticPlugin(Plugin):

@@ -298,3 +298,89 @@ def test_the_critic_loss_moves_only_the_critic_and_falls_on_a_fixed_batch(kind, 
     moved = [n for n, p in policy_params.items() if not torch.equal(p.detach(), policy_before[n])]
     assert not moved, f"the critic's loss moved policy parameters: {moved[:5]}"
     assert policy.active_adapter == "default" if kind == "policy" else True
+
+
+@pytest.mark.parametrize("conversational", [True, False])
+def test_a_value_model_reads_its_last_value_where_the_reward_model_reads(conversational, online_recipe, tmp_path,
+                                                                          tiny_model_dir):
+    """Initialised from a reward model, V at a completion's last token equals the reward model's
+    (normalised) score of the same completion, for chat and plain prompts, ended (EOS) and truncated."""
+    from posttrain.plugins.reward_model import RewardModel
+
+    rm = _value_model_folder(tmp_path, tiny_model_dir)
+    normalize = {"mean": 0.5, "std": 2.0}
+    plugins = {**PPO, "critic": {"model": str(rm), "lora_r": 0, "normalize": normalize}}
+    trainer = _build(online_recipe, tmp_path, plugins=plugins,
+                     data={"options": {"n": 16, "conversational": conversational}})
+    tokenizer = trainer.processing_class
+    device = trainer.args.device
+    rows = [trainer.train_dataset[i] for i in range(2)]
+    texts = ["12 + 7 = 19", "the answer is 4"]
+    prompt_ids = [tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)
+                  if conversational else tokenizer(r["prompt"])["input_ids"] for r in rows]
+    prompt_ids = [list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompt_ids]
+    completions = []  # (prompt row, text, completion ids): one ended with EOS and one truncated, per prompt
+    for r, ids in zip(rows, prompt_ids, strict=True):
+        for text in texts:
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+            completions.append((r["prompt"], ids, text, tokens + [tokenizer.eos_token_id]))
+            completions.append((r["prompt"], ids, text, tokens))
+    width_p = max(len(c[1]) for c in completions)
+    keep = max(len(c[3]) for c in completions)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(completions), width_p + keep), pad, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, (_, p_ids, _, c_ids) in enumerate(completions):
+        input_ids[i, width_p - len(p_ids):width_p] = torch.tensor(p_ids)  # prompts left-padded, as TRL does
+        attention[i, width_p - len(p_ids):width_p] = 1
+        input_ids[i, width_p:width_p + len(c_ids)] = torch.tensor(c_ids)  # completions right-padded
+        attention[i, width_p:width_p + len(c_ids)] = 1
+    values = trainer.critic.values(input_ids.to(device), attention.to(device), keep).cpu()
+    source = RewardModel(RewardModel.parse_options({"model": str(rm), "normalize": normalize, "dtype": "float32"},
+                                                   where="plugins.reward_model"))
+    scores = source.posttrain_reward([c[0] for c in completions], [c[2] for c in completions])
+    last = [values[i, len(c[3]) - 1].item() for i, c in enumerate(completions)]
+    assert last == pytest.approx(scores, abs=1e-4)
+    # the states before the other completion tokens are the plain causal ones (unchanged by the closing)
+    critic = trainer.critic
+    inner = critic.model
+    with torch.no_grad():
+        hidden = inner.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+        plain = (inner.score(hidden[:, width_p - 1:-1]).squeeze(-1).float().cpu() - 0.5) / 2.0
+    for i, c in enumerate(completions):
+        n = len(c[3])
+        assert values[i, :n - 1].tolist() == pytest.approx(plain[i, :n - 1].tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_value_clipping_acts_only_when_the_critic_steps_more_than_once_per_rollout(iterations, online_recipe,
+                                                                                    tmp_path):
+    """V_old is the value at sampling time. With one critic step per rollout batch (num_iterations 1, one
+    optimizer step per generation batch) the trained values are V_old itself and the clip cannot act; with
+    num_iterations 2 the second pass over each batch starts from moved values and is clipped."""
+    plugins = {**PPO, "critic": {"learning_rate": 5e-2, "cliprange_value": 0.01}}
+    trainer = _build(online_recipe, tmp_path, plugins=plugins,
+                     training={"max_steps": 4, "num_iterations": iterations, "beta": 0.05})
+    trainer.train()
+    shares = [h["critic/clipped_share"] for h in trainer.state.log_history if "critic/clipped_share" in h]
+    assert len(shares) == 4
+    if iterations == 1:
+        assert shares == [0.0] * 4
+    else:
+        assert shares[0] == 0.0 and shares[1] > 0.0 and shares[3] > 0.0, shares  # steps 2 and 4: second passes
+
+
+def test_compare_draws_the_critic_of_online_runs(online_recipe, cli, tmp_path):
+    from posttrain.compare import figure, load_run
+
+    run = tmp_path / "ppo"
+    code, _, err = cli("run", online_recipe(plugins=PPO, training={"max_steps": 3, "beta": 0.05}), "--output-dir", run)
+    assert code == 0, err
+    fig = figure([load_run(run)])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any(t.startswith("critic: explained variance") for t in titles) and "critic: value loss" in titles
+    ax = next(a for a in fig.axes if a.get_title() == "critic: value loss")
+    logged = [r["critic/value_loss"] for r in read_jsonl(run / "metrics.jsonl") if "critic/value_loss" in r]
+    assert list(ax.get_lines()[0].get_ydata()) == pytest.approx(logged)
+    code, out, _ = cli("compare", run, "--output", tmp_path / "cmp.png")
+    assert code == 0 and "critic EV (last third)" in out
