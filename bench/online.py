@@ -34,7 +34,7 @@ from datasets import Dataset  # noqa: E402
 from overhead import StepTimer, alternate, bench_model  # noqa: E402
 from posttrain import Plugin, hookimpl  # noqa: E402
 from posttrain.builtin import WordProblemOptions, word_problems  # noqa: E402
-from posttrain.stages.online import OnlineTrainer  # noqa: E402
+from posttrain.trainers.online import OnlineTrainer  # noqa: E402
 from posttrain.plugins.advantage_norm import AdvantageNorm  # noqa: E402
 from posttrain.plugins.group_relative import GroupRelative  # noqa: E402
 from posttrain.registry import PluginSet  # noqa: E402
@@ -92,7 +92,7 @@ def run_method(method: str, model_dir: Path, data: Dataset, steps: int, prompts:
     from peft import LoraConfig
     from posttrain.plugins.critic import CriticPlugin
     from posttrain.plugins.gae import GAE
-    from posttrain.stages.loop import finish_trainer
+    from posttrain.trainers.loop import finish_trainer
     from posttrain.models import Precision
 
     tok = AutoTokenizer.from_pretrained(model_dir)

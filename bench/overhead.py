@@ -28,7 +28,7 @@ from posttrain.builtin import ArithmeticOptions, arithmetic  # noqa: E402
 from posttrain.plugins.dpo import DPO  # noqa: E402
 from posttrain.registry import PluginSet  # noqa: E402
 from posttrain.testing import build_tiny_model  # noqa: E402
-from posttrain.stages.preference import PreferenceTrainer  # noqa: E402
+from posttrain.trainers.preference import PreferenceTrainer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402

@@ -54,11 +54,9 @@ def row_overrides(row: str, overrides: list[str]) -> list[str]:
 
 def pipeline_data(row: str, overrides: list[str]) -> dict:
     """The row's pipeline as its run directory records it (``recipe.yaml``)."""
-    from posttrain.recipe import load_recipe_data
-    from posttrain.stages.pipeline import parse_pipeline, validate_pipeline
+    from posttrain.runner import load
 
-    data = load_recipe_data(str(REPO / "recipes" / f"saferlhf-{row}.yaml"), overrides)
-    return validate_pipeline(parse_pipeline(data)).data
+    return load(str(REPO / "recipes" / f"saferlhf-{row}.yaml"), overrides).data
 
 
 def shared_stages(data: dict, done: dict[str, tuple[dict, Path]]) -> tuple[Path | None, int]:
@@ -96,7 +94,7 @@ def run_row(row: str, out: Path, overrides: list[str], done: dict[str, tuple[dic
     """Run (or resume, or skip) one row's pipeline; its run directory. Stages that an earlier row
     already trained with the same recipe (every row's SFT stage; the safe-SFT stage of the fix rows)
     are reused from it."""
-    from posttrain.run import run
+    from posttrain.runner import run
 
     run_dir = out / f"saferlhf-{row}"
     recipe = str(REPO / "recipes" / f"saferlhf-{row}.yaml")

@@ -116,19 +116,19 @@ class SequenceClassifier:
 
     def token_ids(self, prompt, completion) -> list[int]:
         """The model's input for one (prompt, completion), rendered as its training pairs were."""
-        from trl.data_utils import _tokenize
+        from .seams import tokenize
 
         _, tokenizer = self.load()
         reply = clean_text(completion_text(completion))[-64 * self.max_length:]
         if isinstance(prompt, list):  # a conversation: the model's chat template
             messages = [{**m, "content": clean_text(str(m.get("content", "")))} if isinstance(m, dict) else m
                         for m in prompt]
-            ids = _tokenize(tokenizer, messages + [{"role": "assistant", "content": reply}])["input_ids"]
+            ids = tokenize(tokenizer, messages + [{"role": "assistant", "content": reply}])["input_ids"]
         else:
             text = clean_text("" if prompt is None else str(prompt)) + reply
             if not text.endswith(tokenizer.eos_token):
                 text += tokenizer.eos_token
-            ids = _tokenize(tokenizer, text)["input_ids"]
+            ids = tokenize(tokenizer, text)["input_ids"]
         return ids[-self.max_length:]
 
     def logits(self, prompts: list, completions: list):

@@ -48,21 +48,18 @@ def _describe_plan(plan, indent: str = "  ") -> None:
 
 
 def _cmd_validate(args) -> int:
-    from .recipe import Recipe, from_data, load_recipe_data
-    from .stages.pipeline import is_pipeline, parse_pipeline, validate_pipeline
-    from .validate import validate
+    from .runner import load
 
-    data = load_recipe_data(resolve_recipe(args.recipe), args.set, args.unset)
-    if is_pipeline(data):
-        pipeline = validate_pipeline(parse_pipeline(data))
-        print(f"pipeline '{pipeline.name}' is valid: {len(pipeline.stages)} stages")
-        for stage, plan in zip(pipeline.stages, pipeline.plans, strict=True):
-            print(f"  {stage.dir_name}")
-            _describe_plan(plan, "    ")
+    pipeline = load(resolve_recipe(args.recipe), args.set, args.unset)
+    if pipeline.single:
+        plan = pipeline.plans[0]
+        print(f"recipe '{plan.recipe.name}' is valid")
+        _describe_plan(plan)
         return 0
-    plan = validate(from_data(Recipe, data, ""))
-    print(f"recipe '{plan.recipe.name}' is valid")
-    _describe_plan(plan)
+    print(f"pipeline '{pipeline.name}' is valid: {len(pipeline.stages)} stages")
+    for stage in pipeline.stages:
+        print(f"  {stage.dir_name}")
+        _describe_plan(stage.plan, "    ")
     return 0
 
 
@@ -133,6 +130,39 @@ def _cmd_plugins(args) -> int:
     return code
 
 
+def _cmd_stages(args) -> int:
+    """The stages: what each trains on, the data it takes, its own recipe keys and the hooks it calls."""
+    import dataclasses
+
+    from .plugin import type_name
+    from .stages import STAGES
+
+    rows = []
+    for stage in STAGES.values():
+        options = []
+        for f in dataclasses.fields(stage.Options):
+            options.append({"name": f.name, "type": type_name(f.type) if not isinstance(f.type, str) else f.type,
+                            "help": f.metadata.get("help", "")})
+        rows.append({"name": stage.name, "about": stage.about, "trainer": stage.trainer,
+                     "config": stage.config.name if stage.config else None,
+                     "layouts": [list(layout) for layout in stage.layouts], "options": options,
+                     "default_plugins": stage.default_plugins, "hooks": list(stage.hooks),
+                     "required_hooks": list(stage.required_hooks)})
+    if args.json:
+        print(json.dumps({"stages": rows}, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']}  -  {row['about']}")
+        print(f"    trainer: {row['trainer']}" + (f" ({row['config']} under `training`)" if row["config"] else ""))
+        print("    data:    " + " or ".join("/".join(layout) for layout in row["layouts"]))
+        for o in row["options"]:
+            print(f"    key:     {o['name']}: {o['type']}  -  {o['help']}")
+        print(f"    hooks:   {', '.join(h.removeprefix('posttrain_') for h in row['hooks'])}")
+        if row["required_hooks"]:
+            print(f"    needs:   a plugin implementing {', '.join(row['required_hooks'])}")
+    return 0
+
+
 def _cmd_recipes(args) -> int:
     import yaml
 
@@ -151,16 +181,18 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
-SUMMARY_ROWS = [
-    ("held-out preference accuracy", "heldout", "preference_accuracy"),
-    ("held-out log-prob accuracy", "heldout", "logp_accuracy"),
-    ("held-out reward margin", "heldout", "reward_margin"),
-    ("held-out pairwise accuracy", "heldout", "pairwise_accuracy"),
-    ("held-out completion NLL", "heldout", "completion_nll"),
-    ("held-out perplexity", "heldout", "perplexity"),
+# Shown for every stage, after the stage's own rows (Stage.summary_rows).
+ANSWER_ROWS = (
     ("greedy answer accuracy", "answers", "answer_accuracy"),
     ("greedy answer mean reward", "answers", "mean_reward"),
-]
+)
+
+
+def _summary_rows(stage_name: str | None) -> tuple:
+    from .stages import STAGES
+
+    stage = STAGES.get(stage_name or "")
+    return (*(stage.summary_rows if stage is not None else ()), *ANSWER_ROWS)
 
 
 def _fmt(value) -> str:
@@ -170,7 +202,7 @@ def _fmt(value) -> str:
 def _print_metrics(summary: dict, indent: str = "  ") -> None:
     before, after = summary.get("before") or {}, summary.get("after") or {}
     shown = False
-    for label, group, key in SUMMARY_ROWS:
+    for label, group, key in _summary_rows(summary.get("stage")):
         b = ((before.get(group) or {}).get(key))
         a = ((after.get(group) or {}).get(key))
         if a is None and b is None:
@@ -217,13 +249,14 @@ def _quiet_third_party_noise() -> None:
 
 
 def _cmd_run(args) -> int:
-    from .run import is_main_process, run
+    from .process import is_main
+    from .runner import run
 
     _quiet_third_party_noise()
 
     run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, removals=args.unset,
                            resume=args.resume, overwrite=args.overwrite, start_from=args.start_from)
-    if is_main_process():
+    if is_main():
         _print_summary(run_dir, summary)
     return 0
 
@@ -282,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser("stages", help="list the stages: their trainer, data, own recipe keys and hooks")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_stages)
+
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=_cmd_recipes)
     return parser
@@ -306,7 +343,9 @@ def _end_distributed_process(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     code = _dispatch(args)
-    if args.func is _cmd_run and int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
+    from .process import world_size
+
+    if args.func is _cmd_run and world_size() > 1 and argv is None:
         _end_distributed_process(code)
     return code
 

@@ -22,7 +22,8 @@ from typing import Any
 from .builtin import BUILTIN_DATASETS
 from .errors import UserError, did_you_mean
 from .plugin import parse_options
-from .stages import STAGES
+from .stage import Stage
+from .stage_refs import dataset_path, is_ref
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -179,16 +180,16 @@ def _apply_format(dataset, fmt: str | None, prefer: str, columns: dict[str, str]
     return _rename(dataset, after)
 
 
-def _check_columns(columns: list[str], mapping: dict[str, str], stage: str, where: str, first: dict,
+def _check_columns(columns: list[str], mapping: dict[str, str], stage: Stage, where: str, first: dict,
                    required: dict[str, str] | None = None) -> None:
     """``required`` maps extra needed columns to the plugin that needs them."""
     _check_mapping(mapping, columns)
     renamed = {ours for ours in mapping} | {c for c in columns if c not in mapping.values()}
-    kind = STAGES[stage]
+    kind = stage
     stage_columns = kind.columns
     if kind.alternative and set(kind.alternative) <= renamed:  # e.g. sft: a `messages` column instead
         stage_columns = kind.alternative
-    needs = {name: f"the {stage} stage" for name in stage_columns}
+    needs = {name: f"the {stage.name} stage" for name in stage_columns}
     needs.update({name: f"plugin '{plugin}'" for name, plugin in (required or {}).items()})
     for needed, who in needs.items():
         if needed in renamed:
@@ -204,7 +205,7 @@ def _check_columns(columns: list[str], mapping: dict[str, str], stage: str, wher
         )
 
 
-def _check_formatted(names: list[str], first: dict, columns: dict, fmt: str | None, prefer: str, stage: str,
+def _check_formatted(names: list[str], first: dict, columns: dict, fmt: str | None, prefer: str, stage: Stage,
                      source: str, where: str, required: dict[str, str] | None) -> None:
     """Check the columns a source will have once the format and the renames are applied."""
     if fmt is not None:
@@ -222,7 +223,7 @@ def _check_formatted(names: list[str], first: dict, columns: dict, fmt: str | No
         raise
 
 
-def check_source(source: str, *, columns: dict, options: dict, stage: str, where: str,
+def check_source(source: str, *, columns: dict, options: dict, stage: Stage, where: str,
                  required: dict[str, str] | None = None, format: str | None = None,  # noqa: A002 - the recipe key
                  prefer: str = "safer") -> None:
     """Validate a data source without loading it. ``required``: extra column -> plugin needing it;
@@ -237,9 +238,6 @@ def check_source(source: str, *, columns: dict, options: dict, stage: str, where
         if gen is None:
             raise UserError(f"unknown built-in dataset '{name}'{did_you_mean(name, BUILTIN_DATASETS)}",
                             field=where, fix=f"built-in datasets: {', '.join(BUILTIN_DATASETS)}")
-        if stage not in gen.stages:
-            raise UserError(f"built-in dataset '{name}' is for the {', '.join(gen.stages)} stage, not {stage}",
-                            field=where, fix="choose a dataset made for this stage")
         opts = parse_options(gen.options, options, where="data.options", owner=f"built-in dataset '{name}'")
         _check_formatted(gen.columns(opts), {"chosen": [] if getattr(opts, "conversational", True) else ""}, columns,
                          format, prefer, stage, source, where, required)
@@ -261,6 +259,8 @@ def check_source(source: str, *, columns: dict, options: dict, stage: str, where
 def _load_one(source: str, split: str | None, options: dict, where: str):
     import datasets
 
+    if is_ref(source):  # the dataset an earlier stage of the pipeline wrote
+        source = dataset_path(source)
     kind = source_kind(source)
     if kind == "builtin":
         gen = BUILTIN_DATASETS[source.split(":", 1)[1]]
@@ -305,7 +305,7 @@ def load_splits(recipe, required: dict[str, str] | None = None) -> tuple[Any, An
     for name, dataset in (("data.source", train), ("data.eval", held)):
         if dataset is not None:
             first = dataset[0] if len(dataset) else {}
-            _check_columns(dataset.column_names, {}, recipe.stage, name, first, required)
+            _check_columns(dataset.column_names, {}, recipe.kind, name, first, required)
     if data.max_examples is not None:
         train = train.select(range(min(data.max_examples, len(train))))
     if held is not None and ev.max_examples is not None:

@@ -71,10 +71,6 @@ DS_REDUCE_BUCKET = 500_000_000
 DS_PREFETCH_BUCKET = 50_000_000
 DS_MAX_LIVE_PARAMETERS = 1_000_000_000
 
-# The online stage's prompt length when the command line does not give one (GRPO does not
-# truncate prompts, so the recipe cannot say).
-DEFAULT_PROMPT_LENGTH = 512
-
 # Model families whose MLP is not gated (two matrices, not three) and whose configs tie the
 # embeddings by default when config.json does not say.
 NON_GATED_MLP = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode", "starcoder2", "mpt",
@@ -380,6 +376,7 @@ class Setup:
     prompt_len: int = 0
     completion_len: int = 0
     vllm_fraction: float = 0.0  # online with colocated vLLM: its share of the GPU
+    unit: str = "sequences"  # what a row of the micro-batch is, in words
     generation_between_steps: bool = True  # online: generation falls between optimizer steps (no gradients held)
     gather_for_generation: bool = True  # online under ZeRO-3: full parameters gathered to generate
     notes: list = field(default_factory=list)
@@ -734,7 +731,7 @@ def compute(s: Setup) -> Estimate:
         fp32_grads = trained_n * 4 / (n_proc if stage >= 1 else 1)
     phases["optimizer step"] = replace(static, gradients=grads + fp32_grads, optimizer=static.optimizer + temp)
 
-    if s.stage == "online" and s.generation_rows:
+    if s.generation_rows:
         kv = sh.layers * 2 * sh.kv_dim * c * s.generation_rows * (s.prompt_len + s.completion_len)
         prefill = s.generation_rows * s.prompt_len * (3 * c * sh.mlp_width)  # the widest transient of the prompt pass
         gathered = 0.0
@@ -811,13 +808,8 @@ def training_config(recipe, plugins, notes: list | None = None) -> dict:
         checked = {**check_training(recipe, plugins), "use_liger_kernel": liger}
     else:
         checked = check_training(recipe, plugins)
-    return {**trl_fields.config_defaults(recipe.stage), **checked}
-
-
-def _reference_needed(plugins, stage: str) -> bool:
-    """``posttrain_reference_needed`` combined as core/stages/preference.py combines it (without its imports)."""
-    answers = [a for a in plugins.call("posttrain_reference_needed", stage=stage) if a is not None]
-    return True if True in answers or not answers else False
+    defaults = trl_fields.config_defaults(recipe.kind.config) if recipe.kind.trains else {}
+    return {**defaults, **checked}
 
 
 @dataclass
@@ -836,8 +828,7 @@ class StageInput:
 
 def setup_from_recipe(si: StageInput, *, processes: int, prompt_length: int | None,
                       reference_dtype: str | None = None) -> Setup:
-    from .registry import build_plugin_set, required_columns
-
+    from .registry import build_plugin_set
     from .validate import check_model
 
     recipe = si.recipe
@@ -849,9 +840,9 @@ def setup_from_recipe(si: StageInput, *, processes: int, prompt_length: int | No
         raise _in_stage(e, si.error_prefix) from None
     where = f"{si.error_prefix}model.name_or_path"
     shape = read_shape(si.model_source, where, notes, recipe.model.revision)
-    if stage == "reward_model":
+    if recipe.kind.head == "reward":
         shape = shape.as_reward_model()
-    plugins = build_plugin_set(recipe.plugins, stage)
+    plugins = build_plugin_set(recipe.plugins, recipe.kind)
     cfg = training_config(recipe, plugins, notes)
 
     m = recipe.model
@@ -871,7 +862,7 @@ def setup_from_recipe(si: StageInput, *, processes: int, prompt_length: int | No
         s.lora_r = m.lora.r
         s.lora_dropout = m.lora.dropout
         s.lora_targets = _lora_targets(m.lora.target_modules, shape, notes)
-        s.lora_extra = tuple(m.lora.modules_to_save or ()) + (("score",) if stage == "reward_model" else ())
+        s.lora_extra = tuple(m.lora.modules_to_save or ()) + (("score",) if recipe.kind.head == "reward" else ())
     if m.quantization is not None:
         s.quant_bits = m.quantization.bits
         s.double_quant = m.quantization.double_quant
@@ -898,68 +889,13 @@ def setup_from_recipe(si: StageInput, *, processes: int, prompt_length: int | No
         notes.append("FSDP is not modelled: estimated as one process holding everything (use DeepSpeed ZeRO-3 "
                      "figures as a guide: FSDP full_shard is similar)")
 
-    max_length = cfg.get("max_length")
-    if stage in ("preference", "sft", "reward_model"):
-        if max_length is None:
-            max_length = shape.max_positions or 4096
-            notes.append(f"training.max_length is null (no truncation): assumed the model's longest, {max_length}")
-        s.seq_len = int(max_length)
-        rows = per_device
-        if stage in ("preference", "reward_model"):
-            rows = 2 * per_device  # chosen and rejected, in one batch
-            if stage == "preference" and "reference" in required_columns(plugins, stage):
-                rows = 3 * per_device  # + the gold response (TPO)
-        s.rows = rows
-        s.scored_tokens = 0 if stage == "reward_model" else rows * s.seq_len
-        if stage == "sft" and cfg.get("packing"):
-            notes.append("packing: every sequence is full (max_length tokens)")
-    elif stage == "online":
-        completion = int(cfg.get("max_completion_length") or 256)
-        prompt = prompt_length if prompt_length is not None else DEFAULT_PROMPT_LENGTH
-        if prompt_length is None:
-            notes.append(f"online: prompts assumed {DEFAULT_PROMPT_LENGTH} tokens long (GRPO does not truncate "
-                         "them); give --prompt-length for yours")
-        s.prompt_len, s.completion_len = prompt, completion
-        s.seq_len = prompt + completion
-        s.scored_tokens = per_device * completion
-        steps = int(cfg.get("steps_per_generation") or grad_accum)
-        generation_batch = cfg.get("generation_batch_size")
-        s.generation_rows = int(generation_batch) // processes if generation_batch else per_device * steps
-        if generation_batch and not cfg.get("steps_per_generation"):
-            steps = max(1, int(generation_batch) // (per_device * processes))
-        # TRL generates every steps_per_generation x num_iterations micro-batches: between optimizer
-        # steps when that is a multiple of the accumulation steps, else with gradients accumulated
-        s.generation_between_steps = (steps * int(cfg.get("num_iterations") or 1)) % grad_accum == 0
-        s.gather_for_generation = bool(cfg.get("ds3_gather_for_generation", True))
-        if cfg.get("use_vllm"):
-            if cfg.get("vllm_mode", "colocate") == "colocate":
-                s.vllm_fraction = float(cfg.get("vllm_gpu_memory_utilization") or 0.3)
-                notes.append(f"vLLM colocated: it reserves {s.vllm_fraction:.0%} of the GPU for generation")
-            else:
-                notes.append("vLLM server mode: generation runs on other GPUs (not counted)")
-                s.generation_rows = 0
-    else:
-        s.seq_len = int(max_length or 1024)
-        s.scored_tokens = s.rows * s.seq_len
-
-    # the reference model
-    if stage == "preference":
-        needed = _reference_needed(plugins, stage)
-        if not needed:
-            s.reference = "none"
-            notes.append("reference-free loss: no reference model")
-        elif cfg.get("precompute_ref_log_probs"):
-            s.reference = "precomputed"
-            notes.append("precompute_ref_log_probs: reference log-probs are computed before training; no reference "
-                         "model while training")
-        elif m.reference is not None or method == "full":
-            s.reference = "copy"
-        else:
-            s.reference = "adapter"
-    elif stage == "online":
-        beta = cfg.get("beta") or 0.0
-        if beta > 0:
-            s.reference = "copy" if method == "full" else "adapter"
+    facts = recipe.kind.memory(cfg, plugins, recipe, prompt_length=prompt_length, max_positions=shape.max_positions,
+                               processes=processes)
+    s.rows, s.seq_len, s.scored_tokens, s.reference = facts.rows, facts.seq_len, facts.scored_tokens, facts.reference
+    s.prompt_len, s.completion_len, s.generation_rows = facts.prompt_len, facts.completion_len, facts.generation_rows
+    s.generation_between_steps, s.gather_for_generation = facts.generation_between_steps, facts.gather_for_generation
+    s.vllm_fraction, s.unit = facts.vllm_fraction, facts.unit
+    notes.extend(facts.notes)
     if s.reference == "copy":
         s.reference_dtype = reference_dtype
         if si.reference_source is not None:
@@ -1048,17 +984,16 @@ def parse_processes(text) -> int:
 def _stage_inputs(data: dict) -> list[StageInput]:
     """The stages of a recipe (one, or a pipeline's), with stages.NAME model references resolved to
     the model the named stage started from (its output has the same shape)."""
-    from .recipe import Recipe, from_data
-    from .stages.pipeline import is_pipeline, parse_pipeline
+    from .runner import parse
     from .validate import check_stage_references
 
-    if not is_pipeline(data):
-        recipe = from_data(Recipe, data, "")
+    pipeline = parse(data)
+    if pipeline.single:
+        recipe = pipeline.stages[0].recipe
         check_stage_references(recipe, None)
         si = StageInput(recipe.name or "recipe", recipe, "", "", recipe.model.name_or_path)
         _other_models(si, {})
         return [si]
-    pipeline = parse_pipeline(data)
     sources: dict[str, str] = {}
     out = []
     names = [st.name for st in pipeline.stages]
@@ -1088,10 +1023,9 @@ def _other_models(si: StageInput, sources: dict) -> None:
     recipe = si.recipe
     if recipe.model.reference is not None:
         si.reference_source = _resolve(recipe.model.reference, sources)
-    if recipe.stage == "online":
-        options = (recipe.plugins or {}).get("reward_model")
-        if isinstance(options, dict) and options.get("model"):
-            si.reward_models = [(_resolve(str(options["model"]), sources), str(options.get("dtype", "auto")))]
+    options = (recipe.plugins or {}).get("reward_model")  # loaded once, it stays for the run
+    if isinstance(options, dict) and options.get("model"):
+        si.reward_models = [(_resolve(str(options["model"]), sources), str(options.get("dtype", "auto")))]
 
 
 def _in_stage(error: UserError, prefix: str) -> UserError:
@@ -1162,7 +1096,7 @@ def _suggest(data: dict, si: StageInput, setup: Setup, *, gpu: float, processes:
             return None
         return next(r for r in reports if r.label == si.label).estimate
 
-    cfg = training_config(si.recipe, build_plugin_set(si.recipe.plugins, si.recipe.stage))
+    cfg = training_config(si.recipe, build_plugin_set(si.recipe.plugins, si.recipe.kind))
     batch = int(cfg.get("per_device_train_batch_size") or 8)
     accum = int(cfg.get("gradient_accumulation_steps") or 1)
     batch_keys = (f"{si.prefix}training.per_device_train_batch_size=",
@@ -1229,10 +1163,8 @@ def describe_setup(s: Setup) -> str:
 
 
 def batch_text(s: Setup) -> str:
-    per = {"preference": "sequences (2 per pair)", "reward_model": "sequences (2 per pair)",
-           "online": "completions", "sft": "sequences"}.get(s.stage, "sequences")
-    text = f"{s.rows} {per} x {s.seq_len} tokens per micro-batch"
-    if s.stage == "online":
+    text = f"{s.rows} {s.unit} x {s.seq_len} tokens per micro-batch"
+    if s.prompt_len:
         text += f" ({s.prompt_len} prompt + {s.completion_len} completion); {s.generation_rows} generated at once"
     text += f"; activation checkpointing {'on' if s.checkpointing else 'off'}"
     if s.liger:

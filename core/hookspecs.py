@@ -16,15 +16,28 @@ This module is the contract between the core and plugins. Each hook below says
 Only plugins enabled by the recipe take part in a run. ``docs/hooks.md`` has a section for
 each hook here (a test keeps the two in step).
 
-Tensors are ``torch.Tensor``; this module does not import torch so that ``posttrain
-validate`` and ``posttrain plugins`` stay fast.
+The arguments and results carry their real types (``torch.Tensor``, ``datasets.Dataset``, the
+:mod:`posttrain.types` classes), so an editor shows them; the heavy libraries are imported for type
+checkers only, so ``posttrain validate`` and ``posttrain plugins`` stay fast. The results are
+checked against these types when a run calls the hooks (``posttrain.registry.RESULT_CONTRACT``).
+
+Which hooks each stage calls is part of each stage's declaration (``Stage.hooks`` in
+``posttrain.stages``); ``docs/hooks.md`` has the table, tested against them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - for editors and type checkers; nothing heavy is imported at run time
+    import torch
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+    from .types import Advantages, Critic, PreferenceLogps, PreferenceLoss, Rollouts, Transformed
 
 PROJECT = "posttrain"
 
@@ -43,15 +56,6 @@ SINGLE_OWNER_HOOKS = (
     "posttrain_select_pair",
 )
 
-# Hooks that at least one enabled plugin must implement, per stage (exactly one for the
-# single-owner hooks above).
-REQUIRED_HOOKS = {
-    "preference": ("posttrain_preference_loss",),
-    "iterative": ("posttrain_preference_loss", "posttrain_reward"),
-    "rejection_sampling": ("posttrain_reward",),
-    "online": ("posttrain_reward", "posttrain_advantage_estimate"),
-}
-
 # Hooks every stage calls. They do not make a plugin useful in a stage by themselves: a plugin
 # is refused in a stage that calls none of its other hooks (a preference loss in an online
 # recipe would silently do nothing). A plugin with only these hooks is accepted everywhere.
@@ -60,47 +64,13 @@ GENERAL_HOOKS = (
     "posttrain_transform_dataset",
 )
 
-# The hooks each stage calls.
-STAGE_HOOKS = {
-    "sft": (
-        "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
-        "posttrain_transform_dataset", "posttrain_token_mask", "posttrain_sample", "posttrain_reward",
-    ),
-    "reward_model": (
-        "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
-        "posttrain_transform_dataset",
-    ),
-    "rejection_sampling": (
-        "posttrain_reference_needed", "posttrain_required_columns", "posttrain_transform_dataset", "posttrain_sample",
-        "posttrain_reward",
-    ),
-    "iterative": (
-        "posttrain_trl_config", "posttrain_callbacks", "posttrain_step_metrics", "posttrain_preference_loss",
-        "posttrain_loss_terms", "posttrain_reference_needed", "posttrain_required_columns", "posttrain_sample",
-        "posttrain_reward", "posttrain_select_pair", "posttrain_update_reference", "posttrain_transform_dataset",
-        "posttrain_token_mask", "posttrain_data_collator", "posttrain_train_sampler",
-    ),
-    "preference": (
-        "posttrain_trl_config", "posttrain_callbacks", "posttrain_step_metrics", "posttrain_preference_loss",
-        "posttrain_loss_terms", "posttrain_reference_needed", "posttrain_required_columns", "posttrain_sample",
-        "posttrain_reward", "posttrain_update_reference", "posttrain_transform_dataset", "posttrain_token_mask",
-        "posttrain_data_collator", "posttrain_train_sampler",
-    ),
-    "online": (
-        "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
-        "posttrain_sample", "posttrain_reward", "posttrain_advantage_estimate", "posttrain_advantage_transform",
-        "posttrain_critic", "posttrain_update_reference", "posttrain_transform_dataset",
-    ),
-}
-
-
 # --------------------------------------------------------------------------------------
 # Configuration family
 # --------------------------------------------------------------------------------------
 
 
 @hookspec
-def posttrain_trl_config(stage: str, recipe: dict) -> dict | None:
+def posttrain_trl_config(stage: str, recipe: dict[str, Any]) -> dict[str, Any] | None:
     """Contribute values to the TRL config of the run (e.g. ``DPOConfig``).
 
     Called once, while the recipe is validated (before any model is loaded); the merged result
@@ -118,7 +88,7 @@ def posttrain_trl_config(stage: str, recipe: dict) -> dict | None:
 
 
 @hookspec
-def posttrain_callbacks(stage: str, recipe: dict) -> list | None:
+def posttrain_callbacks(stage: str, recipe: dict[str, Any]) -> list[TrainerCallback] | None:
     """Contribute ``transformers.TrainerCallback`` objects to the trainer.
 
     Called once when the trainer is built. Return a list of callbacks (instances) or ``None``.
@@ -128,7 +98,7 @@ def posttrain_callbacks(stage: str, recipe: dict) -> list | None:
 
 
 @hookspec
-def posttrain_step_metrics(logps: Any, stage: str) -> dict | None:
+def posttrain_step_metrics(logps: PreferenceLogps, stage: str) -> dict[str, float] | None:
     """Contribute extra metrics computed from a training or evaluation batch.
 
     Called after the loss of every batch. ``logps`` is the
@@ -145,7 +115,7 @@ def posttrain_step_metrics(logps: Any, stage: str) -> dict | None:
 
 
 @hookspec(firstresult=True)
-def posttrain_preference_loss(logps: Any) -> Any:
+def posttrain_preference_loss(logps: PreferenceLogps) -> PreferenceLoss:
     """Compute the preference loss of a batch of pairs.
 
     ``logps`` is a :class:`posttrain.types.PreferenceLogps`: per-sequence policy log-probs of
@@ -163,7 +133,7 @@ def posttrain_preference_loss(logps: Any) -> Any:
 
 
 @hookspec
-def posttrain_loss_terms(logps: Any) -> dict | None:
+def posttrain_loss_terms(logps: PreferenceLogps) -> dict[str, torch.Tensor] | None:
     """Add terms to the loss (e.g. an NLL term on the chosen response, a regulariser).
 
     Called after :func:`posttrain_preference_loss` on every batch, with the same ``logps``.
@@ -193,7 +163,7 @@ def posttrain_reference_needed(stage: str) -> bool | None:
 
 
 @hookspec
-def posttrain_required_columns(stage: str) -> list | None:
+def posttrain_required_columns(stage: str) -> list[str] | None:
     """Name the dataset columns this plugin needs, beyond the stage's own.
 
     Called during validation, so data without them is refused before any model is loaded, with
@@ -212,8 +182,9 @@ def posttrain_required_columns(stage: str) -> list | None:
 
 @hookspec(firstresult=True)
 def posttrain_sample(
-    model: Any, tokenizer: Any, prompts: list, num_samples: int, generation: dict
-) -> list | None:
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict[str, Any]]],
+    num_samples: int, generation: dict[str, Any]
+) -> list[list[str]] | None:
     """Produce completions for prompts.
 
     Used wherever the core needs the policy's own outputs: the held-out greedy evaluation of
@@ -239,7 +210,7 @@ def posttrain_sample(
 
 
 @hookspec
-def posttrain_reward(prompts: list, completions: list, columns: dict) -> list | None:
+def posttrain_reward(prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]]) -> list[float | None] | None:
     """Score completions.
 
     ``prompts[i]`` produced ``completions[i]``; ``columns`` maps every dataset column name to
@@ -261,7 +232,7 @@ def posttrain_reward(prompts: list, completions: list, columns: dict) -> list | 
 
 
 @hookspec(firstresult=True)
-def posttrain_advantage_estimate(rollouts: Any) -> Any:
+def posttrain_advantage_estimate(rollouts: Rollouts) -> torch.Tensor | Advantages:
     """Turn the rewards of a batch of rollouts into advantages.
 
     Called once per generation batch of the online stage, after the reward sources have
@@ -287,7 +258,7 @@ def posttrain_advantage_estimate(rollouts: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def posttrain_critic(stage: str) -> Any:
+def posttrain_critic(stage: str) -> Critic | None:
     """Provide a learned critic (a value function) trained alongside the policy.
 
     Called once when the online trainer is built. Return a :class:`posttrain.Critic`: the core
@@ -302,7 +273,7 @@ def posttrain_critic(stage: str) -> Any:
 
 
 @hookspec
-def posttrain_advantage_transform(advantages: Any, rollouts: Any) -> Any:
+def posttrain_advantage_transform(advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor | None:
     """Transform advantages before they reach the loss (normalise, clip, reshape...).
 
     Called after :func:`posttrain_advantage_estimate` with its result (or the previous
@@ -318,7 +289,8 @@ def posttrain_advantage_transform(advantages: Any, rollouts: Any) -> Any:
 
 
 @hookspec(firstresult=True)
-def posttrain_select_pair(prompt: Any, completions: list, rewards: list) -> Any:
+def posttrain_select_pair(prompt: str | list[dict[str, Any]], completions: list[str], rewards: list[float]
+                          ) -> tuple[int, int] | None:
     """Choose the preference pair of one prompt from its scored samples (iterative stage).
 
     Called once per prompt of a round, after the reward sources scored its samples.
@@ -339,7 +311,7 @@ def posttrain_select_pair(prompt: Any, completions: list, rewards: list) -> Any:
 
 
 @hookspec
-def posttrain_update_reference(trainer: Any, event: str, step: int) -> None:
+def posttrain_update_reference(trainer: Trainer, event: str, step: int) -> None:
     """Update the reference model.
 
     Called with ``event="step"`` after every optimizer step (``step`` is the global step) and,
@@ -363,7 +335,7 @@ def posttrain_update_reference(trainer: Any, event: str, step: int) -> None:
 
 
 @hookspec
-def posttrain_transform_dataset(dataset: Any, split: str, stage: str) -> Any:
+def posttrain_transform_dataset(dataset: Dataset, split: str, stage: str) -> Dataset | Transformed | None:
     """Filter or transform a dataset before training.
 
     Called once per split (``"train"``, ``"eval"``) after the recipe's column mapping and
@@ -379,7 +351,8 @@ def posttrain_transform_dataset(dataset: Any, split: str, stage: str) -> Any:
 
 
 @hookspec
-def posttrain_token_mask(input_ids: Any, completion_mask: Any, tokenizer: Any) -> Any:
+def posttrain_token_mask(input_ids: torch.Tensor, completion_mask: torch.Tensor, tokenizer: PreTrainedTokenizerBase
+                         ) -> torch.Tensor | None:
     """Remove tokens from the loss.
 
     Called on every batch before the forward passes. Preference stage: ``input_ids`` and
@@ -396,7 +369,7 @@ def posttrain_token_mask(input_ids: Any, completion_mask: Any, tokenizer: Any) -
 
 
 @hookspec(firstresult=True)
-def posttrain_data_collator(tokenizer: Any, default: Any, stage: str) -> Any:
+def posttrain_data_collator(tokenizer: PreTrainedTokenizerBase, default: Callable, stage: str) -> Callable | None:
     """Replace the collator that turns tokenised examples into batches.
 
     ``default`` is the collator TRL would use; wrap it or return another. Return ``None`` to
@@ -407,7 +380,8 @@ def posttrain_data_collator(tokenizer: Any, default: Any, stage: str) -> Any:
 
 
 @hookspec(firstresult=True)
-def posttrain_train_sampler(dataset: Any, batch_size: int, seed: int, stage: str) -> Any:
+def posttrain_train_sampler(dataset: Dataset, batch_size: int, seed: int, stage: str
+                            ) -> torch.utils.data.Sampler | None:
     """Choose the order in which training examples are drawn.
 
     ``dataset`` is the tokenised training dataset. Return a ``torch.utils.data.Sampler`` (for

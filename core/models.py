@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .stage_refs import is_ref, model_path
 
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": {
@@ -66,6 +67,9 @@ def builtin_model_path(name: str) -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
+    """A model's folder (or hub id): ``builtin:NAME`` converted once, ``stages.NAME`` an earlier stage's output."""
+    if is_ref(name_or_path):
+        return model_path(name_or_path)
     if name_or_path.startswith("builtin:"):
         return str(builtin_model_path(name_or_path.split(":", 1)[1]))
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith(("~",)) else name_or_path
@@ -210,9 +214,9 @@ def load_model(recipe, path: str, precision: Precision, *, reward_head: bool = F
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     try:
         if reward_head:
-            from trl.trainer.reward_trainer import suppress_seqcls_warning
+            from .seams import suppress_new_head_warning
 
-            with suppress_seqcls_warning():  # "score.weight newly initialized": expected for a new head
+            with suppress_new_head_warning():  # "score.weight newly initialized": expected for a new head
                 model = architecture.from_pretrained(path, **kwargs)
         else:
             model = architecture.from_pretrained(path, **kwargs)

@@ -41,6 +41,14 @@ class Plugin:
     # A plugin whose modules are missing is listed as failed (with the install command) and a
     # recipe enabling it is refused before anything is loaded.
     requires: ClassVar[dict[str, str]] = {}
+    # What the plugin suits and what it works with, declared here and checked when a recipe is
+    # validated (before anything loads), naming the plugin:
+    # - the stages it applies to (empty: any stage that calls one of its hooks);
+    stages: ClassVar[tuple[str, ...]] = ()
+    # - capabilities it gives other plugins (a hook's name counts as provided by implementing it);
+    provides: ClassVar[tuple[str, ...]] = ()
+    # - capabilities another enabled plugin must provide (e.g. ("posttrain_critic",): a critic).
+    needs: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass
     class Options:
@@ -48,6 +56,12 @@ class Plugin:
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
+
+    def reward_weight(self) -> float:
+        """A reward source's weight when the enabled sources' rewards are combined: its ``weight`` option
+        when its ``Options`` declare one, else 1.0."""
+        names = {f.name for f in dataclasses.fields(self.options)} if dataclasses.is_dataclass(self.options) else ()
+        return float(self.options.weight) if "weight" in names else 1.0
 
     @classmethod
     def parse_options(cls, raw: dict | None, *, where: str) -> Any:
@@ -155,23 +169,45 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
     return True, value
 
 
+def _section(tp: Any) -> tuple[type | None, bool]:
+    """The dataclass a field's type names (``Section`` or ``Section | None``), and whether None is allowed."""
+    if dataclasses.is_dataclass(tp):
+        return tp, False
+    if get_origin(tp) in (Union, types.UnionType):
+        args = get_args(tp)
+        section = next((a for a in args if dataclasses.is_dataclass(a)), None)
+        return section, type(None) in args
+    return None, False
+
+
 def parse_options(options_cls: type, raw: dict | None, *, where: str, owner: str) -> Any:
-    """Build an options dataclass from recipe data, strictly (unknown keys, types, required)."""
+    """Build an options dataclass from recipe data, strictly (unknown keys, types, required). A field whose
+    type is itself a dataclass is a nested section, parsed the same way. ``where`` is the dotted path of
+    the mapping ("" at the top of a recipe)."""
     raw = {} if raw is None else raw
+    at = (lambda key: f"{where}.{key}" if where else key)  # noqa: E731
     if not isinstance(raw, dict):
-        raise UserError(f"expected a mapping of options, got {type(raw).__name__}", field=where,
+        raise UserError(f"expected a mapping of options, got {type(raw).__name__}", field=where or "recipe",
                         fix=f"write the options of {owner} as key: value lines, or {{}} for none")
     fields = {f.name: f for f in dataclasses.fields(options_cls)}
     hints = typing.get_type_hints(options_cls)
     for key in raw:
         if key not in fields:
             raise UserError(f"unknown option '{key}' for {owner}{did_you_mean(key, fields)}",
-                            field=f"{where}.{key}", fix=f"options of {owner} are: {', '.join(fields) or 'none'}")
-    values = {key: check_type(value, hints[key], field=f"{where}.{key}") for key, value in raw.items()}
+                            field=at(key), fix=f"options of {owner} are: {', '.join(fields) or 'none'}")
+    values = {}
+    for key, value in raw.items():
+        section, optional = _section(hints[key])
+        if section is not None and (isinstance(value, dict) or value is True or (value is None and not optional)):
+            values[key] = parse_options(section, {} if value in (None, True) else value, where=at(key), owner=owner)
+        elif section is not None and value is None:
+            values[key] = None
+        else:
+            values[key] = check_type(value, hints[key], field=at(key))
     for f in fields.values():
         if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise UserError(f"option '{f.name}' is required", field=f"{where}.{f.name}",
-                            fix=f"set {where}.{f.name} in the recipe")
+            raise UserError(f"option '{f.name}' is required", field=at(f.name),
+                            fix=f"set {at(f.name)} in the recipe")
     options = options_cls(**values)
     validate = getattr(options, "validate", None)
     if callable(validate):
@@ -180,6 +216,6 @@ def parse_options(options_cls: type, raw: dict | None, *, where: str, owner: str
         except ValueError as e:
             # a message that starts with an option's name ("beta must be positive") is about that option
             first = str(e).split(" ", 1)[0].strip(",:;'")
-            field = f"{where}.{first}" if first in fields else where
+            field = at(first) if first in fields else (where or "recipe")
             raise UserError(str(e), field=field, fix=f"change the options of {owner}") from None
     return options

@@ -19,7 +19,6 @@ import yaml
 
 from .errors import UserError, did_you_mean
 from .plugin import check_type
-from .stages import STAGES
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -108,28 +107,15 @@ class EvalSection:
 
 
 @dataclass
-class SamplingSection:
-    samples: int = _help("Completions sampled per prompt (k; Llama 3's rejection sampling used 10-30).", default=4)
-    prompts: Union[int, None] = _help(
-        "Prompts per round (iterative) or in all (rejection_sampling), drawn without repeats from the training "
-        "prompts; null: all of them.", default=64)
-    max_new_tokens: int = _help("Length limit of a sample.", default=64)
-    temperature: float = _help("Sampling temperature.", default=1.0)
-    top_p: float = _help("Nucleus sampling threshold.", default=1.0)
-    batch_size: int = _help("Prompts per generation batch.", default=16)
-    min_score: Union[float, None] = _help(
-        "rejection_sampling: keep a prompt's best sample only if its reward is at least this.", default=None)
-
-
-@dataclass
 class Recipe:
     model: ModelSection = _help("The model to train.")
     data: DataSection = _help("The training data.")
     name: Union[str, None] = _help("Run name; defaults to the recipe file name.", default=None)
     description: str = _help("One line shown by `posttrain recipes`.", default="")
-    stage: Literal[tuple(STAGES)] = _help(
-        "What kind of training: " + "; ".join(f"'{k.name}' ({k.about}, {k.trainer})" for k in STAGES.values()) + ".",
-        default="preference")
+    stage: str = _help(
+        "What kind of training: the name of a stage (sft, reward_model, preference, online, iterative, "
+        "rejection_sampling, kto; `posttrain stages` describes each). A stage may read keys of its own at the top "
+        "of the recipe (iterative: rounds, sampling).", default="preference")
     seed: int = _help("Seed for data splits, adapter init and training.", default=42)
     output_dir: Union[str, None] = _help("Run directory; defaults to runs/<name>.", default=None)
     plugins: dict[str, Any] = _help(
@@ -138,15 +124,23 @@ class Recipe:
     training: dict[str, Any] = _help("Fields of the TRL config (DPOConfig for the preference stage, GRPOConfig online).",
                                      default_factory=dict)
     eval: EvalSection = _help("Held-out evaluation.", default_factory=EvalSection)
-    rounds: Union[int, None] = _help("iterative stage: the number of rounds (3 when unset).", default=None)
-    sampling: Union[SamplingSection, None] = _help(
-        "iterative and rejection_sampling stages: how samples are drawn from the policy.", default=None)
+    # Not recipe keys: the stage's own options (parsed from the keys the stage declares) and the stage itself,
+    # set when the recipe is loaded (posttrain.runner).
+    stage_options: Any = field(default=None, metadata={"internal": True})
+    kind: Any = field(default=None, repr=False, compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The recipe as plain data: every key with its value (defaults filled in), the stage's own keys
+        included."""
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
+               else copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if not _internal(f)}
+        if self.stage_options is not None:
+            out.update(dataclasses.asdict(self.stage_options))
+        return out
 
 
-DEFAULT_PLUGINS = {name: kind.default_plugins for name, kind in STAGES.items()}
+def _internal(f) -> bool:
+    return bool(f.metadata.get("internal"))
 
 
 class _Loader(yaml.SafeLoader):
@@ -194,7 +188,7 @@ def from_data(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, dict):
         raise UserError(f"expected a mapping, got {type(raw).__name__}", field=where or "recipe",
                         fix="write this section as key: value lines")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not _internal(f)}
     hints = typing.get_type_hints(cls)
     prefix = f"{where}." if where else ""
     for key in raw:
@@ -285,15 +279,7 @@ def load_recipe_data(path: str | Path, overrides: list[str] = (), removals: list
     for key in removals:
         remove_key(data, key)
     data.setdefault("name", path.stem)
-    stage = data.get("stage", "preference")
-    if "plugins" not in data and stage in DEFAULT_PLUGINS and "stages" not in data:  # a pipeline: per stage
-        data["plugins"] = copy.deepcopy(DEFAULT_PLUGINS[stage])
     return data
-
-
-def load_recipe(path: str | Path, overrides: list[str] = (), removals: list[str] = ()) -> Recipe:
-    """Read, override and schema-check a recipe. Deeper checks: :func:`posttrain.validate.validate`."""
-    return from_data(Recipe, load_recipe_data(path, overrides, removals), "")
 
 
 def schema_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -302,6 +288,8 @@ def schema_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, st
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if _internal(f):
+            continue
         path = f"{prefix}{f.name}"
         section = _is_section(hints[f.name])
         out.append((path, "section" if section else type_name(hints[f.name]), f.metadata.get("help", "")))

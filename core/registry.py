@@ -24,11 +24,13 @@ from importlib import metadata
 from typing import Any
 
 import pluggy
-from pluggy._hooks import varnames
 
 from . import hookspecs
 from .errors import PluginHookError, UserError, did_you_mean
 from .plugin import Plugin
+from .seams import varnames
+from .stage import Stage
+from .types import Advantages, Critic, PreferenceLoss, Transformed
 
 ENTRY_POINT_GROUP = "posttrain.plugins"
 ENV_ONLY = "POSTTRAIN_PLUGINS"
@@ -290,8 +292,15 @@ def _describe(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _instance_of(value, module: str, *names: str) -> bool:
+    """isinstance(value, module.name) for a heavy library's class, without importing the library: a value of
+    that class can only exist once its module is imported."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(value, tuple(getattr(loaded, n) for n in names))
+
+
 def _is_tensor(value) -> bool:
-    return type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "shape")
+    return _instance_of(value, "torch", "Tensor")
 
 
 def _is_number(value) -> bool:
@@ -299,7 +308,15 @@ def _is_number(value) -> bool:
 
 
 def _is_dataset(value) -> bool:
-    return type(value).__name__ in ("Dataset", "IterableDataset") and hasattr(value, "column_names")
+    return _instance_of(value, "datasets", "Dataset", "IterableDataset")
+
+
+def _is_sampler(value) -> bool:
+    return _instance_of(value, "torch.utils.data", "Sampler") or hasattr(value, "__iter__")
+
+
+def _is_callback(value) -> bool:
+    return _instance_of(value, "transformers", "TrainerCallback")
 
 
 # What each hook must return when it returns something other than None: (check, what the contract
@@ -307,11 +324,12 @@ def _is_dataset(value) -> bool:
 RESULT_CONTRACT = {
     "posttrain_trl_config": (lambda r: isinstance(r, dict) and all(isinstance(k, str) for k in r),
                              "a dict of TRL config field names to values"),
-    "posttrain_callbacks": (lambda r: isinstance(r, (list, tuple)), "a list of transformers.TrainerCallback objects"),
+    "posttrain_callbacks": (lambda r: isinstance(r, (list, tuple)) and all(_is_callback(c) for c in r),
+                            "a list of transformers.TrainerCallback objects"),
     "posttrain_step_metrics": (lambda r: isinstance(r, dict) and all(_is_number(v) or _is_tensor(v) and v.numel() == 1
                                                                       for v in r.values()),
                                "a dict of metric names to numbers"),
-    "posttrain_preference_loss": (lambda r: type(r).__name__ == "PreferenceLoss",
+    "posttrain_preference_loss": (lambda r: isinstance(r, PreferenceLoss),
                                   "a posttrain.PreferenceLoss (losses, chosen_rewards, rejected_rewards: one per pair)"),
     "posttrain_loss_terms": (lambda r: isinstance(r, dict) and all(_is_tensor(v) and v.numel() == 1 for v in r.values()),
                              "a dict of term names to scalar tensors"),
@@ -322,16 +340,15 @@ RESULT_CONTRACT = {
                          "one list of completion strings per prompt"),
     "posttrain_reward": (lambda r: isinstance(r, (list, tuple)) and all(r_ is None or _is_number(r_) for r_ in r),
                          "a list with one float (or None to abstain) per completion"),
-    "posttrain_advantage_estimate": (lambda r: _is_tensor(r) or type(r).__name__ == "Advantages",
+    "posttrain_advantage_estimate": (lambda r: _is_tensor(r) or isinstance(r, Advantages),
                                      "a tensor of advantages, or a posttrain.Advantages"),
-    "posttrain_critic": (lambda r: any(c.__name__ == "Critic" for c in type(r).__mro__), "a posttrain.Critic"),
+    "posttrain_critic": (lambda r: isinstance(r, Critic), "a posttrain.Critic"),
     "posttrain_advantage_transform": (_is_tensor, "a tensor of advantages"),
-    "posttrain_transform_dataset": (lambda r: _is_dataset(r) or (type(r).__name__ == "Transformed"
-                                                                 and _is_dataset(r.dataset)),
+    "posttrain_transform_dataset": (lambda r: _is_dataset(r) or (isinstance(r, Transformed) and _is_dataset(r.dataset)),
                                     "a datasets.Dataset, or a posttrain.Transformed(dataset, reason)"),
     "posttrain_token_mask": (_is_tensor, "a 0/1 or boolean tensor shaped like the completion mask"),
     "posttrain_data_collator": (callable, "a collator (a callable that turns examples into a batch)"),
-    "posttrain_train_sampler": (lambda r: hasattr(r, "__iter__"), "a torch.utils.data.Sampler"),
+    "posttrain_train_sampler": (_is_sampler, "a torch.utils.data.Sampler"),
     "posttrain_update_reference": (lambda r: True, "nothing (the result is ignored)"),
     "posttrain_select_pair": (lambda r: isinstance(r, (tuple, list)) and len(r) == 2 and all(
         isinstance(i, int) and not isinstance(i, bool) for i in r) and r[0] != r[1],
@@ -434,6 +451,12 @@ class PluginSet:
                 value, last = result, impl.plugin_name
         return value, last
 
+    def reference_needed(self, stage: str) -> bool:
+        """``posttrain_reference_needed`` combined as its contract says: needed when some plugin answers True
+        or none answers at all; skipped only when some answer False and none True."""
+        answers = [a for a in self.call("posttrain_reference_needed", stage=stage) if a is not None]
+        return True in answers or not answers
+
     def merged(self, hook: str, what: str, **kwargs) -> dict:
         """Merge dict results; the same key from two plugins with different values is an error."""
         out: dict = {}
@@ -459,12 +482,24 @@ def required_columns(plugins: PluginSet, stage: str) -> dict[str, str]:
     return out
 
 
-def build_plugin_set(section: dict | None, stage: str) -> PluginSet:
-    """Enable the plugins a recipe names, with validated options; enforce hook ownership."""
+def _provided(plugin: Plugin) -> set[str]:
+    """What a plugin provides to others: its declared capabilities and the hooks it implements."""
+    return set(type(plugin).provides) | set(hook_methods(type(plugin)))
+
+
+def build_plugin_set(section: dict | None, stage: Stage) -> PluginSet:
+    """Enable the plugins a recipe names, with validated options, and check them against the stage and
+    each other: the stages each plugin declares it suits, single-owner hooks, plugins whose hooks the
+    stage never calls, the hooks the stage needs, and what each plugin needs from the others."""
     section = section or {}
     plugins = []
     for name, raw in section.items():
         info = find_plugin(str(name))
+        if info.cls.stages and stage.name not in info.cls.stages:
+            suits = " and ".join(info.cls.stages)
+            raise UserError(f"plugin '{info.name}' applies to the {suits} stage{'s' if len(info.cls.stages) > 1 else ''}, "
+                            f"not to {stage.name}", field=f"plugins.{name}",
+                            fix=f"remove '{name}' from this recipe (or stage), or use it where it applies ({suits})")
         options = info.cls.parse_options(raw, where=f"plugins.{name}")
         plugins.append(info.cls(options))
     for hook in hookspecs.SINGLE_OWNER_HOOKS:
@@ -475,28 +510,37 @@ def build_plugin_set(section: dict | None, stage: str) -> PluginSet:
                 field="plugins",
                 fix=f"enable only one of {', '.join(owners)}",
             )
-    used = set(hookspecs.STAGE_HOOKS[stage])
+    used = set(stage.hooks)
     for p in plugins:
         hooks = hook_methods(type(p))
         specific = [h for h in hooks if h not in hookspecs.GENERAL_HOOKS] or hooks
         if specific and not used.intersection(specific):
             raise UserError(
-                f"plugin '{p.name}' does nothing in the {stage} stage: none of its hooks "
+                f"plugin '{p.name}' does nothing in the {stage.name} stage: none of its hooks "
                 f"({', '.join(h.removeprefix('posttrain_') for h in specific)}) is called there",
                 field=f"plugins.{p.name}",
                 fix=f"remove '{p.name}' from this recipe, or use it in a stage it works in",
             )
-    for hook in hookspecs.REQUIRED_HOOKS.get(stage, ()):
+    for hook in stage.required_hooks:
         if not any(hook in hook_methods(type(p)) for p in plugins):
             found, _ = discover()
             providers = [n for n, info in found.items() if hook in info.hooks]
             # the example is one that works alone (gae, for instance, needs a critic too)
-            alone = [n for n in providers if not getattr(found[n].cls, "uses_critic", False)]
+            alone = [n for n in providers if not found[n].cls.needs]
             example = (alone or providers or ["name"])[0]
             raise UserError(
-                f"no enabled plugin implements '{hook}', which the {stage} stage needs",
+                f"no enabled plugin implements '{hook}', which the {stage.name} stage needs",
                 field="plugins",
                 fix=f"enable one of: {', '.join(providers) or '(none installed)'} "
                     f"(e.g. `plugins: {{{example}: {{}}}}`)",
             )
+    for p in plugins:
+        for need in type(p).needs:
+            if any(need in _provided(other) for other in plugins if other is not p):
+                continue
+            found, _ = discover()
+            providers = [n for n, info in found.items() if need in set(info.cls.provides) | set(info.hooks)]
+            what = f"a plugin implementing {need}" if need.startswith("posttrain_") else f"a plugin providing {need}"
+            raise UserError(f"plugin '{p.name}' needs {what}, and no enabled plugin is one", field=f"plugins.{p.name}",
+                            fix=f"enable one of: {', '.join(providers) or '(none installed)'}, or remove '{p.name}'")
     return PluginSet(plugins)

@@ -23,8 +23,8 @@ class Rewards:
 
 
 def source_weight(plugins: PluginSet, name: str) -> float:
-    """A reward source's ``weight`` option (1.0 when it has none)."""
-    return float(getattr(plugins.by_name[name].options, "weight", 1.0))
+    """A reward source's weight (:meth:`posttrain.Plugin.reward_weight`: its ``weight`` option, else 1.0)."""
+    return plugins.by_name[name].reward_weight()
 
 
 def source_scores(plugins: PluginSet, name: str, prompts: list, completions: list, columns: dict) -> list | None:

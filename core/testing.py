@@ -135,7 +135,7 @@ def run_recipe(recipe: dict | str | Path, *, steps: int = 3, output_dir: str | P
     """
     import yaml
 
-    from .run import run
+    from .runner import run
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if isinstance(recipe, dict):

@@ -14,6 +14,8 @@ import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
+from .stage import TRLConfig
+
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # top-level: locates without importing
     if spec is None or not spec.submodule_search_locations:
@@ -37,12 +39,10 @@ def _default(value: ast.expr | None):
 
 
 @lru_cache(maxsize=None)
-def _read_fields(stage: str) -> tuple[dict[str, str], dict[str, object]]:
+def _read_fields(config: TRLConfig) -> tuple[dict[str, str], dict[str, object]]:
     fields: dict[str, str] = {}
     defaults: dict[str, object] = {}
-    from .stages import STAGES
-
-    for package, relpath, class_name in reversed(STAGES[stage].config_chain):
+    for package, relpath, class_name in reversed(config.chain):
         tree = ast.parse((_package_dir(package) / relpath).read_text(encoding="utf-8"))
         cls = next(
             (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None
@@ -62,14 +62,14 @@ def _read_fields(stage: str) -> tuple[dict[str, str], dict[str, object]]:
     return fields, defaults
 
 
-def config_fields(stage: str) -> dict[str, str]:
-    """``{field name: annotation source}`` of the TRL config class used by ``stage``."""
-    return _read_fields(stage)[0]
+def config_fields(config: TRLConfig) -> dict[str, str]:
+    """``{field name: annotation source}`` of a TRL config class (a stage's ``config``)."""
+    return _read_fields(config)[0]
 
 
-def config_defaults(stage: str) -> dict[str, object]:
+def config_defaults(config: TRLConfig) -> dict[str, object]:
     """``{field name: default}`` for the fields of that class whose default is a literal."""
-    return _read_fields(stage)[1]
+    return _read_fields(config)[1]
 
 
 _SIMPLE = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),

@@ -11,15 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from posttrain import Plugin, hookimpl
-
-
-def best_and_worst(rewards: list, min_gap: float = 0.0):
-    """(index of the best, index of the worst), or None when the gap is not above ``min_gap``."""
-    best = max(range(len(rewards)), key=lambda i: rewards[i])
-    worst = min(range(len(rewards)), key=lambda i: rewards[i])
-    if rewards[best] - rewards[worst] <= min_gap:
-        return None
-    return best, worst
+from posttrain.pairs import best_and_worst
 
 
 class BestVsWorst(Plugin):

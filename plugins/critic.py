@@ -344,6 +344,8 @@ class CriticPlugin(Plugin):
     name = "critic"
     description = "a learned value function V(x, y_<t) trained with the policy (PPO): LoRA on the policy's base, or a " \
                   "value model initialised from a reward model"
+    stages = ("online",)
+    needs = ("value_targets",)  # an advantage estimator that returns the returns it learns (gae)
 
     @dataclass
     class Options:

@@ -62,7 +62,8 @@ def gae(token_rewards, values, mask, gamma: float, lam: float):
 class GAE(Plugin):
     name = "gae"
     description = "PPO's advantages: GAE(γ, λ) over per-token rewards (KL in the reward) from a learned critic"
-    uses_critic = True  # the `critic` plugin provides rollouts.values, and learns the value targets returned here
+    needs = ("posttrain_critic",)  # a critic provides rollouts.values
+    provides = ("value_targets",)  # and learns the value targets returned here
 
     @dataclass
     class Options:

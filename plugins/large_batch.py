@@ -25,6 +25,7 @@ from posttrain import Plugin, UserError, hookimpl
 class LargeBatch(Plugin):
     name = "large_batch"
     description = "sets the TRL batch settings so that each policy update sees prompts_per_update prompts (online)"
+    stages = ("online",)
 
     @dataclass
     class Options:
@@ -42,15 +43,11 @@ class LargeBatch(Plugin):
 
     @hookimpl
     def posttrain_trl_config(self, stage, recipe):
+        from posttrain.process import world_size
+        from posttrain.stages import get_stage
         from posttrain.trl_fields import config_defaults
-        from posttrain.validate import world_size
 
-        if stage != "online":
-            raise UserError(f"large_batch sets the online stage's batch; it has no meaning in the {stage} stage",
-                            field="plugins.large_batch",
-                            fix="remove it; set training.per_device_train_batch_size and "
-                                "gradient_accumulation_steps for this stage")
-        training, defaults = recipe.get("training") or {}, config_defaults("online")
+        training, defaults = recipe.get("training") or {}, config_defaults(get_stage(stage).config)
         group = training.get("num_generations", defaults["num_generations"])
         per_device = self.options.completions_per_device or training.get(
             "per_device_train_batch_size", defaults["per_device_train_batch_size"])

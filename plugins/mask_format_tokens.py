@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from posttrain import Plugin, UserError, hookimpl
+from posttrain import Plugin, hookimpl
 
 
 class MaskFormatTokens(Plugin):
     name = "mask_format_tokens"
     description = "removes special/template tokens shared by both responses of a pair from the loss (token mask)"
+    stages = ("preference",)  # it compares the two responses of a pair, which only this stage's batches hold
 
     @dataclass
     class Options:
@@ -39,14 +40,6 @@ class MaskFormatTokens(Plugin):
                 ids.add(token_id)
             self._ids = sorted(ids)
         return self._ids
-
-    @hookimpl
-    def posttrain_trl_config(self, stage):
-        if stage != "preference":  # it compares the two responses of a pair: other stages have none
-            raise UserError(f"mask_format_tokens masks tokens shared by the two responses of a preference pair; the "
-                            f"{stage} stage has no pairs", field="plugins.mask_format_tokens",
-                            fix="remove it from this stage")
-        return None
 
     @hookimpl
     def posttrain_token_mask(self, input_ids, completion_mask, tokenizer):

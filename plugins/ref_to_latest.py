@@ -11,25 +11,18 @@ round`` moves it part of the way each round.
 
 from __future__ import annotations
 
-from posttrain import Plugin, UserError, hookimpl
+from posttrain import Plugin, hookimpl
 from posttrain.reference import move_reference
 
 
 class RefToLatest(Plugin):
     name = "ref_to_latest"
     description = "iterative DPO: after each round the reference becomes the latest policy (full FT and LoRA)"
+    stages = ("iterative",)  # it moves the reference between rounds
 
     @hookimpl
     def posttrain_reference_needed(self):
         return True
-
-    @hookimpl
-    def posttrain_trl_config(self, stage):
-        if stage != "iterative":
-            raise UserError(f"ref_to_latest moves the reference between the rounds of an iterative stage; the {stage} "
-                            "stage has no rounds", field="plugins.ref_to_latest",
-                            fix="use ref_ema to move the reference during a stage, or stage: iterative")
-        return None
 
     @hookimpl
     def posttrain_update_reference(self, trainer, event):

@@ -55,7 +55,7 @@ def test_parity_with_trl_sigmoid(tiny_model_dir, tmp_path, use_lora):
     from datasets import Dataset
     from peft import LoraConfig
     from posttrain.builtin import ArithmeticOptions, arithmetic
-    from posttrain.stages.preference import PreferenceTrainer
+    from posttrain.trainers.preference import PreferenceTrainer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 

@@ -17,8 +17,8 @@ import yaml
 from conftest import device_batch, read_jsonl
 
 from posttrain.registry import PluginSet
-from posttrain.stages.iterative import select_pairs
-from posttrain.stages.rejection_sampling import distribution, keep_best
+from posttrain.trainers.iterative import select_pairs
+from posttrain.trainers.rejection_sampling import distribution, keep_best
 
 TESTS = Path(__file__).resolve().parent
 
@@ -76,8 +76,8 @@ def _recipe(tiny_model_dir, tmp_path, name="it", plugins=None, **extra):
 
 
 def test_iterative_rounds_write_their_data_and_move_the_reference(cli, tiny_model_dir, tmp_path):
-    from posttrain.recipe import load_recipe
-    from posttrain.stages.iterative import Rounds
+    from posttrain.runner import load_recipe
+    from posttrain.trainers.iterative import Rounds
     from posttrain.validate import validate
 
     run = tmp_path / "run"
@@ -120,8 +120,8 @@ def test_iterative_rounds_write_their_data_and_move_the_reference(cli, tiny_mode
 
 
 def test_without_a_reference_update_the_reference_stays_the_start(tiny_model_dir, tmp_path):
-    from posttrain.recipe import load_recipe
-    from posttrain.stages.iterative import Rounds
+    from posttrain.runner import load_recipe
+    from posttrain.trainers.iterative import Rounds
     from posttrain.validate import validate
 
     plan = validate(load_recipe(_recipe(tiny_model_dir, tmp_path, plugins={"dpo": {}, "online_plugins:DigitShare": {}})))
@@ -208,18 +208,19 @@ def test_two_process_iterative_rounds(tiny_model_dir, tmp_path):
            "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from posttrain.recipe import load_recipe
-    from posttrain.stages.iterative import Rounds, _rows, round_prompts
+    from posttrain.runner import load_recipe
+    from posttrain.trainers.iterative import Rounds
+    from posttrain.trainers.rollouts import round_prompts, rows_of
     from posttrain.validate import validate
 
     plan = validate(load_recipe(recipe))
-    train = _rows(Rounds(plan, tmp_path / "probe").train)
+    train = rows_of(Rounds(plan, tmp_path / "probe").train)
     for r in (1, 2):
         folder = run / f"round-{r:02d}"
         samples, pairs = read_jsonl(folder / "samples.jsonl"), read_jsonl(folder / "pairs.jsonl")
         info = json.loads((folder / "round.json").read_text())
         # each process sampled every other prompt; the gathered list is the round's prompts in order
-        assert [s["prompt"] for s in samples] == [row["prompt"] for row in round_prompts(train, plan.recipe.sampling,
+        assert [s["prompt"] for s in samples] == [row["prompt"] for row in round_prompts(train, plan.options.sampling,
                                                                                          r, plan.recipe.seed)]
         assert all(len(s["completions"]) == 4 and len(s["rewards"]) == 4 for s in samples)
         assert info["pairs"] == len(pairs) > 0 and info["global_step"] == 2
@@ -241,8 +242,9 @@ def test_a_round_without_pairs_is_a_clear_error(cli, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("rounds", 0, "rounds: must be at least 1"),
-    ("sampling", {"samples": 1}, "sampling.samples: a pair needs at least 2"),
+    ("rounds", 0, "rounds: rounds must be at least 1"),
+    ("sampling", {"samples": 1}, "sampling.samples: samples must be at least 2: a pair needs two samples"),
+    ("sampling", {"min_score": 0.5}, "sampling.min_score: unknown option 'min_score' for the iterative stage"),
     ("training", {"precompute_ref_log_probs": True}, "precompute_ref_log_probs"),
     ("training", {"deepspeed": {"zero_optimization": {"stage": 3}}}, "ZeRO-3 cannot do"),
 ])
@@ -253,7 +255,7 @@ def test_iterative_recipe_errors(cli, tiny_model_dir, tmp_path, key, value, mess
 
 def test_rounds_and_sampling_belong_to_their_stages(cli, write_recipe):
     code, _, err = cli("validate", write_recipe(rounds=2))
-    assert code == 2 and "rounds: rounds applies to the iterative stage" in err
+    assert code == 2 and "rounds: 'rounds' is a key of the iterative stage, not of preference" in err
     code, _, err = cli("validate", write_recipe(plugins={"dpo": {}, "ref_to_latest": {}}))
     assert code == 2 and "plugins.ref_to_latest" in err
 

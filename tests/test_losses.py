@@ -137,7 +137,7 @@ def _batch_losses(tiny_model_dir, tmp_path, plugins, trl_loss, trl_extra=None):
     from trl import DPOConfig, DPOTrainer
 
     from posttrain.builtin import ArithmeticOptions, arithmetic
-    from posttrain.stages.preference import PreferenceTrainer
+    from posttrain.trainers.preference import PreferenceTrainer
 
     data = Dataset.from_list(arithmetic(ArithmeticOptions(n=8, seed=5)))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -208,9 +208,9 @@ def test_two_loss_owners_fail_validation_naming_both(cli, write_recipe):
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_simpo_loads_and_runs_no_reference(write_recipe, tmp_path, lora):
-    from posttrain.stages.preference import build_trainer
-    from posttrain.recipe import load_recipe
-    from posttrain.stages.preference import PreferenceTrainer
+    from posttrain.trainers.preference import build_trainer
+    from posttrain.runner import load_recipe
+    from posttrain.trainers.preference import PreferenceTrainer
     from posttrain.validate import validate
 
     model = {"lora": {"r": 8, "alpha": 16}} if lora else {"lora": None}
@@ -259,8 +259,8 @@ def test_format_mask_keeps_only_unshared_or_ordinary_tokens(tiny_model_dir):
 def test_masked_tokens_do_not_affect_the_gradient(write_recipe, tmp_path):
     """The gradient of the loss with respect to each token's log-prob is zero at masked positions
     (and non-zero at the other response tokens)."""
-    from posttrain.stages.preference import build_trainer
-    from posttrain.recipe import load_recipe
+    from posttrain.trainers.preference import build_trainer
+    from posttrain.runner import load_recipe
     from posttrain.validate import validate
 
     plan = validate(load_recipe(write_recipe(plugins={"dpo": {"beta": 0.5}, "mask_format_tokens": {}})))

@@ -23,8 +23,8 @@ def _run(cli, recipe, out):
 
 
 def _build(recipe_path, run_dir):
-    from posttrain.stages.online import build_trainer
-    from posttrain.recipe import load_recipe
+    from posttrain.trainers.online import build_trainer
+    from posttrain.runner import load_recipe
     from posttrain.validate import validate
 
     return build_trainer(validate(load_recipe(recipe_path)), run_dir)
@@ -335,7 +335,7 @@ def test_online_recipe_mistakes_exit_2(cli, online_recipe, plugins, training, me
 
 def test_preference_only_plugins_and_stage_mixups(cli, write_recipe):
     code, _, err = cli("validate", write_recipe(plugins={"dpo": {}, "large_batch": {}}))
-    assert code == 2 and "large_batch sets the online stage's batch" in err
+    assert code == 2 and "plugin 'large_batch' applies to the online stage, not to preference" in err
     code, _, err = cli("validate", write_recipe(plugins={"dpo": {}, "group_relative": {}}))
     assert code == 2 and "plugin 'group_relative' does nothing in the preference stage" in err
 
@@ -348,12 +348,12 @@ def test_online_data_needs_a_prompt_column(cli, online_recipe, tmp_path):
 
 
 def test_trl_refusal_is_a_user_error_before_the_model_loads(cli, online_recipe, tmp_path, monkeypatch):
-    import posttrain.stages.online
+    import posttrain.trainers.online
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(posttrain.stages.online, "load_model", no_model)
+    monkeypatch.setattr(posttrain.trainers.online, "load_model", no_model)
     recipe = online_recipe(training={"generation_batch_size": 12, "steps_per_generation": 2})
     code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
     assert code == 2 and "TRL refuses these settings" in err

@@ -92,8 +92,8 @@ def _logps(model, batch):
 def test_dpo_reference_after_sft_is_the_sft_model(cli, tmp_path, tiny_model_dir, quantized):
     """The trap other tools fall into: with LoRA, the implicit reference of a DPO stage that follows an
     SFT stage must be the SFT model, not the base model."""
-    from posttrain.recipe import Recipe, from_data
-    from posttrain.stages.preference import build_trainer
+    from posttrain.runner import recipe_from_data
+    from posttrain.trainers.preference import build_trainer
     from posttrain.validate import validate
     from transformers import AutoModelForCausalLM
 
@@ -109,7 +109,7 @@ def test_dpo_reference_after_sft_is_the_sft_model(cli, tmp_path, tiny_model_dir,
     # the DPO stage as the pipeline builds it: from the merged SFT weights, with a fresh adapter
     dpo = {"name": "dpo", "stage": "preference", "model": {**model, "name_or_path": str(merged)}, "data": PAIRS,
            "plugins": {"dpo": {}}, "training": QUICK, "eval": {"generate": 0}}
-    trainer, _ = build_trainer(validate(from_data(Recipe, dpo, "")), tmp_path / "dpo")
+    trainer, _ = build_trainer(validate(recipe_from_data(dpo)), tmp_path / "dpo")
     batch = device_batch(trainer)
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
     reference = torch.cat([ref_chosen, ref_rejected])

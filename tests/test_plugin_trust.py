@@ -3,7 +3,6 @@ shared one, no hook left unmarked is silently dropped, sampling is seeded, engin
 before loading, and the messages an author's mistakes get."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -61,7 +60,7 @@ def test_a_package_cannot_take_a_builtin_plugin_name(cli, write_recipe, site):
     assert conflict["used"] == {"distribution": "posttrain", "entry_point": "posttrain.plugins.dpo:DPO"}
     assert {p["distribution"] for p in conflict["providers"]} == {"posttrain", "evil-posttrain"}
     # a recipe using the name gets the built-in, and is told about the other package
-    from posttrain.recipe import load_recipe
+    from posttrain.runner import load_recipe
     from posttrain.validate import validate
 
     plan = validate(load_recipe(write_recipe()))
@@ -154,7 +153,7 @@ def test_an_iterative_round_samples_the_same_completions_with_the_same_seed(cli,
         samples[run] = [s["completions"] for s in read_jsonl(tmp_path / run / "round-01" / "samples.jsonl")]
     assert samples["a"] == samples["b"]
     assert samples["a"] != samples["c"]  # another seed, other samples (the test can tell them apart)
-    from posttrain.stages.iterative import round_seed
+    from posttrain.trainers.iterative import round_seed
 
     for run, seed in (("a", 3), ("c", 4)):
         counts = json.loads((tmp_path / run / "round-01" / "counts.json").read_text())
@@ -203,13 +202,13 @@ def test_the_model_card_names_the_loss_that_trained(write_recipe, cli, tmp_path)
 def test_a_transform_says_why_it_dropped_rows(tmp_path):
     from datasets import Dataset
 
-    from posttrain.recipe import Recipe, from_data
+    from posttrain.runner import recipe_from_data
     from posttrain.registry import build_plugin_set
-    from posttrain.stages.loop import transform
+    from posttrain.trainers.loop import transform
     from posttrain.validate import Plan
 
-    recipe = from_data(Recipe, {"model": {"name_or_path": "x"}, "data": {"source": "x"}}, "")
-    plugins = build_plugin_set({"dpo": {}, "keep_rows": {"column": "kind", "values": ["a"]}}, "preference")
+    recipe = recipe_from_data({"model": {"name_or_path": "x"}, "data": {"source": "x"}})
+    plugins = build_plugin_set({"dpo": {}, "keep_rows": {"column": "kind", "values": ["a"]}}, recipe.kind)
     plan = Plan(recipe, plugins, {})
     out = transform(plan, Dataset.from_dict({"kind": ["a", "b", "a", "c"]}), "train")
     assert len(out) == 2
@@ -221,11 +220,11 @@ def test_the_hooks_page_lists_every_stage_with_the_hooks_it_calls():
     import re
 
     from conftest import REPO
-    from posttrain.hookspecs import STAGE_HOOKS
+    from posttrain.stages import STAGES
 
     doc = (REPO / "docs" / "hooks.md").read_text()
     rows = dict(re.findall(r"^  \| `(\w+)` \| (`.+`) \|$", doc, flags=re.M))
-    assert set(rows) == set(STAGE_HOOKS)
-    for stage, hooks in STAGE_HOOKS.items():
-        listed = re.findall(r"`(\w+)`", rows[stage])
-        assert sorted(listed) == sorted(h.removeprefix("posttrain_") for h in hooks), stage
+    assert set(rows) == set(STAGES)
+    for name, stage in STAGES.items():
+        listed = re.findall(r"`(\w+)`", rows[name])
+        assert sorted(listed) == sorted(h.removeprefix("posttrain_") for h in stage.hooks), name

@@ -3,7 +3,6 @@ folded into the reward, a critic that learns a constant reward, checkpoint/resum
 LoRA critic's memory (no second base), one completion per prompt, and a value model initialised
 from a reward model."""
 
-import json
 import math
 
 import pytest
@@ -81,8 +80,8 @@ PPO = {"online_plugins:DigitShare": {}, "critic": {"learning_rate": 1e-3}, "gae"
 
 
 def _build(online_recipe, tmp_path, plugins=None, **overrides):
-    from posttrain.recipe import load_recipe
-    from posttrain.stages.online import build_trainer
+    from posttrain.runner import load_recipe
+    from posttrain.trainers.online import build_trainer
     from posttrain.validate import validate
 
     recipe = online_recipe(plugins=plugins or PPO, **overrides)
@@ -142,7 +141,7 @@ def test_critic_learns_a_constant_reward(online_recipe, tmp_path):
 
 
 def test_checkpoint_and_resume_restore_the_critic_exactly(online_recipe, tmp_path):
-    from posttrain.stages.loop import last_checkpoint
+    from posttrain.trainers.loop import last_checkpoint
 
     training = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "beta": 0.05}
     first = _build(online_recipe, tmp_path / "a", training=training)
@@ -193,8 +192,8 @@ def test_value_model_critic_from_a_reward_model(cli, online_recipe, tmp_path, ti
 
 
 @pytest.mark.parametrize("plugins, message", [
-    ({"online_plugins:DigitShare": {}, "gae": {}}, "enable the critic plugin"),
-    ({"online_plugins:DigitShare": {}, "critic": {}, "group_relative": {}}, "use the gae estimator"),
+    ({"online_plugins:DigitShare": {}, "gae": {}}, "plugin 'gae' needs a plugin implementing posttrain_critic"),
+    ({"online_plugins:DigitShare": {}, "critic": {}, "group_relative": {}}, "enable one of: gae"),
     ({"online_plugins:DigitShare": {}, "critic": {"model": "policy", "lora_r": 0}, "gae": {}}, "lora_r"),
     ({"online_plugins:DigitShare": {}, "critic": {"normalize": "heldout"}, "gae": {}}, "normalize applies"),
     ({"online_plugins:DigitShare": {}, "critic": {"model": "stages.rm", "normalize": {"mean": 0, "std": 0}},

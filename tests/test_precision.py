@@ -31,8 +31,8 @@ def test_precision_resolution(dtype, trained, cuda, bf16_ok, expected):
 
 
 def _build(write_recipe, tmp_path, **model):
-    from posttrain.recipe import load_recipe
-    from posttrain.stages.preference import build_trainer
+    from posttrain.runner import load_recipe
+    from posttrain.trainers.preference import build_trainer
     from posttrain.validate import validate
 
     recipe = write_recipe(model={"lora": None, **model}) if "lora" not in model else write_recipe(model=model)

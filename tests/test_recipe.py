@@ -10,7 +10,8 @@ import yaml
 from conftest import REPO
 from posttrain import trl_fields
 from posttrain.errors import UserError
-from posttrain.recipe import apply_override, load_recipe
+from posttrain.recipe import apply_override
+from posttrain.runner import load_recipe
 
 
 def test_valid_recipe_passes(cli, write_recipe):
@@ -107,9 +108,13 @@ def test_managed_trl_field_points_to_plugin(cli, write_recipe):
 def test_trl_fields_read_from_source_match_the_real_class(stage, cls):
     import trl
 
+    from posttrain.stages import get_stage
+
     real = {f.name: f for f in dataclasses.fields(getattr(trl, cls))}
-    assert set(trl_fields.config_fields(stage)) == set(real)
-    defaults = trl_fields.config_defaults(stage)
+    config = get_stage(stage).config
+    assert config.name == cls
+    assert set(trl_fields.config_fields(config)) == set(real)
+    defaults = trl_fields.config_defaults(config)
     assert {"per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate"} <= set(defaults)
     for name, value in defaults.items():  # the literal defaults read from source are the real ones
         assert real[name].default == value, name
@@ -222,12 +227,12 @@ def test_offline_hub_id_is_a_user_error(cli, write_recipe, tmp_path, monkeypatch
 
 
 def test_internal_errors_exit_1_with_a_traceback(cli, write_recipe, monkeypatch):
-    import posttrain.validate
+    import posttrain.runner
 
-    def broken(recipe):
+    def broken(recipe, *args, **kwargs):
         raise RuntimeError("a bug in posttrain")
 
-    monkeypatch.setattr(posttrain.validate, "validate", broken)
+    monkeypatch.setattr(posttrain.runner, "validate", broken)
     code, _, err = cli("validate", write_recipe())
     assert code == 1 and "Traceback" in err and "a bug in posttrain" in err and "internal error" in err
 

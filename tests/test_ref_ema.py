@@ -7,9 +7,9 @@ import pytest
 from conftest import device_batch
 import torch
 
-from posttrain.stages.online import build_trainer as online_build
-from posttrain.stages.preference import build_trainer
-from posttrain.recipe import load_recipe
+from posttrain.trainers.online import build_trainer as online_build
+from posttrain.trainers.preference import build_trainer
+from posttrain.runner import load_recipe
 from posttrain.validate import validate
 
 

@@ -220,12 +220,18 @@ def test_single_owner_hooks_are_enforced_for_all_of_them(monkeypatch):
             return None
         return type(f"Own{n}", (Plugin,), {"name": f"own{n}", hook: hookimpl(impl)})
 
+    from posttrain.stage import Stage
+
+    class Bare(Stage):  # a stage that calls every hook and needs none
+        name = "bare"
+        hooks = tuple(registry.HOOK_NAMES)
+
     for hook in hookspecs.SINGLE_OWNER_HOOKS:
         classes = {"own1": owner(hook, 1), "own2": owner(hook, 2)}
         monkeypatch.setattr(registry, "find_plugin",
                             lambda name: registry.PluginInfo(name, classes[name], "0", "test", "test"))
         with pytest.raises(UserError, match=f"'own1' and 'own2' both implement '{hook}'"):
-            build_plugin_set({"own1": {}, "own2": {}}, "stage-without-requirements")
+            build_plugin_set({"own1": {}, "own2": {}}, Bare())
 
 
 def test_every_builtin_plugin_has_a_methods_section_and_conforms():

@@ -17,7 +17,7 @@ ARITH_PAIRS = {"source": "builtin:arithmetic", "options": {"n": 64}, "eval": {"f
 
 def _plan(write_recipe, stage, **overrides):
     """float32 compute (a GPU would pick bf16): these tests check formulas to 1e-5, not bf16 numerics."""
-    from posttrain.recipe import load_recipe
+    from posttrain.runner import load_recipe
     from posttrain.validate import validate
 
     overrides["model"] = {"dtype": "float32", **overrides.get("model", {})}
@@ -27,7 +27,7 @@ def _plan(write_recipe, stage, **overrides):
 def _trainer(write_recipe, tmp_path, stage, **overrides):
     import importlib
 
-    module = importlib.import_module(f"posttrain.stages.{stage}")
+    module = importlib.import_module(f"posttrain.trainers.{stage}")
     return module.build_trainer(_plan(write_recipe, stage, **overrides), tmp_path / "run")
 
 
@@ -44,8 +44,8 @@ def _hand_nll(model, batch):
 
 @pytest.mark.parametrize("conversational", [True, False])
 def test_sft_loss_is_the_nll_of_the_completion_tokens_only(write_recipe, tmp_path, conversational):
-    from posttrain.stages.loop import load_data
-    from posttrain.stages.sft import build_trainer
+    from posttrain.trainers.loop import load_data
+    from posttrain.trainers.sft import build_trainer
 
     data = {**ARITH_SFT, "options": {"n": 64, "conversational": conversational}}
     plan = _plan(write_recipe, "sft", data=data, plugins={}, model={"lora": None}, training={"max_length": 64})
@@ -114,7 +114,7 @@ def test_sft_refuses_preference_only_options(cli, write_recipe):
     code, _, err = cli("validate", write_recipe(stage="sft", data=ARITH_SFT, plugins={"dpo": {}}))
     assert code == 2 and "plugins.dpo" in err and "sft stage" in err
     code, _, err = cli("validate", write_recipe(stage="sft", data=ARITH_SFT, plugins={"mask_format_tokens": {}}))
-    assert code == 2 and "plugins.mask_format_tokens" in err and "no pairs" in err
+    assert code == 2 and "plugins.mask_format_tokens" in err and "applies to the preference stage, not to sft" in err
     code, _, err = cli("validate", write_recipe(stage="sft", data=ARITH_PAIRS, plugins={}))
     assert code == 2 and "data.columns.completion" in err and "'messages'" in err
 

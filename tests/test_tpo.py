@@ -60,7 +60,7 @@ def test_parity_with_trl_tpo_trainer(tiny_model_dir, tmp_path, variant):
     from trl.experimental.tpo import TPOConfig, TPOTrainer
 
     from posttrain.builtin import ArithmeticOptions, arithmetic
-    from posttrain.stages.preference import PreferenceTrainer
+    from posttrain.trainers.preference import PreferenceTrainer
 
     records = arithmetic(ArithmeticOptions(n=6, seed=9))
     for i, r in enumerate(records):  # a gold response that differs from the chosen one

@@ -1,407 +1,153 @@
-"""The online stage: prompts in, the policy trained by RL on its own completions scored by the reward
-plugins, on ``OnlineTrainer``: TRL's own GRPOTrainer, with rollouts, rewards, advantages and reference
-updates taken from hooks.
-
-What is TRL's: the data loader that repeats each prompt ``num_generations`` times, generation
-(transformers or vLLM), the policy/reference log-prob passes (with LoRA, the reference is the
-adapter-disabled model, or the ``ref`` adapter when one exists), the clipped policy loss and its
-variants (``loss_type``), the KL penalty (``beta``), multiple iterations per batch, checkpointing,
-logging. What is ours, through four small overrides:
-
-- reward sources: each enabled ``posttrain_reward`` plugin is one of TRL's reward functions, with
-  its ``weight`` as TRL's reward weight (so TRL logs each source's mean and std, and a source
-  returning None abstains);
-- advantages: TRL computes advantages inline in ``_generate_and_score_completions`` (there is no
-  narrower override point). We let it, then replace them with the output of the
-  ``posttrain_advantage_estimate`` owner passed through the ``posttrain_advantage_transform``
-  chain, computed from the same gathered rewards TRL used;
-- rollouts: when a plugin owns ``posttrain_sample``, completions come from it instead of TRL's
-  generation;
-- reference updates: ``posttrain_update_reference`` after every optimizer step.
-"""
+"""``stage: online``: RL on the policy's own completions scored by reward plugins (GRPO, RLOO, RLVR, and PPO
+with a critic), on TRL's GRPOTrainer (``posttrain.trainers.online``)."""
 
 from __future__ import annotations
 
-import logging
+import importlib.util
 from pathlib import Path
-import torch
-from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
-from trl.models import unwrap_model_for_generation
-from trl.trainer import grpo_trainer as grpo_trainer_module
 
 from ..errors import UserError
-from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
-from ..registry import PluginSet, contract_error
-from ..rewards import RewardSource, source_weight
-from ..types import Advantages, Rollouts
-from ..validate import Plan
-from .loop import (GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, load_data, reference_from,
-                   trainer_callbacks)
+from ..process import world_size
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, MemoryFacts, Stage, StageResult, trl_config
+
+# The online stage's prompt length when the command line does not give one (GRPO does not truncate prompts).
+DEFAULT_PROMPT_LENGTH = 512
 
 
-class _NoAbstentionWarning(logging.Filter):
-    """Drops TRL's warning for rows on which every reward function returned None: abstaining is part of
-    the reward hook's contract here, and the share of such rows is logged as ``rewards/unscored``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "All reward functions returned None" not in str(record.msg)  # accelerate prefixes "[RANK n] "
-
-
-logging.getLogger(grpo_trainer_module.__name__).addFilter(_NoAbstentionWarning())
-
-
-class CriticStepCallback(TrainerCallback):
-    """Steps the critic's optimizer after each of the policy's optimizer steps."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        critic = self.trainer.critic
-        critic.step()
-        norm = getattr(critic, "last_grad_norm", None)
-        if norm is not None:
-            self.trainer._metrics["train"]["critic/grad_norm"].append(norm)
-
-
-_FIT_TERMS = ("n", "g", "g2", "e", "e2", "v", "n_last", "g_last", "g2_last", "e_last", "e2_last")
-
-
-def value_fit_sums(values, targets, completion_mask):
-    """Sufficient statistics of how the values V fit the returns G on the valid completion tokens (those
-    with a target), overall and at each completion's last token: counts and sums of G, G², G − V, (G − V)²
-    and V, as one vector that sums over processes."""
-    valid = completion_mask.bool() & ~torch.isnan(targets)
-    g = torch.nan_to_num(targets.float(), nan=0.0)
-    v = values.float()
-    e = (g - v) * valid
-    g, v = g * valid, v * valid
-    lengths = completion_mask.long().sum(1)
-    rows = torch.nonzero((lengths > 0) & valid.any(1)).flatten()
-    last = (lengths[rows] - 1).clamp(min=0)
-    g_last, e_last = g[rows, last], e[rows, last]
-    return torch.stack([valid.sum().float(), g.sum(), (g * g).sum(), e.sum(), (e * e).sum(), v.sum(),
-                        torch.tensor(float(len(rows)), device=g.device), g_last.sum(), (g_last * g_last).sum(),
-                        e_last.sum(), (e_last * e_last).sum()])
-
-
-def value_fit(sums) -> dict:
-    """Explained variance of the returns by the values, 1 − Var(G − V) / Var(G) (1: a perfect critic, 0: no
-    better than a constant, below 0: worse), overall and at the last token, and the mean value and return."""
-    t = dict(zip(_FIT_TERMS, sums.tolist(), strict=True))
-
-    def explained(n, g, g2, e, e2):
-        if n < 2:
-            return None
-        var_g = g2 / n - (g / n) ** 2
-        var_e = e2 / n - (e / n) ** 2
-        return None if var_g <= 1e-12 else 1.0 - var_e / var_g
-
-    n = max(t["n"], 1.0)
-    return {
-        "values_mean": t["v"] / n,
-        "returns_mean": t["g"] / n,
-        "explained_variance": explained(t["n"], t["g"], t["g2"], t["e"], t["e2"]),
-        "explained_variance_last": explained(t["n_last"], t["g_last"], t["g2_last"], t["e_last"], t["e2_last"]),
+class OnlineStage(Stage):
+    name = "online"
+    about = "RL on the policy's own completions scored by reward plugins (GRPO, RLOO, RLVR, PPO with a critic)"
+    trainer = "trl.GRPOTrainer"
+    config = trl_config("trl", "trainer/grpo_config.py", "GRPOConfig")
+    layouts = (("prompt",),)
+    managed = {
+        "scale_rewards": "advantages are plugins: enable advantage_norm (scope: group or batch) to scale them",
+        "multi_objective_aggregation": "reward sources combine as a weighted sum (their `weight` options); shape "
+                                       "advantages with posttrain_advantage_transform plugins such as advantage_norm",
+        "reward_weights": "set the `weight` option of each reward plugin",
+        **COMMON_MANAGED,
     }
+    renamed = {
+        **COMMON_RENAMED,
+        "max_length": "use max_completion_length (the generated part; GRPO does not truncate prompts)",
+        "max_prompt_length": "GRPOTrainer does not truncate prompts: keep them short, or drop long ones with a "
+                             "posttrain_transform_dataset plugin",
+    }
+    hooks = (
+        "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
+        "posttrain_sample", "posttrain_reward", "posttrain_advantage_estimate", "posttrain_advantage_transform",
+        "posttrain_critic", "posttrain_update_reference", "posttrain_transform_dataset",
+    )
+    required_hooks = ("posttrain_reward", "posttrain_advantage_estimate")
+    has_reference = True
+    pipeline_keys = ("reward_first_third", "reward_last_third")
 
+    def defaults(self) -> dict:
+        from ..trl_fields import config_defaults
 
-class OnlineTrainer(GuardedTrainer, GRPOTrainer):
-    """``trl.GRPOTrainer`` whose reward sources, advantage estimate and transforms, sampler and
-    reference updates come from the enabled plugins."""
+        return config_defaults(self.config)
 
-    def __init__(self, *args, plugins: PluginSet, stage: str = "online", reference=False, **kwargs):
-        """``reference``: how the frozen reference copy of full fine-tuning is built when ``beta`` > 0, a
-        callable returning the model (posttrain loads it in the compute dtype); ``False`` leaves it to TRL."""
-        self.plugins = plugins
-        self.stage = stage
-        sources = plugins.implementers("posttrain_reward")
-        config = kwargs["args"]
-        config.reward_weights = [source_weight(plugins, name) for name in sources]
-        self.samples_from_plugin = bool(plugins.implementers("posttrain_sample"))
-        self._scored = None
-        self._rollout_prompts: list = []
-        with reference_from(grpo_trainer_module, reference):
-            super().__init__(*args, reward_funcs=[RewardSource(plugins, name) for name in sources], **kwargs)
-        if plugins.implementers("posttrain_update_reference"):
-            self.add_callback(ReferenceUpdateCallback(self))
-        self.critic = plugins.call("posttrain_critic", stage=stage)  # set up by finish_trainer (needs precision)
-        self._kl_in_reward = False  # set when the advantage estimator folds the KL into the reward
-        if self.critic is not None:
-            self.add_callback(CriticStepCallback(self))
+    def check(self, plan) -> None:
+        """What GRPOConfig and GRPOTrainer would refuse, said in recipe terms before anything loads."""
+        from ..validate import online_batch
 
-    def setup_critic(self) -> None:
-        if self.critic is not None:
-            self.critic.setup(self)
-
-    # -- rewards and advantages ---------------------------------------------------------------
-
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._scored = (rewards_per_func, prompts, completions)  # gathered over processes, (N, sources)
-        return rewards_per_func
-
-    def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        rewards_per_func, prompts, completions = self._scored
-        self._scored = None
-        mode = "train" if self.model.training else "eval"
-        rollouts = self.rollouts(rewards_per_func, prompts, completions, output["completion_mask"], mode)
-        if self.critic is not None:
-            self._add_per_token_terms(rollouts, output)
-        estimate = self.advantages(rollouts)
-        advantages = estimate.advantages
-        output["advantages"] = advantages if advantages.dim() == 2 else advantages[rollouts.local]
-        self._kl_in_reward = estimate.kl_in_reward
-        if self.critic is not None:
-            if estimate.value_targets is None:
-                owner = self.plugins.implementers("posttrain_advantage_estimate")[0]
-                raise UserError(f"the critic needs value targets, and the advantage estimator '{owner}' gives none",
-                                field=f"plugins.{owner}", fix="use the gae estimator with the critic")
-            output["value_targets"] = estimate.value_targets
-            output["old_values"] = rollouts.values
-            sums = value_fit_sums(rollouts.values, estimate.value_targets, rollouts.completion_mask)
-            for key, value in value_fit(self.accelerator.gather(sums.reshape(1, -1)).sum(0)).items():
-                if value is not None:  # explained variance of returns that do not vary is undefined
-                    self._metrics[mode][f"critic/{key}"].append(value)
-        if estimate.kl_in_reward and rollouts.ref_logps is not None:
-            kl = ((rollouts.logps - rollouts.ref_logps) * rollouts.completion_mask).sum() / \
-                rollouts.completion_mask.sum().clamp(min=1)
-            self._metrics[mode]["kl_in_reward"].append(self.accelerator.gather(kl.reshape(1)).mean().item())
-
-        # TRL logged its own advantages for the completions table: log ours instead.
-        logged = advantages if advantages.dim() == 1 else self.accelerator.gather(
-            (advantages * rollouts.completion_mask).sum(1) / rollouts.completion_mask.sum(1).clamp(min=1))
-        table = self._logs["advantages"]
-        for _ in range(min(len(logged), len(table))):
-            table.pop()
-        table.extend(logged.tolist())
-        metrics = self._metrics[mode]
-        metrics["advantages/mean"].append(logged.mean().item())
-        metrics["advantages/std"].append(logged.std().item() if logged.numel() > 1 else 0.0)
-        metrics["advantages/abs_mean"].append(logged.abs().mean().item())
-        # completions no source scored (every one abstained): advantage 0, so only the KL term (beta > 0)
-        # trains on them. TRL warns once per such batch with a whole example; this share replaces it.
-        metrics["rewards/unscored"].append(torch.isnan(rollouts.rewards).float().mean().item())
-        return output
-
-    def rollouts(self, rewards_per_func, prompts, completions, completion_mask, mode: str = "train") -> Rollouts:
-        """The scored batch as the advantage hooks see it: rewards combined by weight (NaN where every
-        source abstained), each source's rewards, the group size and this process's rows."""
-        weights = self.reward_weights.to(rewards_per_func.device)
-        unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable] = torch.nan
-        n, rank = len(prompts), self.accelerator.process_index
-        return Rollouts(
-            rewards=rewards,
-            rewards_by_source={name: rewards_per_func[:, i] for i, name in enumerate(self.reward_func_names)},
-            group_size=self.num_generations if mode == "train" else self.num_generations_eval,
-            completion_mask=completion_mask,
-            local=slice(rank * n, (rank + 1) * n),
-            prompts=list(prompts),
-            completions=list(completions),
-            training=mode == "train",
-            gather=self.accelerator.gather,
-        )
-
-    def _add_per_token_terms(self, rollouts: Rollouts, output: dict) -> None:
-        """What a critic-based estimator reads: the critic's values, the policy's log-probs at sampling
-        time and the reference's (TRL computed those with beta > 0), per completion token."""
-        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        keep = output["completion_ids"].size(1)
-        completion_mask = output["completion_mask"].to(torch.float32)
-        logps = output.get("old_per_token_logps")
-        if logps is None:
-            with torch.no_grad():
-                logps = self._get_per_token_logps_and_entropies(self.model, ids, mask, keep,
-                                                                self.args.per_device_train_batch_size)[0]
-        rollouts.logps = logps.detach() * completion_mask
-        ref = output.get("ref_per_token_logps")
-        rollouts.ref_logps = None if ref is None else ref.detach() * completion_mask
-        rollouts.kl_coef = float(self.args.beta)
-        rollouts.values = self.critic.values(ids, mask, keep) * completion_mask
-
-    def advantages(self, rollouts: Rollouts) -> Advantages:
-        """Estimate (one owner), then transform (chained); unscorable rows end at 0."""
-        owner = self.plugins.implementers("posttrain_advantage_estimate")[0]
-        estimate = self.plugins.call("posttrain_advantage_estimate", rollouts=rollouts)
-        if not isinstance(estimate, Advantages):
-            estimate = Advantages(estimate)
-        advantages = estimate.advantages
-        self._check_shape(advantages, rollouts, owner)
-        if estimate.value_targets is not None and tuple(estimate.value_targets.shape) != tuple(
-                rollouts.completion_mask.shape):
-            raise contract_error(owner, "posttrain_advantage_estimate", estimate.value_targets,
-                                 f"value_targets of shape {tuple(rollouts.completion_mask.shape)}")
-        for name in self.plugins.implementers("posttrain_advantage_transform"):
-            result = self.plugins.call_one(name, "posttrain_advantage_transform", advantages=advantages,
-                                           rollouts=rollouts)
-            if result is not None:
-                self._check_shape(result, rollouts, name)
-                advantages = result
-        estimate.advantages = torch.nan_to_num(advantages.to(torch.float32), nan=0.0)
-        return estimate
-
-    # -- the loss, and the critic -------------------------------------------------------------
-
-    def _compute_loss(self, model, inputs):
-        if self._kl_in_reward and self.beta != 0.0:
-            # the estimator put beta * KL into the reward: TRL's own in-loss KL term would count it twice
-            beta, self.beta = self.beta, 0.0
-            try:
-                loss = super()._compute_loss(model, inputs)
-            finally:
-                self.beta = beta
-        else:
-            loss = super()._compute_loss(model, inputs)
-        if self.critic is not None and self.model.training and "value_targets" in inputs:
-            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-            mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-            metrics = self.critic.train_on(ids, mask, inputs["completion_ids"].size(1), inputs["value_targets"],
-                                           inputs["old_values"], inputs["completion_mask"],
-                                           scale=1.0 / self.current_gradient_accumulation_steps)
-            self._finite_guard().add_loss(metrics["critic/value_loss"])
-            for key, value in metrics.items():
-                self._metrics["train"][key].append(self.accelerator.gather(value.reshape(1).float()).mean().item())
-        return loss
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.critic is not None and self.is_world_process_zero():
-            self.critic.save(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if self.critic is not None and checkpoint is not None:
-            self.critic.load(checkpoint)
-
-    @staticmethod
-    def _check_shape(advantages, rollouts: Rollouts, plugin: str) -> None:
-        per_sequence = (rollouts.rewards.shape[0],)
-        per_token = tuple(rollouts.completion_mask.shape)
-        shape = tuple(getattr(advantages, "shape", ()))
-        if not isinstance(advantages, torch.Tensor) or shape not in (per_sequence, per_token):
+        recipe, trl_config, plugins = plan.recipe, plan.trl_config, plan.plugins
+        if recipe.model.reference is not None and recipe.model.lora is not None:
+            raise UserError("TRL's GRPOTrainer uses the adapter-disabled base as the reference with LoRA and takes no "
+                            "separate reference", field="model.reference",
+                            fix="remove model.reference (the reference is then the starting model), or train without "
+                                "LoRA")
+        batch = online_batch(trl_config, self.defaults())
+        critic = bool(plugins.implementers("posttrain_critic"))
+        if batch["group"] is None or batch["group"] < (1 if critic else 2):
+            raise UserError(f"num_generations must be at least 2 (completions per prompt: the group is the baseline) "
+                            f"without a critic, got {batch['group']}", field="training.num_generations",
+                            fix="use e.g. num_generations: 4, or enable a critic (plugins: critic, gae) for one "
+                                "completion per prompt")
+        if batch["group"] == 1 and batch["generation_batch"] < 2:
+            raise UserError("one completion per prompt needs a generation batch of at least 2 completions",
+                            field="training.per_device_train_batch_size", fix="use per_device_train_batch_size >= 2")
+        if batch["generation_batch"] % batch["group"]:
             raise UserError(
-                f"plugin '{plugin}' returned advantages of shape {shape or type(advantages).__name__}; expected a "
-                f"tensor of shape {per_sequence} (one per completion of the gathered batch) or {per_token} "
-                f"(per token of this process's completions)", field=f"plugins.{plugin}",
-                fix="report this to the plugin's author")
+                f"a generation batch of {batch['generation_batch']} completions (per_device_train_batch_size "
+                f"{batch['per_device']} x {world_size()} process(es) x steps_per_generation) does not split into "
+                f"groups of num_generations={batch['group']}", field="training.num_generations",
+                fix="make per_device_train_batch_size x processes x gradient_accumulation_steps a multiple of "
+                    "num_generations, or let the large_batch plugin derive them from prompts_per_update")
+        beta = trl_config.get("beta", self.defaults().get("beta"))
+        wanting = [name for name, needed in plugins.call_each("posttrain_reference_needed", stage=self.name) if needed]
+        if wanting and not beta:
+            raise UserError(
+                f"plugin '{wanting[0]}' needs a reference model, which the online stage only has with a KL penalty "
+                f"(training.beta is {beta})", field="training.beta",
+                fix="set training.beta > 0 (e.g. 0.05, Tülu 3's RLVR value), or remove the plugin")
+        check_generation_engine(trl_config, plugins)
 
-    # -- rollouts from a sampler plugin --------------------------------------------------------
+    def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
+        per_device = int(cfg.get("per_device_train_batch_size") or 8)
+        grad_accum = int(cfg.get("gradient_accumulation_steps") or 1)
+        completion = int(cfg.get("max_completion_length") or 256)
+        prompt = prompt_length if prompt_length is not None else DEFAULT_PROMPT_LENGTH
+        facts = MemoryFacts(rows=per_device, seq_len=prompt + completion, scored_tokens=per_device * completion,
+                            prompt_len=prompt, completion_len=completion, unit="completions")
+        if prompt_length is None:
+            facts.notes.append(f"online: prompts assumed {DEFAULT_PROMPT_LENGTH} tokens long (GRPO does not truncate "
+                               "them); give --prompt-length for yours")
+        steps = int(cfg.get("steps_per_generation") or grad_accum)
+        generation_batch = cfg.get("generation_batch_size")
+        facts.generation_rows = int(generation_batch) // processes if generation_batch else per_device * steps
+        if generation_batch and not cfg.get("steps_per_generation"):
+            steps = max(1, int(generation_batch) // (per_device * processes))
+        # TRL generates every steps_per_generation x num_iterations micro-batches: between optimizer steps when
+        # that is a multiple of the accumulation steps, else with gradients accumulated
+        facts.generation_between_steps = (steps * int(cfg.get("num_iterations") or 1)) % grad_accum == 0
+        facts.gather_for_generation = bool(cfg.get("ds3_gather_for_generation", True))
+        if cfg.get("use_vllm"):
+            if cfg.get("vllm_mode", "colocate") == "colocate":
+                facts.vllm_fraction = float(cfg.get("vllm_gpu_memory_utilization") or 0.3)
+                facts.notes.append(f"vLLM colocated: it reserves {facts.vllm_fraction:.0%} of the GPU for generation")
+            else:
+                facts.notes.append("vLLM server mode: generation runs on other GPUs (not counted)")
+                facts.generation_rows = 0
+        if (cfg.get("beta") or 0.0) > 0:
+            facts.reference = "copy" if recipe.model.lora is None else "adapter"
+        return facts
 
-    def _generate(self, prompts: list):
-        self._rollout_prompts = prompts
-        return super()._generate(prompts)
+    def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
+        from ..trainers import online
+        from ..trainers.loop import run_training
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        if not self.samples_from_plugin:
-            # TRL's transformers generation runs without autocast: with float32 master weights it would
-            # generate in float32. Autocast makes it run in the compute dtype, as training does.
-            with self.accelerator.autocast():
-                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                     has_tool_images)
-        generation = {"max_new_tokens": self.max_completion_length, "do_sample": True,
-                      "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                      "min_p": self.min_p, "repetition_penalty": self.repetition_penalty}
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-            gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-        ) as model, torch.no_grad(), self.accelerator.autocast():
-            samples = self.plugins.call("posttrain_sample", model=model, tokenizer=self.processing_class,
-                                        prompts=self._rollout_prompts, num_samples=1, generation=generation)
-        owner = self.plugins.implementers("posttrain_sample")[0]
-        if samples is None or len(samples) != len(prompt_ids) or any(len(s) != 1 for s in samples):
-            raise UserError(f"plugin '{owner}' returned {len(samples or [])} sample lists for {len(prompt_ids)} "
-                            "prompts; expected one list of one completion per prompt", field=f"plugins.{owner}",
-                            fix="report this to the plugin's author")
-        return [self._completion_ids(s[0]) for s in samples], None
-
-    def _completion_ids(self, text: str) -> list[int]:
-        """Token ids of a sampled completion: no special tokens added, cut at max_completion_length,
-        ended with EOS unless cut."""
-        ids = self._tokenizer(str(text), add_special_tokens=False)["input_ids"][: self.max_completion_length]
-        return ids + [self._tokenizer.eos_token_id] if len(ids) < self.max_completion_length else ids
-
-
-# -- the stage ---------------------------------------------------------------------------------
-
-STAGE = "online"
-
-# GRPOConfig values that differ from TRL's defaults here, unless the recipe sets them.
-ONLINE_DEFAULTS = {
-    # TRL's own advantages are replaced by the advantage plugins' (posttrain_advantage_*): keep TRL's
-    # computation of them to the cheapest form.
-    "scale_rewards": "none",
-    "logging_steps": 1,
-}
+        return StageResult(run_training(self, online, plan, run_dir, resume), model=None)
 
 
-def heldout_metrics(plan: Plan, trainer, heldout) -> dict:
-    """Nothing beyond the greedy answers scored by the reward plugins (see stage.answer_metrics)."""
-    return {}
+def check_generation_engine(trl_config: dict, plugins) -> None:
+    """The generation engine (TRL's ``use_vllm``), checked before anything loads: vLLM installed, a CUDA
+    device, no sampler plugin that would replace it, no vLLM option without it."""
+    if not trl_config.get("use_vllm"):
+        stray = sorted(k for k in trl_config if k.startswith("vllm_"))
+        if stray:
+            raise UserError(f"{', '.join(stray)} {'has' if len(stray) == 1 else 'have'} no effect without use_vllm: "
+                            "true", field=f"training.{stray[0]}",
+                            fix="add training.use_vllm: true (on a CUDA machine with vllm installed), or remove it")
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("use_vllm needs the vllm package, which is not installed", field="training.use_vllm",
+                        fix="pip install vllm (a version matching your torch) on a CUDA machine, or remove "
+                            "training.use_vllm to generate with transformers")
+    import torch  # only here: vLLM itself imports torch, and the check needs it
+
+    if not torch.cuda.is_available():
+        raise UserError("use_vllm needs a CUDA GPU, and this machine has none", field="training.use_vllm",
+                        fix="remove training.use_vllm to generate with transformers, or run on a GPU machine")
+    samplers = plugins.implementers("posttrain_sample")
+    if samplers:
+        raise UserError(f"plugin '{samplers[0]}' produces the rollouts (posttrain_sample), so vLLM would never "
+                        "generate", field="training.use_vllm",
+                        fix=f"remove training.use_vllm, or disable '{samplers[0]}'")
+    mode = trl_config.get("vllm_mode", "colocate")
+    if mode not in ("colocate", "server"):
+        raise UserError(f"vllm_mode must be 'colocate' or 'server', got {mode!r}", field="training.vllm_mode",
+                        fix="use colocate (vLLM shares this GPU) or server (a `trl vllm-serve` process)")
 
 
-def summary_extras(trainer) -> dict:
-    """The reward curve: the mean combined reward and each source's, per logged step."""
-    curve = []
-    for entry in trainer.state.log_history:
-        if "reward" not in entry:
-            continue
-        point = {"step": entry.get("step"), "reward": entry["reward"]}
-        point.update({k.split("/")[1]: v for k, v in entry.items() if k.startswith("rewards/") and k.endswith("/mean")})
-        curve.append(point)
-    if not curve:
-        return {"reward_curve": []}
-    third = max(1, len(curve) // 3)
-
-    def mean(points):  # steps on which every completion abstained have no reward (None)
-        scored = [p["reward"] for p in points if p["reward"] is not None]
-        return sum(scored) / len(scored) if scored else None
-
-    return {
-        "reward_curve": curve,
-        "reward_first_third": mean(curve[:third]),
-        "reward_last_third": mean(curve[-third:]),
-    }
-
-
-def build_trainer(plan: Plan, run_dir: Path):
-    recipe = plan.recipe
-    train, heldout = load_data(plan)
-    precision = run_precision(recipe)
-    config = online_config(plan, run_dir, precision)
-    path = resolve_model_path(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path, precision)
-    trainer = OnlineTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-                            peft_config=peft_config,
-                            reference=lambda: load_frozen_model(
-                                recipe, resolve_model_path(recipe.model.reference or recipe.model.name_or_path),
-                                precision),
-                            callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
-    trainer = finish_trainer(trainer, precision)
-    trainer.setup_critic()
-    return trainer, heldout
-
-
-def online_config(plan: Plan, run_dir: Path, precision):
-    """The GRPOConfig of the run. GRPOConfig refuses num_generations < 2 (GRPO's baseline is the group);
-    with a critic the baseline is the value function, so one completion per prompt is allowed: the
-    config is built with a group that divides the generation batch, then set to 1. GRPOTrainer itself
-    handles groups of one (its sampler repeats each prompt once; its evaluation path already does)."""
-    from ..validate import online_batch
-
-    single = plan.trl_config.get("num_generations") == 1
-    if not single:
-        return build_config(GRPOConfig, plan, run_dir, precision, ONLINE_DEFAULTS)
-    batch = online_batch(plan.trl_config)["generation_batch"]
-    group = next(d for d in range(2, batch + 1) if batch % d == 0)
-    values = {**plan.trl_config, "num_generations": group}
-    if plan.trl_config.get("num_generations_eval") is None:
-        values["num_generations_eval"] = group
-    config = build_config(GRPOConfig, Plan(plan.recipe, plan.plugins, values), run_dir, precision, ONLINE_DEFAULTS)
-    config.num_generations = 1
-    return config
+STAGE = OnlineStage()

@@ -1,116 +1,54 @@
-"""The sft stage: prompt/completion pairs (or conversations) in, a model fine-tuned on the completions
-out, on ``SFTStageTrainer``, TRL's own SFTTrainer.
-
-What is TRL's: tokenisation and chat templates, the completion-only loss (the prompt's tokens are
-not trained on), packing and padding-free batching (``training.packing``, ``training.padding_free``),
-the fused LM head, checkpointing and logging. What is ours, through small overrides:
-
-- data: a ``messages`` conversation becomes a prompt (every turn before the last) and a completion
-  (the last, assistant, turn), so the loss is on the final reply; with
-  ``training.assistant_only_loss: true`` the conversation is left whole and TRL trains on every
-  assistant turn (the chat template must mark them with ``{% generation %}``);
-- token masks: ``posttrain_token_mask`` plugins remove tokens from the loss; they are applied by the
-  collator, so the loss is normalised by the tokens that are really trained on;
-- held-out numbers: the completion NLL (TRL's evaluation loss, a mean over completion tokens), its
-  perplexity and the next-token accuracy, before and after; greedy answers scored by the reward
-  plugins when one is enabled (``stages.loop.answer_metrics``).
-
-"SFT on the chosen responses of a preference dataset" is a data mapping, ``columns: {completion:
-chosen}``: the preference data's rejected column is left unused.
-"""
+"""``stage: sft``: supervised fine-tuning on prompt/completion pairs or conversations, the loss on the
+completion, on TRL's SFTTrainer (``posttrain.trainers.sft``)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from trl import SFTConfig, SFTTrainer
-
-from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
-from ..registry import PluginSet, contract_error
-from ..validate import Plan
-from .loop import GuardedTrainer, build_config, finish_trainer, load_data, trainer_callbacks
-
-STAGE = "sft"
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, GENERAL, MemoryFacts, Stage, StageResult, trl_config
 
 
-def conversation_to_completion(example: dict) -> dict:
-    """A ``messages`` conversation as a prompt (the turns before the last) and a completion (the last)."""
-    messages = example["messages"]
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError("the last message of every conversation must be the assistant's reply")
-    return {"prompt": messages[:-1], "completion": messages[-1:]}
+class SFTStage(Stage):
+    name = "sft"
+    about = "supervised fine-tuning on prompt/completion pairs or conversations, loss on the completion"
+    trainer = "trl.SFTTrainer"
+    config = trl_config("trl", "trainer/sft_config.py", "SFTConfig")
+    layouts = (("prompt", "completion"), ("messages",))
+    managed = {
+        "dataset_text_field": "the sft stage trains on prompt/completion or messages data: map your columns with "
+                              "data.columns (e.g. {completion: chosen})",
+        **COMMON_MANAGED,
+    }
+    renamed = {**COMMON_RENAMED, "max_seq_length": "use max_length"}
+    hooks = (*GENERAL, "posttrain_token_mask", "posttrain_sample", "posttrain_reward")
+    summary_rows = (("held-out completion NLL", "heldout", "completion_nll"),
+                    ("held-out perplexity", "heldout", "perplexity"))
+
+    def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
+        facts = sequence_facts(cfg, max_positions, rows_per_example=1)
+        if cfg.get("packing"):
+            facts.notes.append("packing: every sequence is full (max_length tokens)")
+        return facts
+
+    def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
+        from ..trainers import sft
+        from ..trainers.loop import run_training
+
+        return StageResult(run_training(self, sft, plan, run_dir, resume), model=None)
 
 
-class TokenMaskCollator:
-    """TRL's collator, then the ``posttrain_token_mask`` plugins: a token a plugin drops gets label -100."""
-
-    def __init__(self, collator, plugins: PluginSet, tokenizer):
-        self.collator, self.plugins, self.tokenizer = collator, plugins, tokenizer
-
-    def __call__(self, examples):
-        batch = self.collator(examples)
-        labels = batch["labels"]
-        completion = (labels != -100).long()
-        for name, keep in self.plugins.call_each("posttrain_token_mask", input_ids=batch["input_ids"],
-                                                 completion_mask=completion, tokenizer=self.tokenizer):
-            if keep is None:
-                continue
-            if tuple(keep.shape) != tuple(labels.shape):
-                raise contract_error(name, "posttrain_token_mask", keep,
-                                     f"a mask of shape {tuple(labels.shape)}, one row per sequence")
-            labels = labels.masked_fill(keep.to(labels.device) == 0, -100)
-        batch["labels"] = labels
-        return batch
+def sequence_facts(cfg: dict, max_positions: int | None, rows_per_example: int, scored: bool = True) -> MemoryFacts:
+    """A micro-batch of whole sequences cut at max_length (``rows_per_example`` sequences per example: 2 for a
+    pair), as the sft, reward_model and preference stages batch them."""
+    notes = []
+    max_length = cfg.get("max_length")
+    if max_length is None:
+        max_length = max_positions or 4096
+        notes.append(f"training.max_length is null (no truncation): assumed the model's longest, {max_length}")
+    rows = rows_per_example * int(cfg.get("per_device_train_batch_size") or 8)
+    unit = "sequences" if rows_per_example == 1 else f"sequences ({rows_per_example} per pair)"
+    return MemoryFacts(rows=rows, seq_len=int(max_length), scored_tokens=rows * int(max_length) if scored else 0,
+                       unit=unit, notes=notes)
 
 
-class SFTStageTrainer(GuardedTrainer, SFTTrainer):
-    """``trl.SFTTrainer`` whose token masks come from the enabled plugins (and which stops at the first
-    non-finite step, like every posttrain trainer)."""
-
-    def __init__(self, *args, plugins: PluginSet, stage: str = STAGE, **kwargs):
-        self.plugins = plugins
-        self.stage = stage
-        super().__init__(*args, **kwargs)
-        if plugins.implementers("posttrain_token_mask"):
-            self.data_collator = TokenMaskCollator(self.data_collator, plugins, self.processing_class)
-
-
-def heldout_metrics(plan: Plan, trainer, heldout) -> dict:
-    """TRL's evaluation of the held-out completions: NLL per completion token, perplexity, token accuracy."""
-    raw = trainer.evaluate()
-    out = {}
-    if "eval_loss" in raw:
-        out["completion_nll"] = raw["eval_loss"]
-        out["perplexity"] = math.exp(min(raw["eval_loss"], 50.0))
-    if "eval_mean_token_accuracy" in raw:
-        out["token_accuracy"] = raw["eval_mean_token_accuracy"]
-    return out
-
-
-def summary_extras(trainer) -> dict:
-    return {}
-
-
-def _as_prompt_completion(plan: Plan, dataset):
-    if dataset is None or "messages" not in dataset.column_names or "completion" in dataset.column_names:
-        return dataset
-    if plan.trl_config.get("assistant_only_loss"):
-        return dataset  # TRL trains on every assistant turn of the whole conversation
-    return dataset.map(conversation_to_completion, remove_columns=["messages"], desc="Splitting conversations")
-
-
-def build_trainer(plan: Plan, run_dir: Path):
-    recipe = plan.recipe
-    train, heldout = load_data(plan)
-    train, heldout = _as_prompt_completion(plan, train), _as_prompt_completion(plan, heldout)
-    precision = run_precision(recipe)
-    config = build_config(SFTConfig, plan, run_dir, precision)
-    path = resolve_model_path(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path, precision)
-    trainer = SFTStageTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
-                              processing_class=tokenizer, peft_config=peft_config,
-                              callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins)
-    return finish_trainer(trainer, precision), heldout
-
+STAGE = SFTStage()

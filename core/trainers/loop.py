@@ -1,7 +1,9 @@
-"""What every stage shares: the run loop (build, evaluate before, train, save, evaluate after,
-summarise), the metric and progress callbacks, and the held-out greedy-answer evaluation.
+"""What every trainer shares: the training run (build, evaluate before, train, save, evaluate after,
+summarise), precision and the non-finite guard of every trainer, the metric and progress callbacks,
+and the held-out greedy-answer evaluation.
 
-A stage is a module with three functions:
+A stage that trains on one TRL trainer hands :func:`run_training` its trainer module, which has three
+functions:
 
 - ``build_trainer(plan, run_dir) -> (trainer, heldout)``: the TRL trainer subclass, ready to
   train, and the held-out dataset (or ``None``);
@@ -12,14 +14,10 @@ A stage is a module with three functions:
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import math
-import os
 import time
 from pathlib import Path
-from unittest import mock
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -29,8 +27,8 @@ from ..types import Transformed
 from ..rewards import score
 from ..sampling import derive_seed, sample
 from ..models import Precision, cast_trained_weights
+from ..process import world_size
 from ..validate import Plan
-from . import STAGES
 
 def platform_defaults(chosen: dict) -> dict:
     """TRL config values that suit the hardware, for the keys the recipe (``chosen``) leaves unset.
@@ -48,7 +46,7 @@ def platform_defaults(chosen: dict) -> dict:
         defaults["use_cpu"] = True  # TRL's bf16 autocast on a CPU works only with use_cpu
         if not checkpointing_set:
             defaults["activation_checkpointing"] = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # CPU processes (torchrun, accelerate, DeepSpeed)
+        if world_size() > 1:  # CPU processes (torchrun, accelerate, DeepSpeed)
             defaults["ddp_backend"] = "gloo"
     elif not checkpointing_set:
         defaults["activation_checkpointing"] = True
@@ -74,19 +72,6 @@ def build_config(config_cls, plan: Plan, run_dir: Path, precision: Precision, st
     except ValueError as e:
         raise UserError(f"TRL refuses these settings: {e}", field="training",
                         fix=f"change the training values it names ({config_cls.__name__}; see docs/recipes.md)") from None
-
-
-@contextlib.contextmanager
-def reference_from(trl_module, reference):
-    """While a TRL trainer is built, let ``reference`` answer the one call TRL makes to build a frozen
-    reference copy of the policy (``create_model_from_path``; TRL has no other way in): a callable
-    returning the model, or ``None`` for no reference at all. The policy is always passed to TRL as a
-    model, so it is not built by that function."""
-    if reference is False:  # leave TRL's own behaviour
-        yield
-        return
-    with mock.patch.object(trl_module, "create_model_from_path", lambda *a, **k: reference() if reference else None):
-        yield
 
 
 class NonFiniteTraining(UserError):
@@ -389,13 +374,11 @@ def _trim_metrics(run_dir: Path, upto_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
-def run_stage(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = True) -> dict:
-    """Build, evaluate, train, save, evaluate, summarise. In a distributed launch every rank runs
-    this (training and evaluation are collective); only the main process writes files."""
-    stage = importlib.import_module(STAGES[plan.recipe.stage].module)
-    if hasattr(stage, "run"):  # a stage with its own loop (iterative rounds, sampling only)
-        return stage.run(plan, run_dir, resume, end_distributed)
-    trainer, heldout = stage.build_trainer(plan, run_dir)
+def run_training(stage, module, plan: Plan, run_dir: Path, resume: bool) -> dict:
+    """Build, evaluate, train, save, evaluate, summarise, with the trainer ``module`` of ``stage``. In a
+    distributed launch every rank runs this (training and evaluation are collective); only the main process
+    writes files. Returns the summary (also written to ``summary.json``)."""
+    trainer, heldout = module.build_trainer(plan, run_dir)
     main = trainer.is_world_process_zero()
     before_path = run_dir / "eval_before.json"
     checkpoint = last_checkpoint(run_dir) if resume else None
@@ -405,7 +388,7 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = T
         else:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
-    evaluation = BeforeEvaluation(stage, plan, trainer, heldout, before_path, main)
+    evaluation = BeforeEvaluation(module, plan, trainer, heldout, before_path, main)
     if checkpoint is not None and before_path.exists():
         evaluation.result = json.loads(before_path.read_text())
     else:
@@ -417,11 +400,11 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = T
     final_dir = run_dir / "final"
     trainer.save_model(str(final_dir))
 
-    after = evaluate(stage, plan, trainer, heldout)
+    after = evaluate(module, plan, trainer, heldout)
     logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
     summary = {
         "recipe": plan.recipe.name,
-        "stage": plan.recipe.stage,
+        "stage": stage.name,
         "plugins": list(plan.plugins.by_name),
         "global_step": trainer.state.global_step,
         "world_size": trainer.args.world_size,
@@ -431,24 +414,11 @@ def run_stage(plan: Plan, run_dir: Path, resume: bool, end_distributed: bool = T
         "last_logged": logs[-1] if logs else {},
         "heldout_examples": len(heldout) if heldout is not None else 0,
         "data_transforms": plan.data_log,
-        **stage.summary_extras(trainer),
+        **module.summary_extras(trainer),
         "before": evaluation.result,
         "after": after,
         "final_model": str(final_dir),
     }
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    if end_distributed:  # a pipeline keeps the process group for its next stage
-        close_process_group()
     return summary
-
-
-def close_process_group() -> None:
-    """Tear down the distributed process group of a multi-process run. Left to interpreter exit,
-    its communication threads can abort the process ("terminate called without an active
-    exception") after a successful run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

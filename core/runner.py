@@ -1,0 +1,433 @@
+"""Loading a recipe and running it: every recipe is a pipeline of one or more stages.
+
+A one-stage recipe has the stage's keys at the top (``stage``, ``model``, ``data``, ``plugins``,
+``training``, ``eval``, and the stage's own keys such as the iterative stage's ``rounds``); its run
+directory is the stage's. A pipeline recipe has a ``stages:`` list instead, ``model`` once at the top
+(each stage may add a partial ``model:`` of its own), and each stage starts from the output of the
+stage before it unless its ``model.name_or_path`` names another. Wherever a model path or a data source
+goes, ``stages.NAME`` stands for an earlier stage's output (:mod:`posttrain.stage_refs`).
+
+:func:`load` reads a recipe file (safe YAML, ``--set``/``--unset``), looks each stage up, parses its
+options and validates it once, before anything heavy is imported. :func:`run` owns the run
+directories: a new one (refused over an existing one unless ``--overwrite``), ``--resume`` (the same
+recipe, from the last checkpoint), ``--from STAGE`` (a pipeline from that stage on), the summaries, the
+merged LoRA outputs a pipeline's later stages start from. The stages themselves run through their
+``Stage.run``, which imports their trainers.
+
+A pipeline's run directory holds one ordinary run directory per stage, ``<nn>-<name>/``, the pipeline's
+``recipe.yaml`` and, once every stage has finished, ``summary.json``. A stage's output is its ``final/``
+model (full fine-tuning) or, with LoRA, ``merged/``: the adapter merged into the weights it was trained
+on (a 4-bit base is dequantised first), saved once in ``merged_dtype``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import process, stage_refs
+from .errors import UserError, did_you_mean
+from .recipe import Recipe, from_data, load_recipe_data
+from .stage import Stage, StageResult
+from .stages import STAGES, get_stage, owner_of_key
+from .validate import Plan, validate
+
+COMMON_STAGE_KEYS = ("name", "stage", "description", "model", "data", "plugins", "training", "eval", "seed")
+PIPELINE_KEYS = ("name", "description", "model", "stages", "seed", "output_dir", "merged_dtype")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+def is_pipeline(data: dict) -> bool:
+    return isinstance(data, dict) and "stages" in data
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def recipe_from_data(data: dict, where: str = "") -> Recipe:
+    """One stage's recipe from its data: the stage looked up, its plugins defaulted, its own keys parsed
+    as its ``Options``, the rest as the common recipe schema. Errors name ``where.KEY``."""
+    prefix = f"{where}." if where else ""
+    data = dict(data)
+    stage = get_stage(data.get("stage", "preference"), f"{prefix}stage")
+    if "plugins" not in data:
+        data["plugins"] = copy.deepcopy(stage.default_plugins)
+    own = {key: data.pop(key) for key in stage.option_keys() if key in data}
+    common = {f.name for f in dataclasses.fields(Recipe) if not f.metadata.get("internal")}
+    for key in data:
+        owners = [o for o in owner_of_key(key) if o != stage.name]
+        if key not in common and owners:
+            raise UserError(f"'{key}' is a key of the {' and '.join(owners)} stage{'s' if len(owners) > 1 else ''}, "
+                            f"not of {stage.name}", field=f"{prefix}{key}",
+                            fix=f"remove {key}, or use stage: {owners[0]}")
+    recipe = from_data(Recipe, data, where)
+    recipe.kind = stage
+    recipe.stage_options = stage.parse_options(own, where)
+    return recipe
+
+
+@dataclass
+class PipelineStage:
+    index: int
+    name: str
+    data: dict  # the stage as a one-stage recipe, with stages.NAME references left in place
+    recipe: Recipe
+    plan: Plan | None = None  # once validated
+
+    @property
+    def stage(self) -> Stage:
+        return self.recipe.kind
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.index + 1:02d}-{self.name}"
+
+
+@dataclass
+class Pipeline:
+    name: str
+    data: dict  # the whole recipe (as written, after --set / --unset)
+    stages: list[PipelineStage]
+    output_dir: str | None
+    merged_dtype: str
+    single: bool = False  # a one-stage recipe: the stage's run directory is the recipe's own
+
+    @property
+    def plans(self) -> list[Plan]:
+        return [s.plan for s in self.stages]
+
+    def stage(self, name: str) -> PipelineStage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise UserError(f"the pipeline has no stage '{name}'{did_you_mean(name, [s.name for s in self.stages])}",
+                        field="--from", fix=f"stages: {', '.join(s.name for s in self.stages)}")
+
+
+def _prefixed(error: UserError, prefix: str) -> UserError:
+    """The same error with its field placed inside ``prefix`` (``stages[1].`` + ``plugins.dpo.beta``)."""
+    field_ = error.field
+    if field_ and not field_.startswith(("--", "stages[")) and field_ != "recipe":
+        field_ = f"{prefix}.{field_}"
+    elif not field_:
+        field_ = prefix
+    out = UserError(error.message, field=field_, fix=error.fix)
+    out.keep_run_dir = error.keep_run_dir
+    out.__cause__ = error
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse(data: dict) -> Pipeline:
+    """A recipe's shape, each stage looked up and schema-checked (not yet validated)."""
+    if not is_pipeline(data):
+        recipe = recipe_from_data(data, "")
+        name = recipe.name or "recipe"
+        return Pipeline(name, data, [PipelineStage(0, name, data, recipe)], recipe.output_dir, "float32", single=True)
+    for key in data:
+        if key not in PIPELINE_KEYS:
+            stage_key = key in COMMON_STAGE_KEYS or bool(owner_of_key(key))
+            hint = " (a pipeline sets it per stage)" if stage_key else did_you_mean(key, PIPELINE_KEYS)
+            raise UserError(f"unknown key '{key}' in a pipeline recipe{hint}", field=key,
+                            fix=f"pipeline keys: {', '.join(PIPELINE_KEYS)}; stage keys go under each entry of "
+                                f"`stages` ({', '.join(COMMON_STAGE_KEYS)}, and a stage's own keys)")
+    if "model" not in data or not isinstance(data["model"], dict):
+        raise UserError("a pipeline needs a `model` section (the model the first stage starts from)", field="model",
+                        fix="add `model: {name_or_path: ...}` at the top of the recipe")
+    raw_stages = data["stages"]
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise UserError("`stages` must be a non-empty list of stages", field="stages",
+                        fix="write `stages:` followed by `- name: sft` / `stage: sft` / `data: ...` entries")
+    merged_dtype = data.get("merged_dtype", "float32")
+    if merged_dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"expected float32, bfloat16 or float16, got {merged_dtype!r}", field="merged_dtype",
+                        fix="use float32 (keeps every LoRA update) or bfloat16 (half the disk)")
+    names: list[str] = []
+    for i, raw in enumerate(raw_stages):
+        where = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise UserError(f"expected a mapping, got {type(raw).__name__}", field=where,
+                            fix="each stage is a mapping with name, stage, data, ...")
+        for key in ("name", "stage", "data"):
+            if key not in raw:
+                raise UserError("this key is required", field=f"{where}.{key}", fix=f"add `{key}:` to the stage")
+        kind = get_stage(raw["stage"], f"{where}.stage")
+        allowed = (*COMMON_STAGE_KEYS, *kind.option_keys())
+        for key in raw:
+            if key not in allowed:
+                owners = owner_of_key(key)
+                hint = (f" (a key of the {' and '.join(owners)} stage, not of {kind.name})" if owners else
+                        did_you_mean(key, allowed))
+                raise UserError(f"unknown key '{key}'{hint}", field=f"{where}.{key}",
+                                fix=f"stage keys: {', '.join(allowed)}")
+        name = raw["name"]
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise UserError(f"stage names are lowercase letters, digits, '-' and '_', got {name!r}",
+                            field=f"{where}.name", fix="rename the stage, e.g. `name: sft`")
+        if name in names:
+            raise UserError(f"two stages are named '{name}'", field=f"{where}.name", fix="give each stage its own name")
+        names.append(name)
+    pipeline_name = data.get("name") or "pipeline"
+    stages = []
+    for i, raw in enumerate(raw_stages):
+        model = _merge(data["model"], raw.get("model") or {})
+        if i > 0 and "name_or_path" not in (raw.get("model") or {}):
+            model["name_or_path"] = stage_refs.STAGE_REF + names[i - 1]  # the previous stage's output
+        stage_data = {
+            "name": f"{pipeline_name}-{raw['name']}",
+            "description": raw.get("description", ""),
+            "stage": raw["stage"],
+            "seed": raw.get("seed", data.get("seed", 42)),
+            "model": model,
+            "data": raw["data"],
+            **({"plugins": copy.deepcopy(raw["plugins"])} if "plugins" in raw else {}),
+            "training": raw.get("training") or {},
+            "eval": raw.get("eval") or {},
+            **{key: raw[key] for key in get_stage(raw["stage"]).option_keys() if key in raw},
+        }
+        recipe = recipe_from_data(stage_data, f"stages[{i}]")
+        stages.append(PipelineStage(i, raw["name"], stage_data, recipe))
+    return Pipeline(pipeline_name, data, stages, data.get("output_dir"), merged_dtype)
+
+
+def validate_pipeline(pipeline: Pipeline) -> Pipeline:
+    """Validate every stage once, before anything loads; a pipeline's errors name the stage
+    (``stages[1].plugins...``)."""
+    names = [s.name for s in pipeline.stages]
+    for stage in pipeline.stages:
+        if pipeline.single:
+            stage.plan = validate(stage.recipe)
+            continue
+        try:
+            stage.plan = validate(stage.recipe, earlier_stages=names[:stage.index], later_stages=names[stage.index:])
+        except UserError as e:
+            raise _prefixed(e, f"stages[{stage.index}]") from None
+    return pipeline
+
+
+def load(path: str | Path, overrides: list[str] = (), removals: list[str] = ()) -> Pipeline:
+    """Read a recipe file, apply ``--set``/``--unset``, and validate every stage."""
+    return validate_pipeline(parse(load_recipe_data(path, overrides, removals)))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), removals: list[str] = ()) -> Recipe:
+    """A one-stage recipe read and schema-checked (deeper checks: :func:`posttrain.validate.validate`)."""
+    data = load_recipe_data(path, overrides, removals)
+    if is_pipeline(data):
+        raise UserError("this recipe is a pipeline (it has `stages:`)", field="stages",
+                        fix="load it with posttrain.runner.load")
+    return recipe_from_data(data, "")
+
+
+# -- run directories -------------------------------------------------------------------------------
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+def new_run_dir(run_dir: Path, recipe_data: dict, overwrite: bool) -> None:
+    """A new run directory holding the resolved recipe; an existing non-empty one only with --overwrite."""
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"run directory '{run_dir}' already exists", field="--output-dir",
+                            fix="choose another --output-dir, continue it with --resume, or replace it with --overwrite")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_data, sort_keys=False), encoding="utf-8")
+
+
+def prepare_run_dir(plan: Plan, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """One stage's run directory: a new one, or the one to resume (the same recipe, not finished). Its
+    recipe.yaml holds the recipe with every key filled in and ``stages.NAME`` resolved to the folder it
+    stood for."""
+    resolved = stage_refs.resolved(plan.recipe.to_dict())
+    recipe_file = run_dir / "recipe.yaml"
+    if resume:
+        if overwrite:
+            raise UserError("--resume and --overwrite contradict each other", field="--resume",
+                            fix="use --resume to continue the run, or --overwrite to start it again")
+        if not recipe_file.is_file():
+            raise UserError(f"there is no run to resume in '{run_dir}'", field="--resume",
+                            fix="drop --resume to start a new run, or point --output-dir at an earlier run")
+        if (run_dir / "summary.json").exists():
+            raise UserError(f"the run in '{run_dir}' already finished", field="--resume",
+                            fix="start a new run with another --output-dir")
+        saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+        changes = _diff(saved, resolved)
+        if changes:
+            raise UserError("the recipe differs from the one the run started with: " + "; ".join(changes[:5]),
+                            field="--resume", fix="resume with the same recipe and --set values")
+        return
+    new_run_dir(run_dir, resolved, overwrite)
+
+
+def _changed_stages(saved: dict, current: dict) -> list[str]:
+    """Names of the stages whose recipe differs (and '(pipeline)' when the top-level keys differ)."""
+    out = []
+    top = {k: v for k, v in saved.items() if k != "stages"} != {k: v for k, v in current.items() if k != "stages"}
+    if top:
+        out.append("(pipeline)")
+    old = {s.get("name"): s for s in saved.get("stages", [])}
+    for s in current.get("stages", []):
+        if old.get(s.get("name")) != s:
+            out.append(s.get("name"))
+    if [s.get("name") for s in saved.get("stages", [])] != [s.get("name") for s in current.get("stages", [])]:
+        out.append("(the list of stages)")
+    return out
+
+
+def prepare_pipeline_dir(pipeline: Pipeline, top: Path, *, resume: bool, overwrite: bool,
+                         start_from: str | None) -> None:
+    recipe_file = top / "recipe.yaml"
+    if resume or start_from:
+        if overwrite:
+            raise UserError("--overwrite contradicts --resume/--from", field="--overwrite",
+                            fix="use --resume or --from to continue the pipeline, or --overwrite to start it again")
+        if not recipe_file.is_file():
+            raise UserError(f"there is no pipeline to continue in '{top}'", field="--from" if start_from else "--resume",
+                            fix="drop --resume/--from to start a new run, or point --output-dir at an earlier run")
+        saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+        changed = _changed_stages(saved, pipeline.data)
+        if start_from:
+            first = pipeline.stage(start_from).index
+            earlier = {s.name for s in pipeline.stages[:first]}
+            bad = [c for c in changed if c in earlier or c.startswith("(")]
+            if bad:
+                raise UserError(f"--from {start_from} keeps the earlier stages' outputs, but the recipe changed "
+                                f"for: {', '.join(bad)}", field="--from",
+                                fix="change only the stages from the one you restart at, or start a new run")
+            for stage in pipeline.stages[first:]:
+                shutil.rmtree(top / stage.dir_name, ignore_errors=True)
+            (top / "summary.json").unlink(missing_ok=True)
+        else:
+            if (top / "summary.json").exists():
+                raise UserError(f"the pipeline in '{top}' already finished", field="--resume",
+                                fix="start a new run with another --output-dir, or restart a stage with --from NAME")
+            if changed:
+                raise UserError(f"the recipe differs from the one the pipeline started with (stages: "
+                                f"{', '.join(changed)})", field="--resume",
+                                fix="resume with the same recipe, or restart from the first changed stage with "
+                                    "--from NAME")
+        recipe_file.write_text(yaml.safe_dump(pipeline.data, sort_keys=False), encoding="utf-8")
+        return
+    new_run_dir(top, pipeline.data, overwrite)
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *, removals: list[str] = (),
+        resume: bool = False, overwrite: bool = False, start_from: str | None = None) -> tuple[Path, dict]:
+    """Load, validate and run a recipe; returns the run directory and its summary."""
+    pipeline = load(recipe_path, overrides, removals)
+    return run_pipeline(pipeline, output_dir, resume=resume, overwrite=overwrite, start_from=start_from)
+
+
+def _run_stage(plan: Plan, run_dir: Path, resume: bool) -> StageResult:
+    """One stage's run in its prepared directory. A new run that fails on user input before its first
+    checkpoint leaves nothing worth keeping: its directory is removed, so the corrected command runs as it
+    is. A run that diverged (non-finite loss) keeps it: its metrics show how it got there."""
+    try:
+        return plan.stage.run(plan, run_dir, resume)
+    except UserError as error:
+        if not resume and process.is_main() and not any(run_dir.glob("checkpoint-*")) and not error.keep_run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _stage_summary(stage: PipelineStage, stage_dir: Path, summary: dict, output: Path, seconds: float | None) -> dict:
+    return {
+        "name": stage.name, "stage": stage.recipe.stage, "dir": stage.dir_name, "output": str(output),
+        "global_step": summary.get("global_step"), "seconds": seconds,
+        "before": summary.get("before"), "after": summary.get("after"),
+        **({"data_transforms": summary["data_transforms"]} if summary.get("data_transforms") else {}),
+        **{k: summary[k] for k in stage.stage.pipeline_keys if k in summary},
+    }
+
+
+def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = False, overwrite: bool = False,
+                 start_from: str | None = None) -> tuple[Path, dict]:
+    """Run the stages in order; a pipeline's finished stages (summary and output present) are skipped."""
+    main = process.is_main()
+    top = Path(output_dir or pipeline.output_dir or Path("runs") / pipeline.name)
+    stage_refs.clear()
+    if pipeline.single:
+        if start_from:
+            raise UserError("--from restarts a pipeline at a stage, and this recipe has no stages", field="--from",
+                            fix="use --resume to continue a one-stage run")
+        plan = pipeline.stages[0].plan
+        if main:  # the other ranks of a distributed launch leave the run directory to rank 0
+            prepare_run_dir(plan, top, resume=resume, overwrite=overwrite)
+        result = _run_stage(plan, top, resume)
+        process.close_process_group()
+        return top, result.summary
+    if main:
+        prepare_pipeline_dir(pipeline, top, resume=resume, overwrite=overwrite, start_from=start_from)
+    stages_summary = []
+    started = time.time()
+    for stage in pipeline.stages:
+        kind, plan, stage_dir = stage.stage, stage.plan, top / stage.dir_name
+        if kind.finished(stage_dir, stage.recipe):
+            print(f"posttrain: stage {stage.dir_name} finished earlier; its output is reused", flush=True)
+            summary = json.loads((stage_dir / "summary.json").read_text())
+            timing = json.loads((stage_dir / "timing.json").read_text()) if (stage_dir / "timing.json").exists() else {}
+            output = kind.output(stage_dir, stage.recipe)
+            stage_refs.publish(stage.name, output, kind.dataset(stage_dir))
+            stages_summary.append(_stage_summary(stage, stage_dir, summary, output, timing.get("seconds")))
+            continue
+        print(f"posttrain: stage {stage.dir_name} ({stage.recipe.stage})", flush=True)
+        continuing = (stage_dir / "recipe.yaml").is_file() and not (stage_dir / "summary.json").exists()
+        t0 = time.time()
+        if (stage_dir / "summary.json").exists():  # trained, but stopped before its merged output was written
+            result = StageResult(json.loads((stage_dir / "summary.json").read_text()), model=None)
+        else:
+            if main:
+                prepare_run_dir(plan, stage_dir, resume=continuing, overwrite=False)
+            try:
+                result = _run_stage(plan, stage_dir, continuing)
+            except UserError as e:
+                raise _prefixed(e, f"stages[{stage.index}]") from None
+        if main and stage.recipe.model.lora is not None and kind.trains:
+            from .trainers.merge import export_merged
+
+            export_merged(plan, stage_dir, pipeline.merged_dtype)
+        process.barrier()  # under a distributed launch, the other ranks wait for rank 0's merged output
+        seconds = round(time.time() - t0, 1)
+        if main:
+            (stage_dir / "timing.json").write_text(json.dumps({"seconds": seconds}))
+        output = result.model or kind.output(stage_dir, stage.recipe)
+        stage_refs.publish(stage.name, output, result.dataset or kind.dataset(stage_dir))
+        stages_summary.append(_stage_summary(stage, stage_dir, result.summary, output, seconds))
+    summary = {"pipeline": pipeline.name, "stages": stages_summary,
+               "seconds_this_session": round(time.time() - started, 1)}
+    if main:
+        (top / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    process.close_process_group()
+    return top, summary
+
+
+__all__ = ["Pipeline", "PipelineStage", "STAGES", "is_pipeline", "load", "load_recipe", "parse", "recipe_from_data",
+           "run", "run_pipeline", "validate_pipeline"]
