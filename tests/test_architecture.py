@@ -21,8 +21,7 @@ LAYERS = [
      "builtin.instructions", "builtin.reasoning_gym", "builtin.safety", "data", "models", "classifier", "reference",
      "rewards", "sampling", "worker", "verifier", "validate", "pairs", "seams"},
     # 2: the trainers (torch, TRL), imported only when a stage runs
-    {"trainers", "trainers.loop", "trainers.sft", "trainers.reward_model", "trainers.preference", "trainers.online",
-     "trainers.iterative", "trainers.rejection_sampling", "trainers.rollouts", "trainers.merge"},
+    {"trainers"} | {f"trainers.{p.stem}" for p in (CORE / "trainers").glob("*.py") if p.stem != "__init__"},
     # 3: the stages: one declaration per stage, each with its run
     {"stages"} | {f"stages.{p.stem}" for p in (CORE / "stages").glob("*.py") if p.stem != "__init__"},
     # 4: the runner and what reads whole recipes or run directories
