@@ -13,10 +13,10 @@ the last token). Batches are right-padded and run without gradients.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .errors import UserError
+from .process import local_rank
 from .types import completion_text
 
 
@@ -79,7 +79,7 @@ class SequenceClassifier:
         import torch
 
         cuda = torch.cuda.is_available()
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+        device = torch.device(f"cuda:{local_rank()}") if cuda else torch.device("cpu")
         dtype = self.dtype
         if dtype == "auto":
             dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .process import world_size
 from .validate import deepspeed_config
 
 GiB = 2 ** 30
@@ -779,7 +780,7 @@ def _lora_targets(targets, shape: ModelShape, notes: list[str]) -> tuple:
 
 def processes_default() -> int:
     try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+        return max(1, world_size())
     except ValueError:
         return 1
 

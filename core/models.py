@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .process import local_rank
 from .stage_refs import is_ref, model_path
 
 BUILTIN_MODELS = {
@@ -211,7 +212,7 @@ def load_model(recipe, path: str, precision: Precision, *, reward_head: bool = F
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         if torch.cuda.is_available():
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+            kwargs["device_map"] = {"": local_rank()}
     try:
         if reward_head:
             from .seams import suppress_new_head_warning

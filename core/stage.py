@@ -65,9 +65,9 @@ COMMON_RENAMED = {
     "evaluation_strategy": "use eval_strategy",
 }
 
-# The hooks every training stage calls while it is validated and built.
-GENERAL = ("posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
-           "posttrain_transform_dataset")
+# The hooks every training stage calls while it is validated and built (the stages with a reference model
+# also call posttrain_reference_needed).
+GENERAL = ("posttrain_trl_config", "posttrain_callbacks", "posttrain_required_columns", "posttrain_transform_dataset")
 
 
 @dataclass

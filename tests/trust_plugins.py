@@ -61,3 +61,12 @@ class Hinge(Plugin):
 
         margin = logps.chosen_logratios - logps.rejected_logratios
         return PreferenceLoss(torch.relu(self.options.margin - margin), margin.detach(), 0 * margin.detach())
+
+
+class KeepAll(Plugin):
+    name = "keep_all"
+    description = "a token mask that keeps every token (to see that a stage calls posttrain_token_mask)"
+
+    @hookimpl
+    def posttrain_token_mask(self, completion_mask):
+        return completion_mask.bool()

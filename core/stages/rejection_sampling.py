@@ -26,8 +26,7 @@ class RejectionSamplingStage(Stage):
     trainer = "none (sampling and scoring only)"
     config = None
     layouts = (("prompt",),)
-    hooks = ("posttrain_reference_needed", "posttrain_required_columns", "posttrain_transform_dataset",
-             "posttrain_sample", "posttrain_reward")
+    hooks = ("posttrain_required_columns", "posttrain_transform_dataset", "posttrain_sample", "posttrain_reward")
     required_hooks = ("posttrain_reward",)
     pipeline_keys = ("kept", "best_rewards")
 
