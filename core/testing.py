@@ -84,12 +84,19 @@ def make_logps(batch: int = 4, length: int = 6, *, seed: int = 0, reference: boo
         return tokens, mask
 
     (ct, cm), (rt, rm) = block(), block()
+
+    def ref_of(tokens, mask):  # the reference's per-token log-probs: the policy's, moved a little
+        noise = torch.randn(tokens.shape, generator=g, dtype=torch.float64) * 0.3
+        return ((tokens.detach() + noise).clamp(max=-1e-3)) * mask if reference else None
+
+    rct, rrt = ref_of(ct, cm), ref_of(rt, rm)
     lp = PreferenceLogps(
         chosen_logps=ct.sum(1), rejected_logps=rt.sum(1),
-        ref_chosen_logps=(ct.detach().sum(1) + torch.randn(batch, generator=g, dtype=torch.float64)) if reference else None,
-        ref_rejected_logps=(rt.detach().sum(1) + torch.randn(batch, generator=g, dtype=torch.float64)) if reference else None,
+        ref_chosen_logps=rct.sum(1) if reference else None,
+        ref_rejected_logps=rrt.sum(1) if reference else None,
         chosen_lengths=cm.sum(1), rejected_lengths=rm.sum(1),
-        chosen_token_logps=ct, rejected_token_logps=rt, chosen_mask=cm, rejected_mask=rm)
+        chosen_token_logps=ct, rejected_token_logps=rt, chosen_mask=cm, rejected_mask=rm,
+        ref_chosen_token_logps=rct, ref_rejected_token_logps=rrt)
     if gold:
         gt, gm = block()
         lp.gold_token_logps, lp.gold_mask, lp.gold_logps, lp.gold_lengths = gt, gm, gt.sum(1), gm.sum(1)

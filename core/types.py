@@ -25,6 +25,11 @@ class PreferenceLogps:
     chosen_mask: Any  # (B, T) 1 where a response token is in the loss
     rejected_mask: Any  # (B, T)
     training: bool = True
+    # The reference's per-token log-probs (B, T), 0 outside the masks: present when the reference runs with
+    # the batch (None without a reference, and with precompute_ref_log_probs, which keeps only the sums).
+    # They sum to ref_chosen_logps / ref_rejected_logps. Token-level losses (TDPO, LD-DPO) read them.
+    ref_chosen_token_logps: Any | None = None
+    ref_rejected_token_logps: Any | None = None
     # The gold ("reference" column) response, when a plugin requires that column; else None.
     gold_logps: Any | None = None  # (B,)
     gold_lengths: Any | None = None  # (B,)

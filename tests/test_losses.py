@@ -303,3 +303,54 @@ def test_masked_tokens_do_not_affect_the_gradient(write_recipe, tmp_path):
     plain.model.train()
     plain.compute_loss(plain.model, dict(batch)).backward()
     assert (captured["plain"].grad[masked] != 0).all()
+
+
+class _KeepLogps:
+    """A DPO loss that keeps the PreferenceLogps it was given (to look at what a loss plugin receives)."""
+
+    seen = []
+
+    def __init__(self):
+        from posttrain.plugins.dpo import DPO
+
+        self.dpo = DPO()
+
+    def __call__(self, logps):
+        _KeepLogps.seen.append(logps)
+        return self.dpo.posttrain_preference_loss(logps)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_loss_plugin_gets_the_references_per_token_log_probs(write_recipe, tmp_path, lora):
+    """PreferenceLogps carries the reference's per-token log-probs: they sum to the sequence values and equal
+    the reference's own log-probs computed from its logits (the adapter-disabled policy, or the frozen copy)."""
+    from conftest import device_batch
+    from posttrain.runner import load_recipe
+    from posttrain.trainers.preference import build_trainer
+    from posttrain.validate import validate
+
+    model = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "dtype": "float32"} if lora else \
+        {"lora": None, "dtype": "float32"}
+    trainer, _ = build_trainer(validate(load_recipe(write_recipe(model=model))), tmp_path)
+    keep = _KeepLogps()
+    trainer.preference_loss = keep
+    batch = device_batch(trainer, 3)
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    lp = _KeepLogps.seen[-1]
+    assert lp.ref_chosen_token_logps.shape == lp.chosen_token_logps.shape
+    assert torch.allclose(lp.ref_chosen_token_logps.sum(1), lp.ref_chosen_logps, atol=1e-5)
+    assert torch.allclose(lp.ref_rejected_token_logps.sum(1), lp.ref_rejected_logps, atol=1e-5)
+    assert ((lp.ref_chosen_token_logps != 0) <= lp.chosen_mask.bool()).all()
+    # by hand: the reference's logits -> log-softmax of the next token, on the chosen rows
+    ref = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    rows = batch["input_ids"].shape[0] // 2
+    ids, attention = batch["input_ids"][:rows], batch["attention_mask"][:rows]
+    mask = batch["completion_mask"][:rows, 1:]
+    import contextlib
+
+    context = trainer.model.disable_adapter() if lora else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        logits = ref(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+    by_hand = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask
+    assert torch.allclose(lp.ref_chosen_token_logps, by_hand, atol=1e-4)

@@ -57,6 +57,27 @@ class PreferenceTrainer(GuardedTrainer, DPOTrainer):
         if plugins.implementers("posttrain_update_reference"):
             self.add_callback(ReferenceUpdateCallback(self))
 
+    def compute_ref_log_probs(self, model, inputs):
+        """TRL's reference pass (the reference model, or the LoRA policy with its adapter disabled or its
+        ``ref`` adapter), its per-token log-probs kept in ``self._ref_token_logps`` as well as the sums TRL
+        returns."""
+        captured = {}
+
+        class Keep:  # TRL calls the model once; keep what it returns
+            def __call__(self, *args, **kwargs):
+                out = model(*args, **kwargs)
+                captured["log_probs"] = out.log_probs
+                return out
+
+            def __getattr__(self, name):
+                return getattr(model, name)
+
+        chosen, rejected = super().compute_ref_log_probs(Keep(), inputs)
+        shift_mask = inputs["completion_mask"][..., 1:]
+        tokens = captured["log_probs"][:, -shift_mask.size(1):] * shift_mask
+        self._ref_token_logps = tokens.chunk(2, dim=0)
+        return chosen, rejected
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if self.uses_gold and "prompt" not in next(iter(dataset)):
             raise UserError(f"the gold '{GOLD_COLUMN}' responses need an explicit 'prompt' column",
@@ -120,12 +141,14 @@ class PreferenceTrainer(GuardedTrainer, DPOTrainer):
         token_blocks, mask_blocks = per_token_logps.chunk(blocks, dim=0), shift_mask.chunk(blocks, dim=0)
 
         ref_chosen = ref_rejected = None
+        ref_tokens = (None, None)
         if self.uses_reference:
             if self.precompute_ref_logps:
                 ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
             else:
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(
                     self.ref_model if self.ref_model is not None else model, self._pair_rows(inputs))
+                ref_tokens = self._ref_token_logps
 
         logps = PreferenceLogps(
             chosen_logps=token_blocks[0].sum(dim=1), rejected_logps=token_blocks[1].sum(dim=1),
@@ -133,6 +156,7 @@ class PreferenceTrainer(GuardedTrainer, DPOTrainer):
             chosen_lengths=mask_blocks[0].sum(dim=1), rejected_lengths=mask_blocks[1].sum(dim=1),
             chosen_token_logps=token_blocks[0], rejected_token_logps=token_blocks[1],
             chosen_mask=mask_blocks[0], rejected_mask=mask_blocks[1], training=mode == "train",
+            ref_chosen_token_logps=ref_tokens[0], ref_rejected_token_logps=ref_tokens[1],
         )
         if self.uses_gold:
             logps.gold_token_logps, logps.gold_mask = token_blocks[2], mask_blocks[2]
