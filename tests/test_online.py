@@ -348,12 +348,12 @@ def test_online_data_needs_a_prompt_column(cli, online_recipe, tmp_path):
 
 
 def test_trl_refusal_is_a_user_error_before_the_model_loads(cli, online_recipe, tmp_path, monkeypatch):
-    import posttrain.trainers.online
+    import posttrain.models
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr(posttrain.trainers.online, "load_model", no_model)
+    monkeypatch.setattr(posttrain.models, "load_model", no_model)
     recipe = online_recipe(training={"generation_batch_size": 12, "steps_per_generation": 2})
     code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
     assert code == 2 and "TRL refuses these settings" in err

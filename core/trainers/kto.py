@@ -9,11 +9,11 @@ from trl import KTOConfig, KTOTrainer
 
 from ..data import as_bool
 from ..errors import UserError
-from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
+from ..models import load_frozen_model, resolve_model_path
 from ..registry import PluginSet
 from ..seams import reference_builder
 from ..validate import Plan
-from .loop import GuardedTrainer, build_config, finish_trainer, load_data, trainer_callbacks
+from .loop import GuardedTrainer, finish_trainer, trainer_parts
 
 HELDOUT_KEYS = {"loss": "loss", "rewards/chosen": "desirable_reward", "rewards/rejected": "undesirable_reward",
                 "rewards/margins": "reward_margin", "kl": "kl"}
@@ -60,16 +60,10 @@ def summary_extras(trainer) -> dict:
 
 def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
-    train, heldout = load_data(plan)
-    train, held_examples = unpaired(train, recipe.seed), unpaired(heldout, recipe.seed)
-    precision = run_precision(recipe)
-    config = build_config(KTOConfig, plan, run_dir, precision)
-    path = resolve_model_path(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path, precision)
+    p = trainer_parts(plan, run_dir, KTOConfig)
     reference = resolve_model_path(recipe.model.reference or recipe.model.name_or_path)
-    trainer = KTOStageTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_examples,
-                              processing_class=tokenizer, peft_config=peft_config,
-                              reference=lambda: load_frozen_model(recipe, reference, precision),
-                              callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins)
-    return finish_trainer(trainer, precision), heldout  # the held-out prompts once each, for the greedy answers
+    trainer = KTOStageTrainer(model=p.model, args=p.config, train_dataset=unpaired(p.train, recipe.seed),
+                              eval_dataset=unpaired(p.heldout, recipe.seed), processing_class=p.tokenizer,
+                              peft_config=p.peft_config, reference=lambda: load_frozen_model(recipe, reference, p.precision),
+                              callbacks=p.callbacks, plugins=plan.plugins)
+    return finish_trainer(trainer, p.precision), p.heldout  # the held-out prompts once each, for the greedy answers

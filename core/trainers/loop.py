@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -268,6 +270,37 @@ def load_data(plan: Plan):
         raise UserError("the held-out data is empty", field="data.eval",
                         fix="use a larger data.eval.fraction, another data.eval source/split, or fraction: 0 for none")
     return train, heldout
+
+
+@dataclass
+class Parts:
+    """What a stage's trainer is built from."""
+
+    train: Any  # the training split, loaded, checked and transformed by the plugins
+    heldout: Any  # the held-out split, or None
+    precision: Precision
+    config: Any  # the TRL config
+    path: str  # the starting model's folder (or hub id)
+    tokenizer: Any
+    model: Any  # the policy (or the reward model), float32 masters, 4/8-bit base when asked
+    peft_config: Any  # the LoRA config TRL applies, or None
+    callbacks: list  # posttrain's metric writer and the plugins' callbacks
+
+
+def trainer_parts(plan: Plan, run_dir: Path, config_cls=None, *, config=None, reward_head: bool = False) -> Parts:
+    """The data, precision, TRL config (``config_cls`` built from the plan, or a ready ``config(precision)``),
+    tokenizer, model and callbacks every trainer starts from."""
+    from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
+
+    recipe = plan.recipe
+    train, heldout = load_data(plan)
+    precision = run_precision(recipe)
+    trl_config = config(precision) if config is not None else build_config(config_cls, plan, run_dir, precision)
+    path = resolve_model_path(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(recipe, path)
+    model, peft_config = load_model(recipe, path, precision, reward_head=reward_head)
+    return Parts(train, heldout, precision, trl_config, path, tokenizer, model, peft_config,
+                 trainer_callbacks(plan, run_dir))
 
 
 def trainer_callbacks(plan: Plan, run_dir: Path) -> list:

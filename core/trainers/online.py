@@ -30,14 +30,13 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..errors import UserError
-from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
+from ..models import load_frozen_model, resolve_model_path
 from ..registry import PluginSet, contract_error
 from ..seams import grpo_logger_name, reference_builder
 from ..rewards import RewardSource, source_weight
 from ..types import Advantages, Rollouts
 from ..validate import Plan
-from .loop import (GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, load_data,
-                   trainer_callbacks)
+from .loop import GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, trainer_parts
 
 
 class _NoAbstentionWarning(logging.Filter):
@@ -370,21 +369,15 @@ def summary_extras(trainer) -> dict:
 
 def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
-    train, heldout = load_data(plan)
-    precision = run_precision(recipe)
-    config = online_config(plan, run_dir, precision)
-    path = resolve_model_path(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path, precision)
-    trainer = OnlineTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-                            peft_config=peft_config,
-                            reference=lambda: load_frozen_model(
-                                recipe, resolve_model_path(recipe.model.reference or recipe.model.name_or_path),
-                                precision),
-                            callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
-    trainer = finish_trainer(trainer, precision)
+    p = trainer_parts(plan, run_dir, config=lambda precision: online_config(plan, run_dir, precision))
+    reference = resolve_model_path(recipe.model.reference or recipe.model.name_or_path)
+    trainer = OnlineTrainer(model=p.model, args=p.config, train_dataset=p.train, processing_class=p.tokenizer,
+                            peft_config=p.peft_config,
+                            reference=lambda: load_frozen_model(recipe, reference, p.precision),
+                            callbacks=p.callbacks, plugins=plan.plugins, stage=STAGE)
+    trainer = finish_trainer(trainer, p.precision)
     trainer.setup_critic()
-    return trainer, heldout
+    return trainer, p.heldout
 
 
 def online_config(plan: Plan, run_dir: Path, precision):

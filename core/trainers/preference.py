@@ -18,13 +18,12 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from ..errors import UserError
-from ..models import load_frozen_model, load_model, load_tokenizer, resolve_model_path, run_precision
+from ..models import load_frozen_model, resolve_model_path
 from ..registry import PluginSet, contract_error, required_columns
 from ..seams import reference_builder, tokenize, triple_preference_collator
 from ..types import PreferenceLogps
 from ..validate import Plan
-from .loop import (GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, load_data,
-                   trainer_callbacks)
+from .loop import GuardedTrainer, ReferenceUpdateCallback, finish_trainer, trainer_parts
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it
@@ -269,18 +268,13 @@ def summary_extras(trainer) -> dict:
 
 def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
-    train, heldout = load_data(plan)
-    precision = run_precision(recipe)
-    config = build_config(DPOConfig, plan, run_dir, precision)
-    path = resolve_model_path(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path, precision)
-    extra = {"reference": lambda: load_frozen_model(recipe, path, precision)}
+    p = trainer_parts(plan, run_dir, DPOConfig)
+    extra = {"reference": lambda: load_frozen_model(recipe, p.path, p.precision)}
     if recipe.model.reference is not None and plan.plugins.reference_needed(STAGE):
         # another model as the reference: given to TRL as ref_model (with LoRA too, where it replaces the
         # adapter-disabled base)
-        extra = {"ref_model": load_frozen_model(recipe, resolve_model_path(recipe.model.reference), precision)}
-    trainer = PreferenceTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
-                                processing_class=tokenizer, peft_config=peft_config, **extra,
-                                callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins, stage=STAGE)
-    return finish_trainer(trainer, precision), heldout
+        extra = {"ref_model": load_frozen_model(recipe, resolve_model_path(recipe.model.reference), p.precision)}
+    trainer = PreferenceTrainer(model=p.model, args=p.config, train_dataset=p.train, eval_dataset=p.heldout,
+                                processing_class=p.tokenizer, peft_config=p.peft_config, **extra,
+                                callbacks=p.callbacks, plugins=plan.plugins, stage=STAGE)
+    return finish_trainer(trainer, p.precision), p.heldout

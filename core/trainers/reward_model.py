@@ -24,10 +24,9 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from ..classifier import STATS_FILE
-from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
 from ..registry import PluginSet
 from ..validate import Plan
-from .loop import GuardedTrainer, build_config, finish_trainer, load_data, trainer_callbacks
+from .loop import GuardedTrainer, finish_trainer, trainer_parts
 
 STAGE = "reward_model"
 HELDOUT_KEYS = {"accuracy": "pairwise_accuracy", "margin": "reward_margin", "loss": "loss",
@@ -88,15 +87,9 @@ def summary_extras(trainer) -> dict:
 
 
 def build_trainer(plan: Plan, run_dir: Path):
-    recipe = plan.recipe
-    train, heldout = load_data(plan)
-    precision = run_precision(recipe)
-    config = build_config(RewardConfig, plan, run_dir, precision)
-    path = resolve_model_path(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path, precision, reward_head=True)
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-padding token
-    trainer = RewardModelTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
-                                 processing_class=tokenizer, peft_config=peft_config,
-                                 callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins)
-    return finish_trainer(trainer, precision), heldout
+    p = trainer_parts(plan, run_dir, RewardConfig, reward_head=True)
+    p.model.config.pad_token_id = p.tokenizer.pad_token_id  # the head reads the last non-padding token
+    trainer = RewardModelTrainer(model=p.model, args=p.config, train_dataset=p.train, eval_dataset=p.heldout,
+                                 processing_class=p.tokenizer, peft_config=p.peft_config, callbacks=p.callbacks,
+                                 plugins=plan.plugins)
+    return finish_trainer(trainer, p.precision), p.heldout

@@ -26,10 +26,9 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
-from ..models import load_model, load_tokenizer, resolve_model_path, run_precision
 from ..registry import PluginSet, contract_error
 from ..validate import Plan
-from .loop import GuardedTrainer, build_config, finish_trainer, load_data, trainer_callbacks
+from .loop import GuardedTrainer, finish_trainer, trainer_parts
 
 STAGE = "sft"
 
@@ -101,16 +100,10 @@ def _as_prompt_completion(plan: Plan, dataset):
 
 
 def build_trainer(plan: Plan, run_dir: Path):
-    recipe = plan.recipe
-    train, heldout = load_data(plan)
-    train, heldout = _as_prompt_completion(plan, train), _as_prompt_completion(plan, heldout)
-    precision = run_precision(recipe)
-    config = build_config(SFTConfig, plan, run_dir, precision)
-    path = resolve_model_path(recipe.model.name_or_path)
-    tokenizer = load_tokenizer(recipe, path)
-    model, peft_config = load_model(recipe, path, precision)
-    trainer = SFTStageTrainer(model=model, args=config, train_dataset=train, eval_dataset=heldout,
-                              processing_class=tokenizer, peft_config=peft_config,
-                              callbacks=trainer_callbacks(plan, run_dir), plugins=plan.plugins)
-    return finish_trainer(trainer, precision), heldout
+    p = trainer_parts(plan, run_dir, SFTConfig)
+    train, heldout = _as_prompt_completion(plan, p.train), _as_prompt_completion(plan, p.heldout)
+    trainer = SFTStageTrainer(model=p.model, args=p.config, train_dataset=train, eval_dataset=heldout,
+                              processing_class=p.tokenizer, peft_config=p.peft_config, callbacks=p.callbacks,
+                              plugins=plan.plugins)
+    return finish_trainer(trainer, p.precision), heldout
 
