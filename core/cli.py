@@ -249,16 +249,41 @@ def _quiet_third_party_noise() -> None:
 
 
 def _cmd_run(args) -> int:
-    from .process import is_main
+    """Exit 0 when the run finished; PREEMPTED_EXIT (75) when a signal stopped it after saving (the
+    command to continue is printed); 2 for a user error; 1 for a bug of ours."""
+    from .process import PREEMPTED_EXIT, Preempted, is_main, stop_handlers
     from .runner import run
 
     _quiet_third_party_noise()
-
-    run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, removals=args.unset,
-                           resume=args.resume, overwrite=args.overwrite, start_from=args.start_from)
+    try:
+        with stop_handlers():
+            run_dir, summary = run(resolve_recipe(args.recipe), args.set, args.output_dir, removals=args.unset,
+                                   resume=args.resume, overwrite=args.overwrite, start_from=args.start_from)
+    except Preempted as stop:
+        if is_main():
+            print(f"posttrain: stopped on {stop.signal_name}: {stop.stage} stage, after step {stop.step}, "
+                  f"checkpoint saved in {stop.checkpoint}\n  continue with: {_continue_command(args, stop)}",
+                  file=sys.stderr)
+        return PREEMPTED_EXIT
     if is_main():
         _print_summary(run_dir, summary)
     return 0
+
+
+def _continue_command(args, stop) -> str:
+    """The command that continues a stopped run: the same recipe and overrides, its folder, --resume."""
+    import shlex
+
+    from .process import world_size
+
+    top = getattr(stop, "top", None) or stop.run_dir
+    words = ["posttrain", "run", args.recipe, "--output-dir", str(top), "--resume"]
+    for item in args.set:
+        words += ["--set", item]
+    for item in args.unset:
+        words += ["--unset", item]
+    command = " ".join(shlex.quote(w) for w in words)
+    return command + ("  (under the same launcher, with the same number of processes)" if world_size() > 1 else "")
 
 
 def _cmd_compare(args) -> int:

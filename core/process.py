@@ -8,7 +8,11 @@ before any trainer exists, so that it counts the launcher's processes whatever t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import sys
+import threading
 
 
 def rank() -> int:
@@ -57,3 +61,79 @@ def close_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# -- stopping cleanly: preemption (SIGTERM) and Ctrl-C (SIGINT) ---------------------------------------
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after saving; `--resume` continues (a scheduler may requeue)
+_stop: dict = {"signal": None}
+
+
+@contextlib.contextmanager
+def stop_handlers():
+    """While a run runs: the first SIGTERM or SIGINT asks it to stop cleanly (the current optimizer step
+    finishes, a checkpoint is saved, the process exits with PREEMPTED_EXIT); a second one stops at once
+    (SIGTERM: the default action; SIGINT: KeyboardInterrupt). The previous handlers come back on exit.
+    Only the main thread can install handlers (elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    reset_stop()
+    for sig in previous:
+        signal.signal(sig, _on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _on_signal(signum, frame) -> None:
+    name = signal.Signals(signum).name
+    if _stop["signal"] is not None:  # the second one: at once
+        signal.signal(signum, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)
+        return
+    _stop["signal"] = name
+    sys.stderr.write(f"posttrain: {name} received (rank {rank()}): finishing the current step, saving a checkpoint, "
+                     f"then stopping; send it again to stop at once\n")
+    sys.stderr.flush()
+
+
+def stop_requested() -> str | None:
+    """The signal that asked this process to stop, or None."""
+    return _stop["signal"]
+
+
+def reset_stop() -> None:
+    _stop["signal"] = None
+
+
+def stop_agreed(device=None) -> bool:
+    """Whether any process was asked to stop: every rank calls this at the same point (the end of each
+    optimizer step) and gets the same answer, so all of them stop after the same step."""
+    asked = stop_requested() is not None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return asked
+    import torch
+
+    flag = torch.tensor([1.0 if asked else 0.0], device=device if device is not None else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and not asked:
+        _stop["signal"] = "another process's signal"
+    return bool(flag.item())
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving a checkpoint (not an error: ``--resume`` continues it)."""
+
+    def __init__(self, stage: str, step: int, checkpoint, run_dir, signal_name: str):
+        self.stage, self.step, self.checkpoint, self.run_dir, self.signal_name = (stage, step, checkpoint, run_dir,
+                                                                                   signal_name)
+        super().__init__(f"stopped on {signal_name} in the {stage} stage after step {step}; checkpoint "
+                         f"{checkpoint}")

@@ -255,7 +255,12 @@ def new_run_dir(run_dir: Path, recipe_data: dict, overwrite: bool) -> None:
             raise UserError(f"run directory '{run_dir}' already exists", field="--output-dir",
                             fix="choose another --output-dir, continue it with --resume, or replace it with --overwrite")
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder '{run_dir}': {type(e).__name__}: {e}", field="--output-dir",
+                        fix="choose a folder you can write to, with free space") from None
+    writable(run_dir)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe_data, sort_keys=False), encoding="utf-8")
 
 
@@ -280,8 +285,21 @@ def prepare_run_dir(plan: Plan, run_dir: Path, *, resume: bool, overwrite: bool)
         if changes:
             raise UserError("the recipe differs from the one the run started with: " + "; ".join(changes[:5]),
                             field="--resume", fix="resume with the same recipe and --set values")
+        writable(run_dir)
+        (run_dir / "preempted.json").unlink(missing_ok=True)
         return
     new_run_dir(run_dir, resolved, overwrite)
+
+
+def writable(run_dir: Path) -> None:
+    """Refuse, before any model loads, a run folder that cannot be written."""
+    probe = run_dir / ".posttrain-write-test"
+    try:
+        probe.write_text("ok", encoding="utf-8")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write into '{run_dir}': {type(e).__name__}: {e}", field="--output-dir",
+                        fix="choose a folder you can write to, with free space") from None
 
 
 def _changed_stages(saved: dict, current: dict) -> list[str]:
@@ -332,6 +350,7 @@ def prepare_pipeline_dir(pipeline: Pipeline, top: Path, *, resume: bool, overwri
                                 fix="resume with the same recipe, or restart from the first changed stage with "
                                     "--from NAME")
         recipe_file.write_text(yaml.safe_dump(pipeline.data, sort_keys=False), encoding="utf-8")
+        (top / "preempted.json").unlink(missing_ok=True)
         return
     new_run_dir(top, pipeline.data, overwrite)
 
@@ -341,9 +360,22 @@ def prepare_pipeline_dir(pipeline: Pipeline, top: Path, *, resume: bool, overwri
 
 def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *, removals: list[str] = (),
         resume: bool = False, overwrite: bool = False, start_from: str | None = None) -> tuple[Path, dict]:
-    """Load, validate and run a recipe; returns the run directory and its summary."""
+    """Load, validate and run a recipe; returns the run directory and its summary. A run stopped by a signal
+    raises :class:`posttrain.process.Preempted` after its checkpoint is saved, and leaves ``preempted.json``
+    in the run directory (and the pipeline's)."""
     pipeline = load(recipe_path, overrides, removals)
-    return run_pipeline(pipeline, output_dir, resume=resume, overwrite=overwrite, start_from=start_from)
+    top = Path(output_dir or pipeline.output_dir or Path("runs") / pipeline.name)
+    try:
+        return run_pipeline(pipeline, output_dir, resume=resume, overwrite=overwrite, start_from=start_from)
+    except process.Preempted as stop:
+        stop.top = top
+        if process.is_main():
+            record = {"signal": stop.signal_name, "stage": stop.stage, "step": stop.step,
+                      "checkpoint": str(stop.checkpoint), "stage_dir": str(stop.run_dir),
+                      "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+            for folder in {Path(stop.run_dir), top}:
+                (folder / "preempted.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+        raise
 
 
 def _run_stage(plan: Plan, run_dir: Path, resume: bool) -> StageResult:

@@ -70,3 +70,68 @@ class KeepAll(Plugin):
     @hookimpl
     def posttrain_token_mask(self, completion_mask):
         return completion_mask.bool()
+
+
+class SignalAt(Plugin):
+    name = "signal_at"
+    description = "sends this process a real signal when an optimizer step ends (a preemption, a Ctrl-C)"
+
+    @dataclass
+    class Options:
+        step: int = 3
+        signal: str = "SIGTERM"
+        times: int = 1  # 2: a second signal right after the first
+        rank: int = -1  # -1: every process; else only this rank
+        once: str = ""  # a file: signal only if it does not exist yet, and create it (once over several runs)
+
+    @hookimpl
+    def posttrain_callbacks(self):
+        import os
+        import signal
+
+        from transformers import TrainerCallback
+
+        options = self.options
+
+        class Send(TrainerCallback):
+            started = None
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.started = state.global_step  # a run resumed from a checkpoint is not signalled again
+
+            def on_step_end(self, args, state, control, **kwargs):
+                rank = int(os.environ.get("RANK", "0"))
+                fresh = not self.started
+                if fresh and state.global_step == options.step and options.rank in (-1, rank):
+                    if options.once:
+                        if os.path.exists(options.once):
+                            return
+                        open(options.once, "w").close()
+                    for _ in range(options.times):
+                        os.kill(os.getpid(), getattr(signal, options.signal))
+
+        return [Send()]
+
+
+class BlockCheckpoint(Plugin):
+    name = "block_checkpoint"
+    description = "puts a file where the checkpoint of a given step will be written, so that saving it fails"
+
+    @dataclass
+    class Options:
+        step: int = 4
+
+    @hookimpl
+    def posttrain_callbacks(self):
+        from pathlib import Path
+
+        from transformers import TrainerCallback
+
+        options = self.options
+
+        class Block(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == options.step - 1:
+                    Path(args.output_dir, f"checkpoint-{options.step}").write_text("not a folder")
+
+        return [Block()]

@@ -44,7 +44,7 @@ from ..reference import REF_ADAPTER
 from ..sampling import derive_seed
 from ..validate import Plan
 from .loop import (MetricsWriter, answer_metrics, build_config, finish_trainer, greedy_answers, last_checkpoint,
-                   load_data, trainer_callbacks)
+                   load_data, raise_if_stopped, trainer_callbacks)
 from .preference import PreferenceTrainer
 from .rollouts import compute_autocast, read_jsonl, round_prompts, rows_of, sample_and_score, write_jsonl
 
@@ -121,7 +121,9 @@ class Rounds:
         model, peft_config = load_model(recipe, self.start_path, self.precision)
         if peft_config is not None:
             from peft import get_peft_model
+            from transformers import set_seed
 
+            set_seed(recipe.seed)  # the adapter's random initialisation, as TRL seeds it for the other stages
             model = get_peft_model(model, peft_config)  # one adapter, trained across the rounds
         self.model = model
         self.lora = peft_config is not None
@@ -297,6 +299,7 @@ def run(plan: Plan, run_dir: Path, resume: bool) -> dict:
                 callback.extra = {"round": r}
         checkpoint = last_checkpoint(round_dir)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        raise_if_stopped(trainer, STAGE, run_dir)
         plan.plugins.call("posttrain_update_reference", trainer=trainer, event="round", step=r)
         after = state.heldout_answers()
         info = {

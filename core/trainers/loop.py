@@ -141,9 +141,54 @@ class FiniteGuard:
                 "sources; then start again with --overwrite" + (f", or {resume}" if resume else ""))
 
 
+class SaveFailed(UserError):
+    """A checkpoint could not be written (a full disk, no permission); the run stops, its folder kept."""
+
+    keep_run_dir = True
+
+
 class GuardedTrainer:
     """Mixed into every posttrain trainer (before its TRL base class): stops at the first non-finite
-    loss or gradient norm, before the optimizer step, with a user error (exit 2)."""
+    loss or gradient norm, before the optimizer step, with a user error (exit 2); marks each checkpoint
+    complete once all of it is written (posttrain.checkpoints); turns a failed save into a user error
+    naming the folder and the free space."""
+
+    def _save_extra(self, folder: Path) -> None:
+        """What a trainer saves into a checkpoint besides TRL's files (the critic's state)."""
+
+    def _save_checkpoint(self, model, trial):
+        import shutil
+
+        from ..checkpoints import mark_complete, newest_complete
+        from ..process import barrier
+
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            self._save_extra(folder)
+            barrier()  # every rank's files are written (DeepSpeed saves a shard per rank)
+            if self.args.should_save:
+                mark_complete(folder, self.state.global_step)
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a write that failed half-way (a full disk) as a RuntimeError of its zip writer
+            if isinstance(e, RuntimeError) and not any(w in str(e) for w in ("inline_container", "PytorchStreamWriter",
+                                                                             "write", "No space")):
+                raise
+            try:
+                free = f"{shutil.disk_usage(folder.parent).free / 2 ** 20:.1f} MiB free there"
+            except OSError:
+                free = "the free space could not be read"
+            try:
+                previous = newest_complete(folder.parent, say=lambda _: None)
+            except UserError:
+                previous = None
+            kept = (f"the previous checkpoint, {previous.name}, is intact and --resume continues from it"
+                    if previous is not None and previous != folder else "no earlier checkpoint was complete")
+            raise SaveFailed(f"saving {folder} failed at step {self.state.global_step}: {type(e).__name__}: {e} "
+                             f"({free}); {kept}", field="--output-dir",
+                             fix="free space on that disk (or point --output-dir at a larger one, or raise "
+                                 "training.save_steps / set training.save_total_limit), then run again with "
+                                 "--resume") from None
 
     def _finite_guard(self) -> FiniteGuard:
         if getattr(self, "_posttrain_finite", None) is None:
@@ -318,6 +363,7 @@ def finish_trainer(trainer, precision: Precision):
     trainer.precision = precision
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(Progress)
+    trainer.add_callback(StopCallback(trainer))
     return trainer
 
 
@@ -392,9 +438,38 @@ class BeforeEvaluation(TrainerCallback):
             self.path.write_text(json.dumps(self.result, indent=2))
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+def last_checkpoint(run_dir: Path, say=print) -> Path | None:
+    """The newest complete checkpoint of a run folder (incomplete ones are skipped and said; see
+    posttrain.checkpoints)."""
+    from ..checkpoints import newest_complete
+
+    return newest_complete(Path(run_dir), say=say)
+
+
+class StopCallback(TrainerCallback):
+    """At the end of every optimizer step: when this process or another was asked to stop (SIGTERM,
+    SIGINT), save a checkpoint and end training there, on every rank at the same step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from ..process import stop_agreed
+
+        if stop_agreed(self.trainer.accelerator.device):
+            control.should_save = True
+            control.should_training_stop = True
+            self.trainer._posttrain_stopped = True
+
+
+def raise_if_stopped(trainer, stage: str, run_dir: Path) -> None:
+    """After trainer.train(): if it stopped on a signal, end the stage there (Preempted)."""
+    from ..process import Preempted, stop_requested
+
+    if getattr(trainer, "_posttrain_stopped", False):
+        step = trainer.state.global_step
+        folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+        raise Preempted(stage, step, folder, run_dir, stop_requested() or "a signal")
 
 
 def _trim_metrics(run_dir: Path, upto_step: int) -> None:
@@ -429,6 +504,7 @@ def run_training(stage, module, plan: Plan, run_dir: Path, resume: bool) -> dict
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    raise_if_stopped(trainer, stage.name, run_dir)
     train_seconds = time.time() - started
     final_dir = run_dir / "final"
     trainer.save_model(str(final_dir))

@@ -267,10 +267,9 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
                 self._metrics["train"][key].append(self.accelerator.gather(value.reshape(1).float()).mean().item())
         return loss
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_extra(self, folder: Path) -> None:
         if self.critic is not None and self.is_world_process_zero():
-            self.critic.save(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            self.critic.save(folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
