@@ -19,10 +19,17 @@ from .errors import UserError
 
 
 def recipes_dir() -> Path:
+    """The shipped recipes: the package ``posttrain.recipes`` (inside the installed package, or the
+    repository's recipes/ folder in a source checkout), or ``POSTTRAIN_RECIPES``."""
     env = os.environ.get("POSTTRAIN_RECIPES")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "recipes"
+    import importlib.util
+
+    spec = importlib.util.find_spec("posttrain.recipes")
+    if spec is None or not spec.submodule_search_locations:
+        return Path(__file__).resolve().parent.parent / "recipes"
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def resolve_recipe(arg: str) -> str:
@@ -163,9 +170,51 @@ def _cmd_stages(args) -> int:
     return 0
 
 
+def _shipped(name: str) -> Path:
+    path = recipes_dir() / f"{name}.yaml"
+    if not path.is_file():
+        from .errors import did_you_mean
+
+        names = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+        raise UserError(f"no shipped recipe is called '{name}'{did_you_mean(name, names)}", field="NAME",
+                        fix="`posttrain recipes` lists them")
+    return path
+
+
+def _cmd_init(args) -> int:
+    """Write a shipped recipe out to edit, with the files it names relative to itself (a DeepSpeed config)."""
+    import shutil
+
+    import yaml
+
+    source = _shipped(args.name)
+    target = Path(args.file or f"{args.name}.yaml")
+    if target.exists() and not args.overwrite:
+        raise UserError(f"'{target}' already exists", field="FILE", fix="give another file name, or --overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    copied = [target]
+    data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    for section in [data, *(data.get("stages") or [])]:
+        value = ((section or {}).get("training") or {}).get("deepspeed")
+        if isinstance(value, str) and not Path(value).is_absolute() and (source.parent / value).is_file():
+            destination = target.parent / value
+            if not destination.exists():
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source.parent / value, destination)
+                copied.append(destination)
+    for path in copied:
+        print(f"wrote {path}")
+    print(f"edit it, then: posttrain validate {target} && posttrain run {target}")
+    return 0
+
+
 def _cmd_recipes(args) -> int:
     import yaml
 
+    if args.show:
+        sys.stdout.write(_shipped(args.show).read_text(encoding="utf-8"))
+        return 0
     folder = recipes_dir()
     files = sorted(folder.glob("*.yaml"))
     if not files:
@@ -344,8 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_stages)
 
-    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p = sub.add_parser("recipes", help="list the shipped recipes (or print one with --show NAME)")
+    p.add_argument("--show", metavar="NAME", help="print the shipped recipe NAME")
     p.set_defaults(func=_cmd_recipes)
+
+    p = sub.add_parser("init", help="write a shipped recipe out to edit (and the files it names)")
+    p.add_argument("name", metavar="NAME", help="a shipped recipe (see `posttrain recipes`)")
+    p.add_argument("file", metavar="FILE", nargs="?", help="where to write it (default: NAME.yaml here)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_init)
     return parser
 
 

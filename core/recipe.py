@@ -263,7 +263,39 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+# Recipe keys that hold a file or folder path (in a one-stage recipe, and in each entry of `stages`).
+PATH_KEYS = (("training", "deepspeed"), ("data", "source"), ("data", "eval", "source"), ("model", "name_or_path"),
+             ("model", "reference"))
+
+
+def resolve_relative_paths(data: dict, folder: Path) -> dict:
+    """The recipe's own relative paths (a DeepSpeed config, a data file, a model folder) read against the
+    folder of the recipe file, when that is where the file is; others are left as written (relative to
+    where posttrain runs). A recipe and the files it names can then travel together."""
+    def fix(section: dict) -> None:
+        for keys in PATH_KEYS:
+            node = section
+            for key in keys[:-1]:
+                node = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                continue
+            value = node.get(keys[-1])
+            if not isinstance(value, str) or not value or value.startswith(("builtin:", "stages.", "/", "~")):
+                continue
+            candidate = folder / value
+            if candidate.exists():
+                node[keys[-1]] = str(candidate.resolve())
+
+    fix(data)
+    for stage in data.get("stages") or []:
+        if isinstance(stage, dict):
+            fix(stage)
+    return data
+
+
 def load_recipe_data(path: str | Path, overrides: list[str] = (), removals: list[str] = ()) -> dict:
+    """A recipe file as data: safe YAML, its relative paths read against its folder, then ``--set`` and
+    ``--unset`` (whose paths stay relative to where posttrain runs)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe file '{path}' does not exist", field="recipe",
@@ -273,7 +305,7 @@ def load_recipe_data(path: str | Path, overrides: list[str] = (), removals: list
         data = {}
     if not isinstance(data, dict):
         raise UserError("a recipe must be a YAML mapping", field=str(path), fix="start the file with `model:`/`data:` keys")
-    data = copy.deepcopy(data)
+    data = resolve_relative_paths(copy.deepcopy(data), path.resolve().parent)
     for assignment in overrides:
         apply_override(data, assignment)
     for key in removals:
