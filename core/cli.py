@@ -267,6 +267,13 @@ def _print_metrics(summary: dict, indent: str = "  ") -> None:
     if len(set(b_src) | set(a_src)) > 1:
         for name in sorted(set(b_src) | set(a_src)):
             print(f"{indent}{'  greedy answers, ' + name:<30} {_fmt(b_src.get(name)):>8} {_fmt(a_src.get(name)):>8}")
+    bench = summary.get("lm_eval") or {}
+    if bench:
+        from .benchmarks import headline
+
+        b, a = headline(bench.get("before") or {}), headline(bench.get("after") or {})
+        for key in sorted(set(b) | set(a)):
+            print(f"{indent}{'lm-eval ' + key:<30} {_fmt(b.get(key)):>8} {_fmt(a.get(key)):>8}")
     if summary.get("reward_first_third") is not None or summary.get("reward_curve"):
         print(f"{indent}training reward, mean of the first / last third of the steps: "
               f"{_fmt(summary.get('reward_first_third'))} -> {_fmt(summary.get('reward_last_third'))}")
@@ -335,6 +342,31 @@ def _continue_command(args, stop) -> str:
     return command + ("  (under the same launcher, with the same number of processes)" if world_size() > 1 else "")
 
 
+def _cmd_eval(args) -> int:
+    """Benchmarks through lm-evaluation-harness; eval.json into the run directory (or --output)."""
+    from . import benchmarks
+
+    _quiet_third_party_noise()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("no task given", field="--tasks", fix="e.g. --tasks gsm8k,ifeval")
+    limit = None
+    if args.limit is not None:
+        limit = float(args.limit) if "." in args.limit else int(args.limit)
+    target = benchmarks.target_of(args.model)
+    record = benchmarks.evaluate(target, tasks, limit=limit, include_path=args.include_path,
+                                 num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                                 apply_chat_template=args.apply_chat_template)
+    print(benchmarks.table(record))
+    path = Path(args.model)
+    out = Path(args.output) if args.output else (path / "eval.json" if path.is_dir() and
+                                                  not (path / "config.json").is_file() else None)
+    if out is not None:
+        out.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        print(f"results: {out}")
+    return 0
+
+
 def _cmd_compare(args) -> int:
     from .compare import compare, table
 
@@ -382,6 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list installed plugins and any that failed to load")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("eval", help="standard benchmarks (lm-evaluation-harness) on a model or a run's output")
+    p.add_argument("model", metavar="MODEL_OR_RUN_DIR",
+                   help="a run directory (its merged/ or final/ model; a LoRA adapter on its base), a model folder, a "
+                        "hub id or builtin:NAME")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. gsm8k,ifeval,arc_easy")
+    p.add_argument("--limit", help="examples per task (or a fraction, e.g. 0.1)")
+    p.add_argument("--include-path", help="a folder of your own task YAML files")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--apply-chat-template", action="store_true", help="render prompts with the chat template")
+    p.add_argument("--output", help="where to write the results (default: eval.json in a run directory)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("compare", help="compare runs: a table and a PNG of their curves")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `posttrain run`")

@@ -47,6 +47,16 @@ class Run:
     def answers(self, when: str):
         return ((self.summary.get(when) or {}).get("answers") or {}).get("answer_accuracy")
 
+    def benchmarks(self) -> dict:
+        """{task/metric: (before, after)} of lm-eval: the summary's records, else the run's eval.json."""
+        from .benchmarks import headline
+
+        records = dict(self.summary.get("lm_eval") or {})
+        if "after" not in records and (self.path / "eval.json").is_file():
+            records["after"] = json.loads((self.path / "eval.json").read_text(encoding="utf-8"))
+        before, after = headline(records.get("before") or {}), headline(records.get("after") or {})
+        return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))}
+
 
 def pipeline_stages(path: Path) -> list[Path]:
     """The stage run directories of a pipeline directory (``01-sft``, ``02-dpo``...), in order."""
@@ -86,6 +96,8 @@ def table(runs: list[Run]) -> str:
     critic = any(run.series("critic/explained_variance")[0] for run in runs)
     if critic:
         header.append("critic EV (last third)")
+    bench = sorted({key for run in runs for key in run.benchmarks()})
+    header += [f"{key} (before -> after)" for key in bench]
     rows = []
     for run in runs:
         _, losses = run.series("loss")
@@ -98,6 +110,8 @@ def table(runs: list[Run]) -> str:
             _, ev = run.series("critic/explained_variance")
             tail = sorted(ev[-max(1, len(ev) // 3):])
             row.append(fmt(tail[len(tail) // 2] if ev else None))  # the median: robust to steps with flat returns
+        marks = run.benchmarks()
+        row += [f"{fmt(marks.get(key, (None, None))[0])} -> {fmt(marks.get(key, (None, None))[1])}" for key in bench]
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]

@@ -99,11 +99,27 @@ class DataSection:
 
 
 @dataclass
+class LmEvalSection:
+    tasks: list[str] = _help("lm-evaluation-harness tasks (e.g. gsm8k, ifeval, arc_easy, or your own YAML tasks' "
+                             "names).")
+    limit: Union[int, float, None] = _help("Examples per task (an int), or a fraction of them; null: all.",
+                                           default=None)
+    include_path: Union[str, None] = _help("A folder of task YAML files of your own (read against the recipe's "
+                                           "folder).", default=None)
+    num_fewshot: Union[int, None] = _help("Few-shot examples per prompt; null: each task's default.", default=None)
+    batch_size: int = _help("Requests per forward pass.", default=8)
+    apply_chat_template: bool = _help("Render prompts with the model's chat template.", default=False)
+
+
+@dataclass
 class EvalSection:
     before: bool = _help("Also evaluate the starting model, to report before/after.", default=True)
     generate: int = _help("Held-out prompts the model answers greedily, scored by the reward plugins (0: off).",
                           default=64)
     max_new_tokens: int = _help("Generation budget for those answers.", default=32)
+    lm_eval: Union[LmEvalSection, None] = _help(
+        "Standard benchmarks through lm-evaluation-harness on the stage's output (and, with `before`, on the model "
+        "the first stage starts from); the results go into summary.json and eval.json.", default=None)
 
 
 @dataclass
@@ -265,7 +281,7 @@ def apply_override(data: dict, assignment: str) -> None:
 
 # Recipe keys that hold a file or folder path (in a one-stage recipe, and in each entry of `stages`).
 PATH_KEYS = (("training", "deepspeed"), ("data", "source"), ("data", "eval", "source"), ("model", "name_or_path"),
-             ("model", "reference"))
+             ("model", "reference"), ("eval", "lm_eval", "include_path"))
 
 
 def resolve_relative_paths(data: dict, folder: Path) -> dict:

@@ -378,11 +378,14 @@ def run(recipe_path: str, overrides: list[str], output_dir: str | None = None, *
         raise
 
 
-def _run_stage(plan: Plan, run_dir: Path, resume: bool) -> StageResult:
-    """One stage's run in its prepared directory. A new run that fails on user input before its first
-    checkpoint leaves nothing worth keeping: its directory is removed, so the corrected command runs as it
-    is. A run that diverged (non-finite loss) keeps it: its metrics show how it got there."""
+def _run_stage(stage: PipelineStage, run_dir: Path, resume: bool) -> StageResult:
+    """One stage's run in its prepared directory (its starting model benchmarked first, when asked). A new
+    run that fails on user input before its first checkpoint leaves nothing worth keeping: its directory is
+    removed, so the corrected command runs as it is. A run that diverged (non-finite loss) keeps it: its
+    metrics show how it got there."""
+    plan = stage.plan
     try:
+        _benchmarks_before(stage, run_dir)
         return plan.stage.run(plan, run_dir, resume)
     except UserError as error:
         if not resume and process.is_main() and not any(run_dir.glob("checkpoint-*")) and not error.keep_run_dir:
@@ -396,8 +399,52 @@ def _stage_summary(stage: PipelineStage, stage_dir: Path, summary: dict, output:
         "global_step": summary.get("global_step"), "seconds": seconds,
         "before": summary.get("before"), "after": summary.get("after"),
         **({"data_transforms": summary["data_transforms"]} if summary.get("data_transforms") else {}),
+        **({"lm_eval": summary["lm_eval"]} if summary.get("lm_eval") else {}),
         **{k: summary[k] for k in stage.stage.pipeline_keys if k in summary},
     }
+
+
+BEFORE_FILE = "eval_before_benchmarks.json"  # lm-eval's results for the model a run starts from
+AFTER_FILE = "eval.json"  # lm-eval's results for the stage's output (what `posttrain eval RUN_DIR` writes too)
+
+
+def _benchmark(recipe: Recipe, model: str, path: Path) -> dict:
+    """lm-eval's record for ``model`` as the recipe's eval.lm_eval asks, kept in ``path`` (reused when there)."""
+    from . import benchmarks
+
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    options = recipe.eval.lm_eval
+    record = {}
+    if process.is_main():  # lm-eval runs in one process; the others wait
+        record = benchmarks.evaluate(benchmarks.target_of(model), options.tasks, limit=options.limit,
+                                     include_path=options.include_path, num_fewshot=options.num_fewshot,
+                                     batch_size=options.batch_size, apply_chat_template=options.apply_chat_template,
+                                     dtype=recipe.model.dtype, seed=recipe.seed)
+        path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        print(f"posttrain: benchmarks of {record['model']}:\n{benchmarks.table(record)}", flush=True)
+    process.barrier()
+    return record
+
+
+def _benchmarks_before(stage: PipelineStage, stage_dir: Path) -> None:
+    recipe = stage.recipe
+    if recipe.eval.lm_eval is not None and recipe.eval.before and stage.index == 0:
+        _benchmark(recipe, recipe.model.name_or_path, stage_dir / BEFORE_FILE)
+
+
+def _benchmarks_after(stage: PipelineStage, stage_dir: Path, result: StageResult, output: Path) -> None:
+    """The stage's output benchmarked (its eval.json), and both records in its summary.json."""
+    recipe = stage.recipe
+    if recipe.eval.lm_eval is None:
+        return
+    model = str(output) if output.is_dir() and (output / "config.json").is_file() else str(stage_dir)
+    records = {"after": _benchmark(recipe, model, stage_dir / AFTER_FILE)}
+    if (stage_dir / BEFORE_FILE).is_file():
+        records = {"before": json.loads((stage_dir / BEFORE_FILE).read_text(encoding="utf-8")), **records}
+    result.summary["lm_eval"] = records
+    if process.is_main() and (stage_dir / "summary.json").is_file():
+        (stage_dir / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str), encoding="utf-8")
 
 
 def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = False, overwrite: bool = False,
@@ -410,10 +457,12 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
         if start_from:
             raise UserError("--from restarts a pipeline at a stage, and this recipe has no stages", field="--from",
                             fix="use --resume to continue a one-stage run")
-        plan = pipeline.stages[0].plan
+        stage = pipeline.stages[0]
+        plan = stage.plan
         if main:  # the other ranks of a distributed launch leave the run directory to rank 0
             prepare_run_dir(plan, top, resume=resume, overwrite=overwrite)
-        result = _run_stage(plan, top, resume)
+        result = _run_stage(stage, top, resume)
+        _benchmarks_after(stage, top, result, stage.stage.output(top, stage.recipe))
         process.close_process_group()
         return top, result.summary
     if main:
@@ -439,7 +488,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
             if main:
                 prepare_run_dir(plan, stage_dir, resume=continuing, overwrite=False)
             try:
-                result = _run_stage(plan, stage_dir, continuing)
+                result = _run_stage(stage, stage_dir, continuing)
             except UserError as e:
                 raise _prefixed(e, f"stages[{stage.index}]") from None
         if main and stage.recipe.model.lora is not None and kind.trains:
@@ -451,6 +500,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
         if main:
             (stage_dir / "timing.json").write_text(json.dumps({"seconds": seconds}))
         output = result.model or kind.output(stage_dir, stage.recipe)
+        _benchmarks_after(stage, stage_dir, result, output)
         stage_refs.publish(stage.name, output, result.dataset or kind.dataset(stage_dir))
         stages_summary.append(_stage_summary(stage, stage_dir, result.summary, output, seconds))
     summary = {"pipeline": pipeline.name, "stages": stages_summary,
