@@ -370,9 +370,10 @@ def _cmd_eval(args) -> int:
 def _cmd_compare(args) -> int:
     from .compare import compare, table
 
-    runs, out = compare(args.runs, args.output, args.overwrite)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    runs, out = compare(args.runs, args.output, args.overwrite, metrics)
     print(table(runs))
-    print(f"\nfigure: {out}")
+    print(f"\nwritten: {out}")
     return 0
 
 
@@ -430,8 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="compare runs: a table and a PNG of their curves")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `posttrain run`")
-    p.add_argument("--output", default="compare.png", help="PNG to write (default: compare.png)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    p.add_argument("--output", default="compare.png",
+                   help="the figure (.png), the table and figure (.html), or the table (.csv); default compare.png")
+    p.add_argument("--metrics", help="comma-separated panels to draw (e.g. loss,reward or preference/margin); "
+                                     "default: every panel the runs need")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("stages", help="list the stages: their trainer, data, own recipe keys and hooks")

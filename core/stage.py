@@ -89,6 +89,30 @@ class MemoryFacts:
     notes: list = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One panel `posttrain compare` draws for runs of a stage, on the step axis (a pipeline's stages one
+    after another, an iterative stage's rounds one after another):
+
+    - ``curve``: ``metrics.jsonl`` keys per logged step (a second key is drawn dashed; with ``split``, a key
+      pattern such as ``rewards/*/mean`` gives one panel per key it matches, so scales never mix);
+    - ``heldout``: a held-out number of ``summary.json`` (``keys = (group, key)``, e.g. ``("heldout",
+      "pairwise_accuracy")``), before (at the stage's first step) and after (at its last);
+    - ``rounds``: a number per round of an iterative stage (``keys = (path,)`` into each round's record, e.g.
+      ``"answers.answer_accuracy"``), at the round's last step;
+    - ``summary``: a number of ``summary.json`` (``keys = (path,)``), at the stage's last step.
+    """
+
+    name: str
+    title: str
+    keys: tuple
+    kind: str = "curve"
+    split: bool = False
+
+
+ANSWER_PANEL = Panel("answer_accuracy", "greedy answer accuracy (held out)", ("answers", "answer_accuracy"), "heldout")
+
+
 @dataclass
 class StageResult:
     """What a stage's run returns to the runner."""
@@ -116,6 +140,7 @@ class Stage:
     pipeline_keys: ClassVar[tuple] = ()  # keys of its summary.json that a pipeline's summary carries
     # a model stage's output: a causal LM (None), or a sequence classifier with one label ("reward")
     head: ClassVar[str | None] = None
+    panels: ClassVar[tuple] = ()  # what `posttrain compare` draws for it (Panel), besides the greedy answers
 
     @dataclass
     class Options:

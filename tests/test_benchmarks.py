@@ -67,7 +67,7 @@ def test_posttrain_eval_on_a_run_directory_and_compare(cli, write_recipe, tmp_pa
     assert record["results"]["arith_mc"]["acc,none"] == pytest.approx(direct["acc,none"])
     assert "arith_mc" in out and "acc,none" in out
     code, out, _ = cli("compare", run, "--output", tmp_path / "cmp.png")
-    assert code == 0 and "arith_mc/acc (before -> after)" in out
+    assert code == 0 and "lm-eval arith_mc/acc" in out
 
 
 def test_benchmark_mistakes_are_user_errors(cli, write_recipe, tmp_path, local_task):

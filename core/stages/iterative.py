@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Union
 
 from ..errors import UserError
-from ..stage import MemoryFacts, Stage, StageResult
+from ..stage import MemoryFacts, Panel, Stage, StageResult
 from .preference import LOSS_MANAGED, PAIR_HOOKS, PAIR_RENAMED, PreferenceStage
 
 
@@ -61,6 +61,11 @@ class IterativeStage(Stage):
     hooks = (*PAIR_HOOKS, "posttrain_select_pair")
     required_hooks = ("posttrain_preference_loss", "posttrain_reward")
     pipeline_keys = ("rounds",)
+    panels = (Panel("loss", "training loss (DPO, rounds one after another)", ("loss",)),
+              Panel("sample_reward", "mean reward of the round's samples", ("sample_mean_reward",), "rounds"),
+              Panel("pairs", "pairs kept per round", ("pairs",), "rounds"),
+              Panel("round_accuracy", "greedy answer accuracy after each round (held out)",
+                    ("answers.answer_accuracy",), "rounds"))
 
     @dataclass
     class Options:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, GENERAL, MemoryFacts, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, GENERAL, MemoryFacts, Panel, Stage, StageResult, trl_config
 from .sft import sequence_facts
 
 
@@ -40,6 +40,10 @@ class KTOStage(Stage):
     has_reference = True
     summary_rows = (("held-out KTO reward margin", "heldout", "reward_margin"),
                     ("held-out KL estimate", "heldout", "kl"))
+    panels = (Panel("loss", "training loss (KTO)", ("loss",)),
+              Panel("margin", "implicit reward: desirable - undesirable", ("rewards/margins",)),
+              Panel("kl", "KL estimate z0", ("kl",)),
+              Panel("heldout_margin", "held-out reward margin", ("heldout", "reward_margin"), "heldout"))
 
     def check(self, plan) -> None:
         if plan.recipe.model.reference is not None and plan.recipe.model.lora is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..process import world_size
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, MemoryFacts, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, MemoryFacts, Panel, Stage, StageResult, trl_config
 
 # The online stage's prompt length when the command line does not give one (GRPO does not truncate prompts).
 DEFAULT_PROMPT_LENGTH = 512
@@ -41,6 +41,15 @@ class OnlineStage(Stage):
     required_hooks = ("posttrain_reward", "posttrain_advantage_estimate")
     has_reference = True
     pipeline_keys = ("reward_first_third", "reward_last_third")
+    panels = (Panel("reward", "mean training reward (all sources, weighted)", ("reward",)),
+              Panel("reward_by_source", "training reward: {key}", ("rewards/*/mean",), split=True),
+              Panel("kl", "KL to the reference (in the loss, or in the reward)", ("kl", "kl_in_reward")),
+              Panel("length", "completion length (tokens)", ("completions/mean_length",)),
+              Panel("clipped", "clipped share of the policy ratio", ("clip_ratio/region_mean",)),
+              Panel("value_loss", "critic: value loss", ("critic/value_loss",)),
+              Panel("explained_variance", "critic: explained variance of the returns (1 = perfect)",
+                    ("critic/explained_variance",)),
+              Panel("value_clipped", "critic: clipped share of the value loss", ("critic/clipped_share",)))
 
     def defaults(self) -> dict:
         from ..trl_fields import config_defaults

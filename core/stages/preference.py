@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, MemoryFacts, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, MemoryFacts, Panel, Stage, StageResult, trl_config
 from .sft import sequence_facts
 
 GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it
@@ -53,6 +53,10 @@ class PreferenceStage(Stage):
     summary_rows = (("held-out preference accuracy", "heldout", "preference_accuracy"),
                     ("held-out log-prob accuracy", "heldout", "logp_accuracy"),
                     ("held-out reward margin", "heldout", "reward_margin"))
+    panels = (Panel("loss", "training loss", ("loss",)),
+              Panel("margin", "reward margin (chosen - rejected)", ("rewards/margins",)),
+              Panel("logps", "log-probs: chosen (solid), rejected (dashed)", ("logps/chosen", "logps/rejected")),
+              Panel("heldout", "held-out preference accuracy", ("heldout", "preference_accuracy"), "heldout"))
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
         from ..registry import required_columns

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from ..stage import Stage, StageResult
+from ..stage import Panel, Stage, StageResult
 from .iterative import Sampling
 
 DATASET_FILE = "dataset.jsonl"
@@ -29,6 +29,8 @@ class RejectionSamplingStage(Stage):
     hooks = ("posttrain_required_columns", "posttrain_transform_dataset", "posttrain_sample", "posttrain_reward")
     required_hooks = ("posttrain_reward",)
     pipeline_keys = ("kept", "best_rewards")
+    panels = (Panel("kept", "prompts kept (best sample at least min_score)", ("kept",), "summary"),
+              Panel("best_reward", "mean reward of each prompt's best sample", ("best_rewards.mean",), "summary"))
 
     @dataclass
     class Options:

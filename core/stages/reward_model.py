@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..stage import GENERAL, MemoryFacts, Stage, StageResult, trl_config
+from ..stage import GENERAL, MemoryFacts, Panel, Stage, StageResult, trl_config
 from .sft import sequence_facts
 
 
@@ -21,6 +21,11 @@ class RewardModelStage(Stage):
     summary_rows = (("held-out pairwise accuracy", "heldout", "pairwise_accuracy"),
                     ("held-out reward margin", "heldout", "reward_margin"))
     pipeline_keys = ("reward_stats",)
+    panels = (Panel("loss", "training loss (Bradley-Terry)", ("loss",)),
+              Panel("accuracy", "pairwise accuracy (training)", ("accuracy",)),
+              Panel("margin", "reward margin, chosen - rejected (training)", ("margin",)),
+              Panel("heldout_accuracy", "held-out pairwise accuracy", ("heldout", "pairwise_accuracy"), "heldout"),
+              Panel("heldout_margin", "held-out reward margin", ("heldout", "reward_margin"), "heldout"))
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
         facts = sequence_facts(cfg, max_positions, rows_per_example=2, scored=False)  # chosen and rejected together

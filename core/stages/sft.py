@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, GENERAL, MemoryFacts, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, GENERAL, MemoryFacts, Panel, Stage, StageResult, trl_config
 
 
 class SFTStage(Stage):
@@ -23,6 +23,9 @@ class SFTStage(Stage):
     hooks = (*GENERAL, "posttrain_token_mask", "posttrain_sample", "posttrain_reward")
     summary_rows = (("held-out completion NLL", "heldout", "completion_nll"),
                     ("held-out perplexity", "heldout", "perplexity"))
+    panels = (Panel("loss", "training loss (completion NLL)", ("loss",)),
+              Panel("token_accuracy", "next-token accuracy (training)", ("mean_token_accuracy",)),
+              Panel("heldout_nll", "held-out completion NLL", ("heldout", "completion_nll"), "heldout"))
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
         facts = sequence_facts(cfg, max_positions, rows_per_example=1)
