@@ -29,7 +29,7 @@ class Run:
     """One stage of one run: its folder, logged metrics and summary, where it sits on its run's step axis."""
 
     label: str  # the run's label (a pipeline's stages share it)
-    stage_name: str  # the stage's name in a pipeline, else its kind
+    stage_name: str  # the stage's folder in a pipeline (01-sft), else its kind
     kind: str  # the stage kind (sft, preference, ...)
     path: Path
     metrics: list[dict]
@@ -91,7 +91,7 @@ def load_runs(path: str | Path, group: int = 0) -> list[Run]:
     if not (path / "metrics.jsonl").is_file() and pipeline_stages(path):
         runs, offset = [], 0
         for stage in pipeline_stages(path):
-            run = load_run(stage, label=path.name, stage_name=stage.name.split("-", 1)[1], group=group)
+            run = load_run(stage, label=path.name, stage_name=stage.name, group=group)
             run.offset = offset
             offset += run.steps
             runs.append(run)
