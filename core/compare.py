@@ -263,6 +263,11 @@ def rows(runs: list[Run]) -> list[dict]:
                 set(((run.summary.get("after") or {}).get(group) or {}))
             for key in sorted(keys):
                 b, a = run.heldout("before", key, group), run.heldout("after", key, group)
+                if isinstance(b, dict) or isinstance(a, dict):  # answers' by_source: each reward source's mean
+                    b, a = b if isinstance(b, dict) else {}, a if isinstance(a, dict) else {}
+                    for name in sorted(set(b) | set(a)):
+                        add(run, f"answers {name} (mean reward)", b.get(name), a.get(name))
+                    continue
                 if isinstance(b, (int, float)) or isinstance(a, (int, float)):
                     add(run, f"{'held-out' if group == 'heldout' else 'answers'} {key}",
                         b if isinstance(b, (int, float)) else None, a if isinstance(a, (int, float)) else None)

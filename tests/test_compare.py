@@ -129,6 +129,9 @@ def test_the_table_has_the_summaries_numbers(runs, cli, tmp_path):
                 if isinstance(value, (int, float)):
                     label = f"{'held-out' if group == 'heldout' else 'answers'} {key}"
                     assert table[(kind, label)][1] == value, (kind, label)
+                if key == "by_source":  # each reward source's mean over the greedy answers
+                    for source, mean in value.items():
+                        assert table[(kind, f"answers {source} (mean reward)")][1] == mean, (kind, source)
     assert table[("reward_model", "held-out pairwise_accuracy")][0] is not None
     it = json.loads((runs["iterative"] / "summary.json").read_text())
     assert table[("iterative", "round 2 pairs")] == (None, it["rounds"][1]["pairs"])
