@@ -111,3 +111,65 @@ def newest_complete(run_dir: Path, say=print) -> Path | None:
                         field="--resume",
                         fix="start the run again with --overwrite, or restore a complete checkpoint into the folder")
     return None
+
+
+# -- run folders a new run may replace --------------------------------------------------------------------
+
+KEPT_NAMES = ("summary.json", "final", "preempted.json")
+
+
+def worth_keeping(run_dir: Path) -> bool:
+    """Whether a run folder holds anything a failed start would lose: a summary, a model (``final/``, a
+    checkpoint, any .safetensors file), a preemption record. A folder that only holds a recipe, metrics or a
+    round's samples is what a run that failed before its first checkpoint leaves."""
+    for path in run_dir.rglob("*"):
+        if path.name in KEPT_NAMES or path.name.startswith(PREFIX) or path.suffix == ".safetensors":
+            return True
+    return False
+
+
+def replaceable(run_dir: Path) -> bool:
+    """A folder a new run may take over without --overwrite: a posttrain run (it has a recipe.yaml) that
+    failed before it had anything worth keeping."""
+    return (run_dir / "recipe.yaml").is_file() and not worth_keeping(run_dir)
+
+
+_set_aside: list[tuple[Path, Path]] = []  # (run folder, where its earlier run waits) while the new run starts
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move an earlier run out of the way of --overwrite, to be deleted once the new run's data passed its
+    checks (data_checked) or put back if the new run fails before that (restore_set_aside)."""
+    import os
+
+    aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+    if aside.exists():
+        import shutil
+
+        shutil.rmtree(aside)
+    run_dir.rename(aside)
+    _set_aside.append((run_dir, aside))
+    return aside
+
+
+def data_checked() -> None:
+    """The new run's data loaded and passed its checks: the runs it replaces are deleted now."""
+    import shutil
+
+    while _set_aside:
+        run_dir, aside = _set_aside.pop()
+        shutil.rmtree(aside, ignore_errors=True)
+        print(f"posttrain: the earlier run in {run_dir} is replaced (--overwrite)", flush=True)
+
+
+def restore_set_aside() -> list[Path]:
+    """The new run failed before its data passed: put the earlier runs back (returns their folders)."""
+    import shutil
+
+    restored = []
+    while _set_aside:
+        run_dir, aside = _set_aside.pop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        aside.rename(run_dir)
+        restored.append(run_dir)
+    return restored

@@ -52,6 +52,8 @@ def _describe_plan(plan, indent: str = "  ") -> None:
         print(f"{indent}plugin:   {p.name} {vars(p.options) if hasattr(p.options, '__dict__') else ''}")
     if plan.trl_config:
         print(f"{indent}training: " + ", ".join(f"{k}={v}" for k, v in plan.trl_config.items()))
+    for note in plan.data_notes:
+        print(f"{indent}data:     {note}")
 
 
 def _cmd_validate(args) -> int:

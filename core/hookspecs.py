@@ -64,6 +64,10 @@ GENERAL_HOOKS = (
     "posttrain_transform_dataset",
 )
 
+# The data-format hooks: a format plugin is named by a recipe's `data.format` (or detected), not enabled
+# under `plugins`; no stage calls these hooks through the plugin set.
+FORMAT_HOOKS = ("posttrain_format_detect", "posttrain_format_columns", "posttrain_format_record")
+
 # --------------------------------------------------------------------------------------
 # Configuration family
 # --------------------------------------------------------------------------------------
@@ -326,6 +330,49 @@ def posttrain_update_reference(trainer: Trainer, event: str, step: int) -> None:
 
     Combine: *all results*; every implementation is called, in plugin order. Return values are
     ignored.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Data-format family
+# --------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def posttrain_format_detect(columns: list[str], record: dict[str, Any]) -> bool | None:
+    """Say whether a source whose first record is ``record`` is in this plugin's data format.
+
+    Called while a recipe is validated and its data loaded, for every installed format plugin, when the
+    recipe names no ``data.format``: the first plugin that answers True reads the source (posttrain says
+    which). Answer only for a layout you recognise without doubt (a ShareGPT ``conversations`` column of
+    ``from``/``value`` turns); a format whose reading needs a choice (PKU-SafeRLHF: safer or better) should
+    be named by the recipe instead.
+
+    Combine: *first result*, over the installed format plugins.
+    """
+
+
+@hookspec(firstresult=True)
+def posttrain_format_columns(columns: list[str]) -> list[str] | None:
+    """The columns a source will have once read in this format, from the columns it has.
+
+    Called while the recipe is validated, before any record is read in full; raise
+    :class:`posttrain.UserError` naming a column the layout needs and the source lacks.
+
+    Combine: *one owner* (the format the recipe names, or the one detected).
+    """
+
+
+@hookspec(firstresult=True)
+def posttrain_format_record(record: dict[str, Any], row: int) -> dict[str, Any]:
+    """Read one record in this format: return it in the stage's columns (``prompt``/``chosen``/
+    ``rejected``, ``messages``, ...), with whatever other columns the format keeps.
+
+    Called for every record of the source (``row`` counts from 1), when validating (a streaming pass over
+    local files) and when loading. Raise :class:`posttrain.UserError` naming the row for a record that does
+    not fit the format. The record returned replaces the source's: columns it leaves out are dropped.
+
+    Combine: *one owner*.
     """
 
 

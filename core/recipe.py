@@ -86,14 +86,16 @@ class DataSection:
     columns: dict[str, str] = _help("Rename columns: {our_name: their_name}, e.g. {prompt: question}.",
                                     default_factory=dict)
     options: dict[str, Any] = _help("Options of a built-in generator (e.g. n, seed).", default_factory=dict)
-    format: Union[Literal["saferlhf"], None] = _help(
-        "Layout of the source. null: the stage's columns as they are (after `columns`); 'saferlhf': PKU-SafeRLHF's "
-        "pairs (prompt, response_0, response_1, is_response_0_safe, is_response_1_safe, better_response_id, "
-        "safer_response_id) become prompt/chosen/rejected, with the safety labels as is_chosen_safe/is_rejected_safe.",
-        default=None)
-    prefer: Literal["safer", "better"] = _help(
-        "With format: saferlhf, the label that picks the chosen response: safer_response_id or better_response_id.",
-        default="safer")
+    format: Union[str, None] = _help(
+        "How to read the source's records: the name of a data-format plugin (`posttrain plugins` lists them: hh, "
+        "sharegpt, openai_preference, saferlhf...). null: detected from the columns (ShareGPT `conversations`, "
+        "OpenAI's preference JSONL, HH-RLHF's chosen/rejected transcripts), else the stage's columns as they are "
+        "(after `columns`).", default=None)
+    format_options: dict[str, Any] = _help("Options of the data format (e.g. {prefer: better} for saferlhf).",
+                                           default_factory=dict)
+    prefer: Union[Literal["safer", "better"], None] = _help(
+        "With format: saferlhf, the label that picks the chosen response: safer_response_id or better_response_id "
+        "(the same as format_options.prefer).", default=None)
     max_examples: Union[int, None] = _help("Keep at most this many training examples.", default=None)
     eval: EvalDataSection = _help("Held-out data.", default_factory=EvalDataSection)
 

@@ -350,6 +350,10 @@ RESULT_CONTRACT = {
     "posttrain_data_collator": (callable, "a collator (a callable that turns examples into a batch)"),
     "posttrain_train_sampler": (_is_sampler, "a torch.utils.data.Sampler"),
     "posttrain_update_reference": (lambda r: True, "nothing (the result is ignored)"),
+    "posttrain_format_detect": (lambda r: isinstance(r, bool), "True, False or None"),
+    "posttrain_format_columns": (lambda r: isinstance(r, (list, tuple)) and all(isinstance(c, str) for c in r),
+                                 "a list of column names"),
+    "posttrain_format_record": (lambda r: isinstance(r, dict), "the record as a dict of columns"),
     "posttrain_select_pair": (lambda r: isinstance(r, (tuple, list)) and len(r) == 2 and all(
         isinstance(i, int) and not isinstance(i, bool) for i in r) and r[0] != r[1],
                               "a pair (chosen_index, rejected_index) of two different indices, or None"),
@@ -495,6 +499,11 @@ def build_plugin_set(section: dict | None, stage: Stage) -> PluginSet:
     plugins = []
     for name, raw in section.items():
         info = find_plugin(str(name))
+        if "posttrain_format_record" in hook_methods(info.cls):
+            raise UserError(f"plugin '{info.name}' is a data format: it reads a source's records, and is named by "
+                            "the data section rather than enabled", field=f"plugins.{name}",
+                            fix=f"remove it from plugins and set `data: {{format: {info.name}}}` (its options go in "
+                                "data.format_options)")
         if info.cls.stages and stage.name not in info.cls.stages:
             suits = " and ".join(info.cls.stages)
             raise UserError(f"plugin '{info.name}' applies to the {suits} stage{'s' if len(info.cls.stages) > 1 else ''}, "

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from . import process, stage_refs
+from .checkpoints import replaceable, restore_set_aside, set_aside
 from .errors import UserError, did_you_mean
 from .recipe import Recipe, from_data, load_recipe_data
 from .stage import Stage, StageResult
@@ -249,12 +251,18 @@ def _diff(a, b, prefix="") -> list[str]:
 
 
 def new_run_dir(run_dir: Path, recipe_data: dict, overwrite: bool) -> None:
-    """A new run directory holding the resolved recipe; an existing non-empty one only with --overwrite."""
+    """A new run directory holding the resolved recipe. An existing non-empty one: a run that failed before it
+    had anything worth keeping is replaced (see checkpoints.replaceable); another only with --overwrite, and
+    then set aside until the new run's data has passed its checks (put back if it fails before)."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+        if replaceable(run_dir):
+            print(f"posttrain: replacing the run in {run_dir}, which stopped before it had a checkpoint", flush=True)
+            shutil.rmtree(run_dir)
+        elif not overwrite:
             raise UserError(f"run directory '{run_dir}' already exists", field="--output-dir",
                             fix="choose another --output-dir, continue it with --resume, or replace it with --overwrite")
-        shutil.rmtree(run_dir)
+        else:
+            set_aside(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -387,8 +395,18 @@ def _run_stage(stage: PipelineStage, run_dir: Path, resume: bool) -> StageResult
     try:
         _benchmarks_before(stage, run_dir)
         return plan.stage.run(plan, run_dir, resume)
-    except UserError as error:
-        if not resume and process.is_main() and not any(run_dir.glob("checkpoint-*")) and not error.keep_run_dir:
+    except BaseException as error:
+        restored = restore_set_aside() if process.is_main() else []
+        for folder in restored:
+            print(f"posttrain: the new run failed before its data passed its checks; the earlier run in {folder} is "
+                  "kept as it was", file=sys.stderr, flush=True)
+        if restored or not isinstance(error, UserError):
+            raise
+        # a new run that fails on user input before its first checkpoint: nothing worth keeping, unless the
+        # message points at a file in it (a round's samples)
+        points_inside = str(run_dir) in str(error)
+        if not resume and process.is_main() and not any(run_dir.glob("checkpoint-*")) and not error.keep_run_dir \
+                and not points_inside:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 

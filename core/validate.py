@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import trl_fields
-from .data import check_source
+from .data import check_source, format_options
 from .errors import UserError, did_you_mean
 from .models import BUILTIN_MODELS
 from .process import world_size
@@ -31,6 +31,8 @@ class Plan:
     plugins: PluginSet
     trl_config: dict  # plugin contributions merged with the recipe's `training` section
     data_log: list = field(default_factory=list)  # what the dataset transforms kept and dropped, for summary.json
+    data_notes: list = field(default_factory=list)  # what validation found in the data: repairs, detected formats
+    data_sizes: dict = field(default_factory=dict)  # rows per split given to the trainer, to count what TRL drops
 
     @property
     def stage(self) -> Stage:
@@ -144,20 +146,24 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
     check_model(recipe)
     data = recipe.data
     required = required_columns(plugins, recipe.stage)
+    fmt_options = format_options(data)
+    notes: list[str] = []
+    common = dict(columns=data.columns, stage=stage, required=required, format=data.format,
+                  format_options=fmt_options)
     if not data.source.startswith(STAGE_REF):  # an earlier stage's dataset is checked when it exists
-        check_source(data.source, columns=data.columns, options=data.options, stage=stage,
-                     where="data.source", required=required, format=data.format, prefer=data.prefer)
+        notes += check_source(data.source, options=data.options, where="data.source", split=data.split, **common)
     ev = data.eval
     if ev.source and not ev.source.startswith(STAGE_REF):
-        check_source(ev.source, columns=data.columns, options={}, stage=stage, where="data.eval.source",
-                     required=required, format=data.format, prefer=data.prefer)
+        notes += check_source(ev.source, options={}, where="data.eval.source", split=ev.split, **common)
+    elif ev.split and not data.source.startswith(STAGE_REF):
+        notes += check_source(data.source, options=data.options, where="data.eval.split", split=ev.split, **common)
     if not 0 <= ev.fraction < 1:
         raise UserError(f"must be in [0, 1), got {ev.fraction}", field="data.eval.fraction",
                         fix="use e.g. 0.1 to hold out 10% of the training data, or 0 for no held-out set")
     if recipe.eval.generate < 0 or recipe.eval.max_new_tokens < 1:
         raise UserError("eval.generate must be >= 0 and eval.max_new_tokens >= 1", field="eval",
                         fix="use e.g. generate: 64, max_new_tokens: 32")
-    plan = Plan(recipe, plugins, check_training(recipe, plugins))
+    plan = Plan(recipe, plugins, check_training(recipe, plugins), data_notes=list(dict.fromkeys(notes)))
     stage.check(plan)
     return plan
 

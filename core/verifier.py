@@ -89,6 +89,12 @@ class Verifier(Plugin, abc.ABC):
         return rewards
 
     @hookimpl
+    def posttrain_required_columns(self):
+        """The gold column (and the only_if columns): data without them would give no reward at all, and
+        training would run to the end on nothing; refused before anything loads."""
+        return [self.options.column, *self.options.only_if]
+
+    @hookimpl
     def posttrain_reward(self, completions, columns):
         return self.rewards(completions, columns)
 

@@ -351,6 +351,12 @@ class VerifyIFEval(Verifier):
             log.warning("verify_ifeval abstains on examples where %s", reason)
         return None
 
+    @hookimpl
+    def posttrain_required_columns(self):
+        # the instructions are in `column` (IFEval mappings) or in the ids and kwargs columns: either will do,
+        # so validation can require neither (the only_if columns it can)
+        return list(self.options.only_if)
+
     def golds(self, columns, n):
         """Per example: the ``column`` value when it is an IFEval mapping, else the ids and kwargs columns'
         values when the example has ids, else the ``column`` value (None: neither)."""

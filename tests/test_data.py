@@ -65,7 +65,7 @@ def test_local_files_load_with_mapping(write_recipe, tmp_path, fmt):
         pq.write_table(pa.Table.from_pylist(rows), path)
     recipe = load_recipe(write_recipe(data={"source": str(path), "options": {}, "columns": {"prompt": "q"},
                                             "eval": {"fraction": 0.25}}))
-    train, held = load_splits(recipe)
+    train, held, _ = load_splits(recipe)
     assert len(train) == 15 and len(held) == 5
     assert set(train.column_names) == {"prompt", "chosen", "rejected"}
     assert train[0]["prompt"].startswith("question")
@@ -77,7 +77,7 @@ def test_eval_split_from_separate_source(write_recipe, tmp_path):
     eval_file.write_text("".join(json.dumps({"prompt": "q", "chosen": "c", "rejected": "d"}) + "\n" for _ in range(3)))
     recipe = load_recipe(write_recipe(data={"source": str(train_file), "options": {},
                                             "eval": {"source": str(eval_file)}}))
-    train, held = load_splits(recipe)
+    train, held, _ = load_splits(recipe)
     assert len(train) == 7 and len(held) == 3 and held[0]["prompt"] == "q"
 
 
@@ -91,7 +91,7 @@ def test_dataset_folder_with_splits_goes_through_load_dataset(write_recipe, tmp_
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = load_recipe(write_recipe(data={"source": str(folder), "options": {}, "split": "train",
                                             "columns": {"prompt": "question"}, "eval": {"split": "test"}}))
-    train, held = load_splits(recipe)
+    train, held, _ = load_splits(recipe)
     assert len(train) == 12 and len(held) == 4 and held[0]["prompt"] == "test 0"
 
 

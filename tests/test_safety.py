@@ -65,7 +65,7 @@ def test_saferlhf_layout_maps_by_the_chosen_label(write_recipe, tmp_path, cli, p
     path = _source(tmp_path, "jsonl")
     recipe_path = write_recipe(data={"source": str(path), "options": {}, "format": "saferlhf", "prefer": prefer,
                                      "eval": {"fraction": 0.0}})
-    train, held = load_splits(load_recipe(recipe_path))
+    train, held, _ = load_splits(load_recipe(recipe_path))
     assert held is None and _pairs(train) == expected
     assert "response_0" not in train.column_names and "response_1" not in train.column_names
     for kept in ("prompt", "is_response_0_safe", "is_response_1_safe", "better_response_id", "safer_response_id"):
@@ -82,7 +82,7 @@ def test_saferlhf_layout_from_every_kind_of_source(write_recipe, tmp_path, fmt):
     path = _source(tmp_path, fmt)
     recipe = load_recipe(write_recipe(data={"source": str(path), "options": {}, "format": "saferlhf",
                                             "eval": {"fraction": 0.0}}))
-    train, _ = load_splits(recipe)
+    train, _, _ = load_splits(recipe)
     assert _pairs(train) == BY_SAFER  # CSV's "True"/"False" and "0"/"1" are read as labels and ids
 
 
@@ -94,7 +94,7 @@ def test_columns_rename_before_and_after_the_layout(write_recipe, tmp_path, cli)
     recipe = load_recipe(write_recipe(stage="sft", data={"source": str(path), "options": {}, "format": "saferlhf",
                                                          "columns": {"prompt": "question", "completion": "chosen"},
                                                          "eval": {"fraction": 0.0}}, plugins={}))
-    train, _ = load_splits(recipe)
+    train, _, _ = load_splits(recipe)
     assert train["prompt"] == ["p0", "p1", "p2"] and train["completion"] == ["refuse", "short", "leak more"]
     assert train["is_chosen_safe"] == [True, True, False]
     code, _, err = cli("validate", write_recipe(stage="sft", plugins={}, data={
@@ -111,7 +111,7 @@ def test_a_missing_label_column_exits_2_naming_it(write_recipe, tmp_path, cli):
     path = _source(tmp_path, "jsonl", rows)
     code, _, err = cli("validate", write_recipe(data={"source": str(path), "options": {}, "format": "saferlhf"}))
     assert code == 2
-    assert "data.source:" in err and "needs the column 'safer_response_id' for format: saferlhf" in err
+    assert "data.format:" in err and "format saferlhf needs the column 'safer_response_id'" in err
     assert "prefer: better" in err  # the fix names the other label
     # prefer: better does not need it
     code, _, err = cli("validate", write_recipe(data={"source": str(path), "options": {}, "format": "saferlhf",
@@ -120,7 +120,7 @@ def test_a_missing_label_column_exits_2_naming_it(write_recipe, tmp_path, cli):
     # a dataset folder is checked when it loads (still before any model)
     folder = _source(tmp_path, "folder", [{k: v for k, v in r.items() if k != "is_response_1_safe"} for r in ROWS])
     recipe = load_recipe(write_recipe(data={"source": str(folder), "options": {}, "format": "saferlhf"}))
-    with pytest.raises(UserError, match="needs the column 'is_response_1_safe' for format: saferlhf"):
+    with pytest.raises(UserError, match="format saferlhf needs the column 'is_response_1_safe'"):
         load_splits(recipe)
 
 
@@ -129,7 +129,7 @@ def test_bad_labels_and_prefer_without_format_are_refused(write_recipe, tmp_path
     path = _source(tmp_path, "jsonl", rows)
     recipe = load_recipe(write_recipe(data={"source": str(path), "options": {}, "format": "saferlhf",
                                             "eval": {"fraction": 0.0}}))
-    with pytest.raises(UserError, match="row 1: safer_response_id is 2; format: saferlhf needs 0 or 1"):
+    with pytest.raises(UserError, match="row 2: safer_response_id is 2; format saferlhf needs 0 or 1"):
         load_splits(recipe)
     code, _, err = cli("validate", write_recipe(data={"prefer": "better"}))
     assert code == 2 and "data.prefer" in err and "format: saferlhf" in err
@@ -422,12 +422,15 @@ def test_short_preference_run_with_the_layout_and_the_filter(tmp_path):
         "eval": {"generate": 4, "max_new_tokens": 8},
     }, steps=2, output_dir=tmp_path / "run")
     dual_unsafe = round(n * 0.25)
-    log = summary["data_transforms"]
-    assert [(e["plugin"], e["split"]) for e in log] == [("filter_dual_unsafe", "train"), ("filter_dual_unsafe", "eval")]
+    everything = summary["data_transforms"]
+    log = [e for e in everything if e["plugin"] == "filter_dual_unsafe"]
+    assert [e["split"] for e in log] == ["train", "eval"]
+    for e in everything:  # after the filter, TRL may drop pairs whose prompt fills max_length: counted too
+        assert e["plugin"] in ("filter_dual_unsafe", "trl.DPOTrainer"), e
     assert sum(e["rows_in"] for e in log) == n
     assert sum(e["rows_in"] - e["rows_out"] for e in log) == dual_unsafe
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert written["data_transforms"] == log
+    assert written["data_transforms"] == everything
     # the held-out greedy answers are scored by both judges
     by_source = summary["after"]["answers"]["by_source"]
     assert set(by_source) == {"safety", "helpful"} and 0 <= by_source["safety"] <= 1

@@ -307,13 +307,23 @@ def load_data(plan: Plan):
     from ..data import load_splits
     from ..registry import required_columns
 
-    train, heldout = load_splits(plan.recipe, required_columns(plan.plugins, plan.recipe.stage))
+    train, heldout, log = load_splits(plan.recipe, required_columns(plan.plugins, plan.recipe.stage))
+    for entry in log:
+        plan.data_log.append(entry)
+        dropped = entry["rows_in"] - entry["rows_out"]
+        what = f"kept {entry['rows_out']} of {entry['rows_in']} {entry['split']} rows: " if dropped else \
+            f"{entry['split']} data: "
+        print(f"posttrain: {what}{entry['reason']}", flush=True)
     train, heldout = transform(plan, train, "train"), transform(plan, heldout, "eval")
+    plan.data_sizes = {"train": len(train), "eval": len(heldout) if heldout is not None else None}
     if len(train) == 0:
         raise UserError("the training data is empty", field="data.source", fix="point data.source at some examples")
     if heldout is not None and len(heldout) == 0:
         raise UserError("the held-out data is empty", field="data.eval",
                         fix="use a larger data.eval.fraction, another data.eval source/split, or fraction: 0 for none")
+    from ..checkpoints import data_checked
+
+    data_checked()  # an earlier run this one replaces (--overwrite) is deleted only now
     return train, heldout
 
 
@@ -482,11 +492,37 @@ def _trim_metrics(run_dir: Path, upto_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
+def count_tokenisation_drops(module, plan: Plan, trainer) -> None:
+    """Rows TRL's tokenisation dropped (pairs longer than max_length in a reward model, examples left with
+    nothing to train on after truncation...), per split, printed and written to summary.json; a training split
+    left empty is an error (exit 2) naming training.max_length."""
+    if getattr(trainer.args, "packing", False):
+        return  # packed rows are not examples
+    max_length = getattr(trainer.args, "max_length", None)
+    why = getattr(module, "DROPPED", "dropped by TRL's tokenisation at training.max_length = {max_length} tokens")
+    for split, dataset in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+        before = plan.data_sizes.get(split)
+        if before is None or dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, dict):
+            continue
+        after = len(dataset)
+        if after >= before:
+            continue
+        reason = why.format(max_length=max_length)
+        plan.data_log.append({"plugin": plan.stage.trainer,
+                              "split": split, "rows_in": before, "rows_out": after, "reason": reason})
+        print(f"posttrain: warning: kept {after} of {before} {split} rows: {before - after} {reason}", flush=True)
+        if after == 0:
+            raise UserError(f"every {split} row was dropped: {reason}", field="training.max_length",
+                            fix="raise training.max_length (or shorten the data); `posttrain estimate` shows what a "
+                                "longer one costs in memory")
+
+
 def run_training(stage, module, plan: Plan, run_dir: Path, resume: bool) -> dict:
     """Build, evaluate, train, save, evaluate, summarise, with the trainer ``module`` of ``stage``. In a
     distributed launch every rank runs this (training and evaluation are collective); only the main process
     writes files. Returns the summary (also written to ``summary.json``)."""
     trainer, heldout = module.build_trainer(plan, run_dir)
+    count_tokenisation_drops(module, plan, trainer)
     main = trainer.is_world_process_zero()
     before_path = run_dir / "eval_before.json"
     checkpoint = last_checkpoint(run_dir) if resume else None

@@ -278,3 +278,6 @@ def build_trainer(plan: Plan, run_dir: Path):
                                 processing_class=p.tokenizer, peft_config=p.peft_config, **extra,
                                 callbacks=p.callbacks, plugins=plan.plugins, stage=STAGE)
     return finish_trainer(trainer, p.precision), p.heldout
+
+DROPPED = ("pairs whose prompt alone fills training.max_length = {max_length} tokens (TRL's DPOTrainer drops "
+           "them)")

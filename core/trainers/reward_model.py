@@ -93,3 +93,5 @@ def build_trainer(plan: Plan, run_dir: Path):
                                  processing_class=p.tokenizer, peft_config=p.peft_config, callbacks=p.callbacks,
                                  plugins=plan.plugins)
     return finish_trainer(trainer, p.precision), p.heldout
+
+DROPPED = "pairs longer than training.max_length = {max_length} tokens (TRL's RewardTrainer drops them)"

@@ -5,10 +5,15 @@ What is TRL's: tokenisation and chat templates, the completion-only loss (the pr
 not trained on), packing and padding-free batching (``training.packing``, ``training.padding_free``),
 the fused LM head, checkpointing and logging. What is ours, through small overrides:
 
-- data: a ``messages`` conversation becomes a prompt (every turn before the last) and a completion
-  (the last, assistant, turn), so the loss is on the final reply; with
-  ``training.assistant_only_loss: true`` the conversation is left whole and TRL trains on every
-  assistant turn (the chat template must mark them with ``{% generation %}``);
+- data: a ``messages`` conversation is trained on every assistant turn (``assistant_turns: every``, the
+  default; Tülu 3's SFT and TRL's assistant-only loss): the conversation is tokenised with the chat
+  template and each assistant reply's tokens (its end-of-turn token included) are the ones trained on,
+  found by rendering the conversation up to that reply, so any template works, with or without
+  ``{% generation %}`` markers. Conversations with one assistant turn, and ``assistant_turns: last``,
+  go to TRL as a prompt (every turn before the last) and a completion (the last), TRL's own
+  prompt-completion tokenisation. With ``training.assistant_only_loss: true`` the conversation goes
+  to TRL whole (its template must mark the assistant turns). A ``text`` column is TRL's
+  language-modelling format: every token is trained on;
 - token masks: ``posttrain_token_mask`` plugins remove tokens from the loss; they are applied by the
   collator, so the loss is normalised by the tokens that are really trained on;
 - held-out numbers: the completion NLL (TRL's evaluation loss, a mean over completion tokens), its
@@ -26,6 +31,7 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
+from ..errors import UserError
 from ..registry import PluginSet, contract_error
 from ..validate import Plan
 from .loop import GuardedTrainer, finish_trainer, trainer_parts
@@ -91,19 +97,94 @@ def summary_extras(trainer) -> dict:
     return {}
 
 
-def _as_prompt_completion(plan: Plan, dataset):
+def _chat_ids(tokenizer, messages, tools=None, **kwargs) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, **kwargs)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def assistant_turn_tokens(messages: list[dict], tokenizer, tools=None, row: int | None = None) -> dict:
+    """A conversation's tokens and a mask of 1 on every assistant reply (its end-of-turn token included): the
+    tokens from where the template's rendering up to the reply's generation prompt ends to where its rendering
+    up to the reply ends, as TRL finds a completion's tokens."""
+    ids = _chat_ids(tokenizer, messages, tools)
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = _chat_ids(tokenizer, messages[:i], tools, add_generation_prompt=True)
+        upto = _chat_ids(tokenizer, messages[:i + 1], tools)
+        start, end = _shared(before, ids), _shared(upto, ids)
+        if start < len(before) or end <= start:
+            where = f"row {row}: " if row is not None else ""
+            raise UserError(f"{where}the chat template renders conversation {'prefixes' if end > start else 'turns'} "
+                            f"differently from the whole conversation (assistant turn {i}), so its tokens cannot be "
+                            "told apart", field="assistant_turns",
+                            fix="use assistant_turns: last (the last reply only, as TRL's prompt-completion data), or a "
+                                "chat template that renders a conversation's start the same way alone")
+        mask[start:end] = [1] * (end - start)
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def _assistant_turns(dataset) -> int:
+    """The most assistant turns a conversation of the dataset has."""
+    return max((sum(m.get("role") == "assistant" for m in messages) for messages in dataset["messages"]), default=0)
+
+
+def prepare(plan: Plan, dataset, tokenizer):
+    """A split as the sft stage gives it to TRL (see the module's docstring)."""
     if dataset is None or "messages" not in dataset.column_names or "completion" in dataset.column_names:
         return dataset
     if plan.trl_config.get("assistant_only_loss"):
         return dataset  # TRL trains on every assistant turn of the whole conversation
+    if plan.options.assistant_turns == "every" and _assistant_turns(dataset) > 1:
+        keep = [c for c in dataset.column_names if c not in ("messages", "tools")]
+        return dataset.map(lambda example, i: assistant_turn_tokens(example["messages"], tokenizer,
+                                                                     example.get("tools"), row=i + 1),
+                           with_indices=True, remove_columns=["messages", *keep],
+                           desc="Tokenising every assistant turn")
     return dataset.map(conversation_to_completion, remove_columns=["messages"], desc="Splitting conversations")
+
+
+def check_assistant_only_loss(plan: Plan, tokenizer) -> None:
+    """TRL's assistant_only_loss on a template without generation markers that TRL cannot patch: exit 2, not
+    TRL's error (validation refuses it when it can read the template)."""
+    if not plan.trl_config.get("assistant_only_loss"):
+        return
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return
+    try:
+        get_training_chat_template(tokenizer)
+    except Exception as e:  # noqa: BLE001 - TRL knows no training version of this template
+        raise UserError(f"TRL's assistant_only_loss needs {{% generation %}} markers in the chat template; this "
+                        f"model's has none and TRL has no training version of it ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})", field="training.assistant_only_loss",
+                        fix="remove it: the sft stage already trains every assistant turn (assistant_turns: every), "
+                            "for any chat template") from None
 
 
 def build_trainer(plan: Plan, run_dir: Path):
     p = trainer_parts(plan, run_dir, SFTConfig)
-    train, heldout = _as_prompt_completion(plan, p.train), _as_prompt_completion(plan, p.heldout)
+    check_assistant_only_loss(plan, p.tokenizer)
+    train, heldout = prepare(plan, p.train, p.tokenizer), prepare(plan, p.heldout, p.tokenizer)
     trainer = SFTStageTrainer(model=p.model, args=p.config, train_dataset=train, eval_dataset=heldout,
                               processing_class=p.tokenizer, peft_config=p.peft_config, callbacks=p.callbacks,
                               plugins=plan.plugins)
-    return finish_trainer(trainer, p.precision), heldout
+    answers = p.heldout
+    if answers is not None and "messages" in answers.column_names:
+        answers = answers.map(conversation_to_completion, remove_columns=["messages"])
+    return finish_trainer(trainer, p.precision), answers
 
+
+DROPPED = ("examples with no completion token left after truncation to training.max_length = {max_length} tokens "
+           "(TRL's SFTTrainer drops them)")
