@@ -91,18 +91,19 @@ class SequenceClassifier:
             return self.model, self.tokenizer
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from .models import resolve_model_path
+        from .models import resolve_model_path, whole_models
 
         path = resolve_model_path(self.path)
         device, dtype = self._device_and_dtype()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            if (Path(path) / "adapter_config.json").is_file():
-                from peft import AutoPeftModelForSequenceClassification
+            with whole_models():  # a scorer is whole in every process, also under ZeRO-3
+                if (Path(path) / "adapter_config.json").is_file():
+                    from peft import AutoPeftModelForSequenceClassification
 
-                model = AutoPeftModelForSequenceClassification.from_pretrained(path, dtype=dtype)
-            else:
-                model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+                    model = AutoPeftModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+                else:
+                    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the {self.what} '{path}': {str(e).splitlines()[0] if str(e) else e}",
                             field=self.field, fix="point at a sequence classifier folder (a reward_model stage's "

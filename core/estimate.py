@@ -370,6 +370,7 @@ class Setup:
     reference_shape: ModelShape | None = None
     reference_dtype: str | None = None  # None: the compute dtype
     reward_models: tuple = ()  # (ModelShape, dtype) of frozen reward models (online)
+    critic: tuple | None = None  # online with a critic: (ModelShape or None for the policy's base, lora_r, dtype)
     zero_stage: int | None = None  # DeepSpeed ZeRO stage, None without DeepSpeed
     zero: dict = field(default_factory=dict)  # the zero_optimization section
     processes: int = 1
@@ -542,6 +543,24 @@ def extra_trained_params(s: Setup) -> int:
     return n
 
 
+CRITIC_TRAINED_BYTES = 4 + 4 + 8  # float32 weight, its gradient, AdamW's two float32 moments
+
+
+def critic_bytes(s: Setup) -> float:
+    """The critic, whole on every process whatever the ZeRO stage (it trains outside the policy's engine, with
+    its own AdamW): on the policy's base, a second LoRA adapter on the policy's targets and a value head (the
+    base is the policy's own); a value model, its base in its dtype and its LoRA adapter (all linear layers)
+    and score head, or, with lora_r 0, every weight trained."""
+    shape, r, dtype = s.critic
+    if shape is None:
+        trained = lora_params(replace(s, lora_r=r)) + s.shape.hidden + 1
+        return trained * CRITIC_TRAINED_BYTES
+    if r == 0:
+        return shape.params * CRITIC_TRAINED_BYTES
+    adapter = sum(r * (a + b) * shape.copies(name) for name, (a, b) in shape.linears().items()) * shape.layers
+    return shape.params * _bytes(dtype) + (adapter + shape.hidden) * CRITIC_TRAINED_BYTES
+
+
 def frozen_weight_bytes(s: Setup) -> float:
     """The policy's frozen weights (LoRA/QLoRA base)."""
     sh = s.shape
@@ -567,6 +586,7 @@ class Terms:
     logits: float = 0.0
     reference: float = 0.0
     reward_models: float = 0.0
+    critic: float = 0.0
     generation: float = 0.0
     buffers: float = 0.0
 
@@ -666,6 +686,8 @@ def compute(s: Setup) -> Estimate:
             t.reference /= n_proc
     for rm_shape, rm_dtype in s.reward_models:
         t.reward_models += rm_shape.params * _bytes(rm_dtype)
+    if s.critic is not None:
+        t.critic = critic_bytes(s)
 
     static = replace(t)
 
@@ -824,6 +846,7 @@ class StageInput:
     model_source: str  # name_or_path after resolving stages.NAME
     reference_source: str | None = None  # model.reference, resolved the same way
     reward_models: list = field(default_factory=list)  # (source, dtype) of the reward_model plugin's model
+    critic: tuple | None = None  # (source or None for the policy's base, lora_r) of the critic plugin
     notes: list = field(default_factory=list)
 
 
@@ -904,6 +927,13 @@ def setup_from_recipe(si: StageInput, *, processes: int, prompt_length: int | No
     for source, dtype in si.reward_models:
         rm_shape = read_shape(source, f"{si.error_prefix}plugins.reward_model.model", notes).as_reward_model()
         s.reward_models += ((rm_shape, compute if dtype == "auto" else dtype),)
+    if si.critic is not None:
+        source, r = si.critic
+        critic_shape = None if source is None else \
+            read_shape(source, f"{si.error_prefix}plugins.critic.model", notes).as_reward_model()
+        s.critic = (critic_shape, r, compute)
+        if s.zero_stage == 3:
+            notes.append("the critic is whole on every process (it trains outside DeepSpeed's engine)")
     return s
 
 
@@ -1027,6 +1057,10 @@ def _other_models(si: StageInput, sources: dict) -> None:
     options = (recipe.plugins or {}).get("reward_model")  # loaded once, it stays for the run
     if isinstance(options, dict) and options.get("model"):
         si.reward_models = [(_resolve(str(options["model"]), sources), str(options.get("dtype", "auto")))]
+    if recipe.stage == "online" and "critic" in (recipe.plugins or {}):
+        critic = recipe.plugins["critic"] or {}
+        model, r = str(critic.get("model", "policy")), int(critic.get("lora_r", 16))
+        si.critic = (None if model == "policy" else _resolve(model, sources), r)
 
 
 def _in_stage(error: UserError, prefix: str) -> UserError:
@@ -1142,6 +1176,7 @@ ROWS = [
     ("logits", "logits (fused LM head)"),
     ("reference", "reference model"),
     ("reward_models", "reward models"),
+    ("critic", "critic (weights, gradients, AdamW)"),
     ("generation", "generation (KV cache)"),
     ("buffers", "DDP / DeepSpeed buffers"),
 ]

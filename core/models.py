@@ -243,6 +243,15 @@ def load_model(recipe, path: str, precision: Precision, *, reward_head: bool = F
     return model, peft_config
 
 
+def whole_models():
+    """A context in which models are built whole in this process, also while a trainer under DeepSpeed ZeRO-3
+    exists (which makes transformers build every model sharded): for models used outside the trainer's engine,
+    such as a reward model that scores or a critic with its own optimizer."""
+    from .seams import whole_models as whole
+
+    return whole()
+
+
 def load_frozen_model(recipe, path: str, precision: Precision):
     """A frozen copy of a causal LM in the compute dtype (the full fine-tuning reference), in eval mode."""
     from transformers import AutoModelForCausalLM

@@ -44,6 +44,25 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def setup_distributed(deepspeed: bool = False) -> None:
+    """Set up the distributed state once, from the launcher's environment, before any model is loaded.
+
+    A launch's processes must be counted before the first model: DeepSpeed ZeRO-3 builds each model
+    already sharded (``deepspeed.zero.Init`` inside ``from_pretrained``) and checks its batch arithmetic
+    against the number of processes its own communication layer knows. accelerate initialises that layer
+    for DeepSpeed on GPUs only; on CPU processes (gloo) it would see one process. Without a launcher this
+    does nothing."""
+    if "LOCAL_RANK" not in os.environ and world_size() <= 1:
+        return
+    state = distributed_state()
+    if not deepspeed:
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():  # wraps the process group accelerate created (no second rendezvous)
+        comm.init_distributed(dist_backend=state.backend, auto_mpi_discovery=False)
+
+
 def barrier() -> None:
     """Wait for every process (nothing to wait for without a process group)."""
     import torch.distributed as dist

@@ -42,8 +42,11 @@ def add_reference_adapter(model) -> bool:
         return False
     model.add_adapter(REF_ADAPTER, model.peft_config["default"])
     model.set_adapter("default")
-    for policy, ref in adapter_pairs(model):
-        ref.data.copy_(policy.data)
+    pairs = list(adapter_pairs(model))
+    with gathered([p for pair in pairs for p in pair]):
+        for policy, ref in pairs:
+            ref.data.copy_(policy.data)
+    for _, ref in pairs:
         ref.requires_grad_(False)
     return True
 
@@ -61,5 +64,19 @@ def move_reference(trainer, eta: float) -> None:
         raise RuntimeError("the trainer has neither a reference model nor a LoRA policy")
     if add_reference_adapter(peft) and eta == 1.0:
         return  # a fresh copy is already the policy
-    for policy, ref in adapter_pairs(peft):
-        ref.data.mul_(1 - eta).add_(policy.data.to(ref.dtype), alpha=eta)
+    pairs = list(adapter_pairs(peft))
+    with gathered([p for pair in pairs for p in pair]):
+        for policy, ref in pairs:
+            ref.data.mul_(1 - eta).add_(policy.data.to(ref.dtype), alpha=eta)
+
+
+def gathered(params):
+    """Whole parameters for the time of the block, also under DeepSpeed ZeRO-3 (where each process holds a
+    shard): the values every process computes there are partitioned again on leaving it (rank 0's kept)."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

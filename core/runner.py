@@ -394,8 +394,11 @@ def _run_stage(stage: PipelineStage, run_dir: Path, resume: bool) -> StageResult
     plan = stage.plan
     try:
         _benchmarks_before(stage, run_dir)
-        return plan.stage.run(plan, run_dir, resume)
+        result = plan.stage.run(plan, run_dir, resume)
+        _forget_engine()
+        return result
     except BaseException as error:
+        _forget_engine()
         restored = restore_set_aside() if process.is_main() else []
         for folder in restored:
             print(f"posttrain: the new run failed before its data passed its checks; the earlier run in {folder} is "
@@ -409,6 +412,18 @@ def _run_stage(stage: PipelineStage, run_dir: Path, resume: bool) -> StageResult
                 and not points_inside:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _forget_engine() -> None:
+    """A stage's TRL config under DeepSpeed ZeRO-3 makes transformers build every later model already sharded
+    (a process-wide setting). After the stage, models loaded outside a trainer (a merged export, the next
+    stage's samplers and scorers) are whole again; the next trainer's config sets it anew."""
+    import sys as _sys
+
+    if "transformers" in _sys.modules:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def _stage_summary(stage: PipelineStage, stage_dir: Path, summary: dict, output: Path, seconds: float | None) -> dict:
@@ -471,6 +486,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
     main = process.is_main()
     top = Path(output_dir or pipeline.output_dir or Path("runs") / pipeline.name)
     stage_refs.clear()
+    process.setup_distributed(deepspeed=any(s.plan.trl_config.get("deepspeed") for s in pipeline.stages))
     if pipeline.single:
         if start_from:
             raise UserError("--from restarts a pipeline at a stage, and this recipe has no stages", field="--from",

@@ -61,6 +61,8 @@ MODULE_NAMES = (
     ("trl.experimental.tpo.tpo_trainer", "DataCollatorForTriplePreference", "batches of [chosen; rejected; gold]"),
     ("trl.models", "unwrap_model_for_generation", "the policy gathered for a sampler plugin (ZeRO-3)"),
     ("trl.trainer.callbacks", "SyncRefModelCallback", "moving a frozen reference copy (ZeRO-3 gathered)"),
+    ("transformers.integrations.deepspeed", "_hf_deepspeed_config_weak_ref",
+     "the process-wide ZeRO-3 setting under which from_pretrained builds a model sharded"),
 )
 
 
@@ -126,6 +128,21 @@ def reference_builder(trainer_module: str, reference):
     module = importlib.import_module(f"trl.trainer.{trainer_module}")
     with mock.patch.object(module, "create_model_from_path", lambda *a, **k: reference() if reference else None):
         yield
+
+
+@contextlib.contextmanager
+def whole_models():
+    """Models built in the block are whole in this process. While a trainer under DeepSpeed ZeRO-3 exists,
+    transformers builds every model sharded across the processes (a process-wide setting its config makes);
+    a model used outside the engine (a scorer, a critic) must not be."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def suppress_new_head_warning():

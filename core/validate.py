@@ -164,8 +164,53 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
         raise UserError("eval.generate must be >= 0 and eval.max_new_tokens >= 1", field="eval",
                         fix="use e.g. generate: 64, max_new_tokens: 32")
     plan = Plan(recipe, plugins, check_training(recipe, plugins), data_notes=list(dict.fromkeys(notes)))
+    check_engine(plan)
     stage.check(plan)
     return plan
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def check_engine(plan: Plan) -> None:
+    """What DeepSpeed would refuse when the first model loads, said before: its ZeRO stage, and its batch
+    sizes against the recipe's and the launch's number of processes (``"auto"`` takes the recipe's)."""
+    ds = deepspeed_config(plan.trl_config.get("deepspeed"))
+    if ds is None:
+        return
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in ZERO_STAGES:
+        raise UserError(f"zero_optimization.stage must be one of {', '.join(map(str, ZERO_STAGES))}, got "
+                        f"{zero.get('stage') if isinstance(zero, dict) else zero!r}", field="training.deepspeed",
+                        fix="use 2 (optimizer state and gradients sharded) or 3 (the weights too)")
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+        raise UserError("with stage3_gather_16bit_weights_on_model_save false, final/ would hold ZeRO shards, "
+                        "which the next stage, the merge and `transformers` cannot load",
+                        field="training.deepspeed",
+                        fix="remove the key (posttrain gathers the final weights from the shards into final/)")
+    defaults = trl_fields.config_defaults(plan.recipe.kind.config)
+    value = lambda key: plan.trl_config.get(key, defaults.get(key))  # noqa: E731
+    micro, accumulation, processes = value("per_device_train_batch_size"), value("gradient_accumulation_steps"), \
+        world_size()
+    for key, ours, name in (("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size"),
+                            ("gradient_accumulation_steps", accumulation, "gradient_accumulation_steps")):
+        theirs = ds.get(key, "auto")
+        if theirs != "auto" and theirs != ours:
+            raise UserError(f"the DeepSpeed config's {key} is {theirs!r} but training.{name} is {ours}",
+                            field="training.deepspeed",
+                            fix=f"set {key} to \"auto\" in the DeepSpeed config (posttrain fills it in), or make the "
+                                "two equal")
+    total = ds.get("train_batch_size", "auto")
+    if total != "auto" and isinstance(micro, int) and isinstance(accumulation, int):
+        per_process = micro * accumulation
+        launched = processes > 1
+        if (launched and total != per_process * processes) or not isinstance(total, int) or total % per_process:
+            where = f"this launch's {processes} processes" if launched else "a whole number of processes"
+            raise UserError(f"the DeepSpeed config's train_batch_size is {total!r}, which is not "
+                            f"per_device_train_batch_size {micro} x gradient_accumulation_steps {accumulation} x "
+                            f"{where}", field="training.deepspeed",
+                            fix="set train_batch_size to \"auto\" in the DeepSpeed config (posttrain computes it from "
+                                "the recipe and the launch)")
 
 
 def deepspeed_config(value) -> dict | None:

@@ -233,15 +233,16 @@ class ValueModelCritic(_CriticBase):
     def setup(self, trainer) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from posttrain.models import resolve_model_path, torch_dtype
+        from posttrain.models import resolve_model_path, torch_dtype, whole_models
 
         self.trainer = trainer
         path = resolve_model_path(self.options.model)
         precision = trainer.precision
         full = self.options.lora_r == 0
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=torch_dtype(precision.trained if full else precision.compute))
+            with whole_models():  # the critic trains outside the policy's engine: whole in every process
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=1, dtype=torch_dtype(precision.trained if full else precision.compute))
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load the critic's value model '{path}': {str(e).splitlines()[0]}",

@@ -444,3 +444,35 @@ def test_estimate_imports_no_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["stages"][0]["setup"]["reference"] == "none"
+
+
+def test_the_critic_is_counted_whole_on_every_process(tmp_path, cli):
+    """PPO's critic trains outside DeepSpeed's engine: its weights, adapter, head, gradients and AdamW states
+    are whole on every process under ZeRO-3, as the frozen reward model is (tests/test_zero.py runs it so)."""
+    from posttrain.estimate import read_shape
+
+    policy = model_dir(tmp_path, "policy", SHAPE_7B)
+    value = model_dir(tmp_path, "value", SHAPE_7B, architectures=["LlamaForSequenceClassification"], num_labels=1)
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))
+    r, h, i, layers = 8, 4096, 11008, 32
+    adapter = layers * r * (4 * (h + h) + 3 * (h + i))  # every linear layer of a block: q, k, v, o, gate, up, down
+    value_params = read_shape(value, "critic", []).as_reward_model().params
+    expected = value_params * 2 + (adapter + h) * 16  # bf16 base; float32 adapter and head, gradients, AdamW
+
+    def breakdown(processes: int, critic: dict) -> dict:
+        recipe = recipe_file(tmp_path, "ppo", {"name_or_path": policy, "lora": {"r": 16}},
+                             {"per_device_train_batch_size": 2, "num_generations": 1, "max_completion_length": 64,
+                              "beta": 0.05, "deepspeed": str(ds)}, stage="online",
+                             plugins={"verify_gsm8k": {}, "critic": critic, "gae": {}})
+        out = estimate_json(cli, recipe, "--processes", str(processes), "--prompt-length", "128")
+        return out["stages"][0]
+
+    one, eight = breakdown(1, {"model": value, "lora_r": r}), breakdown(8, {"model": value, "lora_r": r})
+    assert one["breakdown_gib"]["critic"] == pytest.approx(expected / GiB, abs=0.01)
+    assert eight["breakdown_gib"]["critic"] == one["breakdown_gib"]["critic"]  # not sharded
+    assert eight["breakdown_gib"]["optimizer"] < one["breakdown_gib"]["optimizer"]  # the policy's state is
+    assert any("critic is whole on every process" in n for n in eight["notes"])
+    on_policy = breakdown(8, {"lora_r": r})  # a second adapter on the policy's targets (all seven) and a head
+    assert on_policy["breakdown_gib"]["critic"] == pytest.approx((adapter + h + 1) * 16 / GiB, abs=0.01)
+    assert on_policy["setup"]["deepspeed_zero_stage"] == 3

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from ..errors import UserError
 from ..stage import MemoryFacts, Panel, Stage, StageResult
 from .preference import LOSS_MANAGED, PAIR_HOOKS, PAIR_RENAMED, PreferenceStage
 
@@ -76,15 +75,6 @@ class IterativeStage(Stage):
         def validate(self):
             if self.rounds < 1:
                 raise ValueError(f"rounds must be at least 1, got {self.rounds}")
-
-    def check(self, plan) -> None:
-        from ..validate import deepspeed_config
-
-        ds = deepspeed_config(plan.trl_config.get("deepspeed"))
-        if ((ds or {}).get("zero_optimization") or {}).get("stage") == 3:
-            raise UserError("the iterative stage samples with each process on its own share of the prompts, which "
-                            "DeepSpeed ZeRO-3 cannot do (every forward pass needs every process)",
-                            field="training.deepspeed", fix="use ZeRO-2 (or plain data parallelism) for iterative DPO")
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
         return PreferenceStage.memory(self, cfg, plugins, recipe, prompt_length=prompt_length,

@@ -29,6 +29,7 @@ an interrupted one from its checkpoint, reusing its saved samples and pairs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -184,9 +185,17 @@ class Rounds:
     # -- state between rounds ------------------------------------------------------------------
 
     def save(self, round_dir: Path) -> None:
+        """The round's policy (and moved reference). Every process calls this: under ZeRO-3 the weights are
+        gathered from all of them; rank 0 writes."""
         self.trainer.save_model(str(round_dir / "final"))
-        if not self.lora and self.moves_reference and self.trainer.ref_model is not None:
-            self.trainer.ref_model.save_pretrained(round_dir / "reference")
+        ref = self.trainer.ref_model
+        if not self.lora and self.moves_reference and ref is not None:
+            from ..reference import gathered
+
+            ref = getattr(ref, "module", ref)  # a DeepSpeed engine holds the reference under ZeRO-3
+            with gathered(list(ref.parameters())):
+                if is_main():
+                    ref.save_pretrained(round_dir / "reference")
 
     def restore(self, round_dir: Path) -> None:
         """The policy (and reference) as a finished round left them."""
@@ -224,22 +233,30 @@ class Rounds:
 
     # -- evaluation and sampling ---------------------------------------------------------------
 
-    def _device_model(self):
-        """The model to sample from and a factory of its compute-dtype context (a new one per use)."""
+    @contextlib.contextmanager
+    def _sampling_model(self):
+        """The model to sample from and a factory of its compute-dtype context (a new one per use). Once the
+        trainer exists under DeepSpeed ZeRO-3, every process gathers the whole policy for the time of the
+        block, and then samples its own share of the prompts with no collective call."""
         if self.trainer is not None:
-            return self.trainer.accelerator.unwrap_model(self.trainer.model), self.trainer.accelerator.autocast
+            from trl.models import unwrap_model_for_generation
+
+            with unwrap_model_for_generation(self.trainer.model_wrapped, self.trainer.accelerator,
+                                             gather_deepspeed3_params=True) as model:
+                yield model, self.trainer.accelerator.autocast
+            return
         self.model.to(distributed_state().device)
-        return self.model, compute_autocast(self.precision)
+        yield self.model, compute_autocast(self.precision)
 
     def heldout_answers(self) -> dict | None:
         if self.trainer is not None:
             return answer_metrics(self.plan, self.trainer, self.heldout)
-        model, autocast = self._device_model()
-        return greedy_answers(self.plan, model, self.tokenizer, self.heldout, autocast())
+        with self._sampling_model() as (model, autocast):
+            return greedy_answers(self.plan, model, self.tokenizer, self.heldout, autocast())
 
     def sample_round(self, rows: list[dict], seed: int) -> list[dict]:
-        model, autocast = self._device_model()
-        return sample_and_score(self.plan, model, self.tokenizer, rows, autocast, seed)
+        with self._sampling_model() as (model, autocast):
+            return sample_and_score(self.plan, model, self.tokenizer, rows, autocast, seed)
 
 
 def run(plan: Plan, run_dir: Path, resume: bool) -> dict:
@@ -294,6 +311,10 @@ def run(plan: Plan, run_dir: Path, resume: bool) -> dict:
         trainer = state.trainer
         trainer.args.output_dir = str(round_dir)
         trainer.optimizer, trainer.lr_scheduler = None, None  # a new optimizer and schedule every round
+        if trainer.is_deepspeed_enabled:
+            # train() frees the last round's DeepSpeed engine; the module (its ZeRO-3 shards as they are) gets a
+            # new one, as it gets a new optimizer
+            trainer.model_wrapped = trainer.model
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, MetricsWriter):
                 callback.extra = {"round": r}
@@ -312,8 +333,8 @@ def run(plan: Plan, run_dir: Path, resume: bool) -> dict:
                                None),
             "answers": after, "seconds": round(time.time() - t0, 1),
         }
+        state.save(round_dir)
         if main:
-            state.save(round_dir)
             (round_dir / "round.json").write_text(json.dumps(info, indent=2, default=str))
         if main:
             print(f"posttrain: round {r}: {counts['pairs']} pairs from {counts['prompts']} prompts "
@@ -321,7 +342,7 @@ def run(plan: Plan, run_dir: Path, resume: bool) -> dict:
                   f"accuracy {_fmt((after or {}).get('answer_accuracy'))}", flush=True)
         rounds_done.append(info)
     final = run_dir / "final"
-    if main and state.trainer is not None:
+    if state.trainer is not None:  # every process (ZeRO-3 gathers the weights); rank 0 writes
         state.trainer.save_model(str(final))
     summary = {
         "recipe": recipe.name, "stage": STAGE, "plugins": list(plan.plugins.by_name), "rounds": rounds_done,

@@ -58,8 +58,27 @@ def platform_defaults(chosen: dict) -> dict:
 def trl_values(plan: Plan, precision: Precision, stage_defaults: dict | None = None) -> dict:
     """The TRL config values of a run: hardware defaults, then the stage's own, then the recipe's
     and the plugins' (``plan.trl_config``), and the autocast flags of the run's precision."""
-    return {**platform_defaults(plan.trl_config), **(stage_defaults or {}), **plan.trl_config,
-            **precision.trl_flags}
+    values = {**platform_defaults(plan.trl_config), **(stage_defaults or {}), **plan.trl_config, **precision.trl_flags}
+    if values.get("deepspeed") is not None:
+        values["deepspeed"] = engine_config(values["deepspeed"])
+    return values
+
+
+def engine_config(value) -> dict:
+    """The DeepSpeed config a run hands to TRL (a copy; the recipe's file is not changed). Under ZeRO-3 each
+    process holds a shard of every weight, so the final model is gathered from the shards when it is saved
+    (DeepSpeed's ``stage3_gather_16bit_weights_on_model_save``, on unless the config says otherwise): ``final/``
+    is then a Hugging Face model in the engine's dtype, as a one-process run writes it."""
+    import copy
+
+    from ..validate import deepspeed_config
+
+    config = copy.deepcopy(deepspeed_config(value))
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage") == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+        config["zero_optimization"] = zero
+    return config
 
 
 def build_config(config_cls, plan: Plan, run_dir: Path, precision: Precision, stage_defaults: dict | None = None):
@@ -385,11 +404,15 @@ def _text(prompt) -> str:
 
 def answer_metrics(plan: Plan, trainer, heldout) -> dict | None:
     """Greedy answers to held-out prompts, scored by the enabled reward plugins (the trainer's model)."""
-    ds_plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
-    if ds_plugin is not None and ds_plugin.zero_stage == 3:
-        return {"skipped": "greedy answers are not generated under DeepSpeed ZeRO-3 (the weights are sharded)"}
-    return greedy_answers(plan, trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class, heldout,
-                          trainer.accelerator.autocast())
+    from trl.models import unwrap_model_for_generation
+
+    if not plan.recipe.eval.generate or heldout is None:
+        return None
+    # under DeepSpeed ZeRO-3 every process gathers the whole model for the time of the answers (each holds
+    # only its shard); elsewhere this is the unwrapped model as it is
+    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
+                                     gather_deepspeed3_params=True) as model:
+        return greedy_answers(plan, model, trainer.processing_class, heldout, trainer.accelerator.autocast())
 
 
 def greedy_answers(plan: Plan, model, tokenizer, heldout, autocast) -> dict | None:

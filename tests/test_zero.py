@@ -1,0 +1,269 @@
+"""Every stage under DeepSpeed ZeRO-3 and ZeRO-2 (accelerate launch, two CPU processes over gloo, the tiny
+model): one pipeline runs sft, reward_model, preference (LoRA from the sft stage's model, and full
+fine-tuning with its frozen reference), kto, online (GRPO, and PPO with a reward model and a critic from the
+reward_model stage), iterative DPO (two rounds, the reference moved to the policy) and rejection sampling,
+each stage passing its model on. The same pipeline under plain DDP (torchrun) is the reference: each
+stage's losses and gradient norms, the iterative rounds' pairs and the rejection-sampling dataset are the
+same; the engine really shards (a probe plugin reads the parameters each process holds); every final/
+loads with transformers and peft as a one-process run's does, and generates.
+
+Also: batch arithmetic DeepSpeed would refuse is refused by ``posttrain validate`` (exit 2), PPO with the
+critic resumes under ZeRO-3 with the losses of an uninterrupted run, and two "machines" on loopback (one
+process each) train with the losses of one machine's two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import cpu_processes_env, free_port, read_jsonl
+
+TESTS = Path(__file__).resolve().parent
+PREEMPTED = 75
+
+WORDS = {"source": "builtin:word_problems", "options": {"n": 24}, "eval": {"fraction": 0.2}}
+ARITH = {"source": "builtin:arithmetic", "options": {"n": 48}, "eval": {"fraction": 0.25}}
+STEPS = {"per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1, "save_strategy": "no",
+         "learning_rate": 0.01}
+ONLINE = {**STEPS, "max_completion_length": 8}
+DIGITS = {"online_plugins:DigitShare": {}}
+
+
+def zero_config(stage: int) -> dict:
+    return {"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                       "weight_decay": "auto", "torch_adam": True}}}
+
+
+def pipeline(tiny_model_dir, probe: Path, zero: int | None) -> dict:
+    probe_plugin = {"engine_plugins:EngineProbe": {"out": str(probe)}}
+    stages = [
+        {"name": "sft", "stage": "sft", "data": {**ARITH, "columns": {"completion": "chosen"}},
+         "plugins": {"verify_gsm8k": {}}, "training": {**STEPS, "max_length": 64}},
+        {"name": "rm", "stage": "reward_model", "data": ARITH, "plugins": {}, "training": {**STEPS, "max_length": 64}},
+        {"name": "dpo", "stage": "preference", "model": {"name_or_path": "stages.sft"}, "data": ARITH,
+         "plugins": {"dpo": {}, "verify_gsm8k": {}}, "training": {**STEPS, "max_length": 64}},
+        {"name": "dpo_full", "stage": "preference", "model": {"name_or_path": "stages.sft", "lora": None},
+         "data": ARITH, "plugins": {"dpo": {}, "verify_gsm8k": {}}, "training": {**STEPS, "max_length": 64}},
+        {"name": "kto", "stage": "kto", "data": ARITH, "plugins": {"verify_gsm8k": {}},
+         "training": {**STEPS, "max_length": 64}},
+        {"name": "grpo", "stage": "online", "data": WORDS,
+         "plugins": {**DIGITS, "group_relative": {}, "advantage_norm": {"scope": "group"}},
+         "training": {**ONLINE, "num_generations": 4}},
+        {"name": "ppo", "stage": "online", "model": {"name_or_path": "stages.sft"}, "data": WORDS,
+         "plugins": {"reward_model": {"model": "stages.rm"}, "critic": {"model": "stages.rm"}, "gae": {},
+                     "advantage_norm": {}},
+         "training": {**ONLINE, "beta": 0.05, "num_generations": 1}},
+        {"name": "iter", "stage": "iterative", "data": WORDS, "plugins": {"dpo": {}, **DIGITS, "ref_to_latest": {}},
+         "training": {**STEPS, "max_length": 512}, "rounds": 2,
+         "sampling": {"samples": 3, "prompts": 4, "max_new_tokens": 6}},
+        {"name": "rs", "stage": "rejection_sampling", "model": {"name_or_path": "stages.iter", "lora": None},
+         "data": {**WORDS, "eval": {"fraction": 0.0}}, "plugins": DIGITS,
+         "sampling": {"samples": 2, "prompts": 4, "max_new_tokens": 4}, "eval": {"generate": 0}},
+    ]
+    for stage in stages:
+        stage.setdefault("eval", {"generate": 2, "max_new_tokens": 4})
+        if "training" in stage:
+            stage["plugins"] = {**stage["plugins"], **probe_plugin}
+            if zero is not None:
+                stage["training"]["deepspeed"] = zero_config(zero)
+    return {"name": "every-stage", "seed": 42,
+            "model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+            "stages": stages}
+
+
+def _env():
+    return cpu_processes_env(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+
+
+def accelerate(*args, deepspeed: bool, machines: int = 1, rank: int = 0, port: str | None = None,
+               processes: int = 2, timeout: int = 900):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                "--num_machines", str(machines), "--machine_rank", str(rank), "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port",
+                port or free_port()]
+    if deepspeed:
+        launcher += ["--use_deepspeed", *(["--deepspeed_multinode_launcher", "standard"] if machines > 1 else [])]
+    else:  # accelerate's data-parallel launcher (torchrun's), which also runs CPU processes
+        launcher += ["--multi_gpu"]
+    return [*launcher, "-m", "posttrain.cli", *map(str, args)]
+
+
+def torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", free_port(), "-m", "posttrain.cli", *map(str, args)]
+
+
+def run(cmd, timeout=900):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def steps(run_dir: Path, keys=("loss", "grad_norm")) -> list[tuple]:
+    return [tuple(r.get(k) for k in keys) for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def same_steps(a: list[tuple], b: list[tuple]) -> None:
+    assert len(a) == len(b) and a, (a, b)
+    for x, y in zip(a, b, strict=True):
+        assert x[0] == pytest.approx(y[0], abs=1e-5), (a, b)  # the loss
+        for u, v in zip(x[1:], y[1:], strict=True):  # gradient norms (and the critic's value loss)
+            assert u == pytest.approx(v, rel=2e-4, abs=1e-6), (a, b)
+
+
+@pytest.fixture(scope="module")
+def every_stage(tmp_path_factory, tiny_model_dir):
+    """The pipeline run three times: plain DDP, ZeRO-2 and ZeRO-3 (two processes each)."""
+    root = tmp_path_factory.mktemp("every-stage")
+    runs = {}
+    for name, zero in (("ddp", None), ("zero2", 2), ("zero3", 3)):
+        recipe = root / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump(pipeline(tiny_model_dir, root / f"{name}-probe.jsonl", zero), sort_keys=False))
+        out = root / name
+        cmd = (torchrun if zero is None else lambda *a: accelerate(*a, deepspeed=True))("run", recipe, "--output-dir",
+                                                                                      out)
+        run(cmd)
+        runs[name] = out
+    return root, runs
+
+
+TRAINED = ("01-sft", "02-rm", "03-dpo", "04-dpo_full", "05-kto", "06-grpo", "07-ppo", "08-iter")
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_every_stage_gives_the_losses_of_ddp(every_stage, zero):
+    _, runs = every_stage
+    for stage in TRAINED:
+        keys = ("loss", "grad_norm", "critic/value_loss") if stage == "07-ppo" else ("loss", "grad_norm")
+        ours, ddp = steps(runs[zero] / stage, keys), steps(runs["ddp"] / stage, keys)
+        assert ours[-1][0] != pytest.approx(ours[0][0], abs=1e-7) or stage in ("06-grpo", "07-ppo"), stage
+        same_steps(ours, ddp)
+        summary = json.loads((runs[zero] / stage / "summary.json").read_text())
+        assert summary["world_size"] == 2 if "world_size" in summary else True
+    for r in ("round-01", "round-02"):  # every rank sampled its share: the same pairs as under DDP
+        assert (runs[zero] / "08-iter" / r / "pairs.jsonl").read_text() == \
+            (runs["ddp"] / "08-iter" / r / "pairs.jsonl").read_text()
+    assert (runs[zero] / "09-rs" / "dataset.jsonl").read_text() == (runs["ddp"] / "09-rs" / "dataset.jsonl").read_text()
+
+
+def test_zero3_shards_every_trained_model_and_zero2_none(every_stage):
+    root, _ = every_stage
+    for zero, expect_sharded in (("zero3", True), ("zero2", False), ("ddp", False)):
+        records = read_jsonl(root / f"{zero}-probe.jsonl")
+        # one record per process and train() call: 7 stages, iterative twice (a new engine per round)
+        assert len(records) == 2 * 9, records
+        assert {r["rank"] for r in records} == {0, 1}
+        for r in records:
+            assert r["zero_stage"] == {"zero3": 3, "zero2": 2, "ddp": None}[zero]
+            if expect_sharded:
+                assert r["sharded"] == r["parameters"] and r["trainable_sharded"] > 0, r
+            else:
+                assert r["sharded"] == 0, r
+
+
+def test_final_models_load_and_generate(every_stage, tiny_model_dir):
+    import torch
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, runs = every_stage
+    start = load_file(tiny_model_dir / "model.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt = tokenizer("1 + 2 =", return_tensors="pt")
+    for zero in ("zero2", "zero3"):
+        run_dir = runs[zero]
+        full = AutoModelForCausalLM.from_pretrained(run_dir / "04-dpo_full" / "final")
+        ddp_full = load_file(runs["ddp"] / "04-dpo_full" / "final" / "model.safetensors")
+        saved = load_file(run_dir / "04-dpo_full" / "final" / "model.safetensors")
+        assert saved.keys() == ddp_full.keys() and all(saved[k].shape == ddp_full[k].shape for k in saved)
+        assert max(float((saved[k] - ddp_full[k]).abs().max()) for k in saved) < 1e-3
+        assert any(not torch.equal(saved[k], start[k]) for k in start if k in saved)  # the weights moved
+        for stage in ("01-sft", "03-dpo", "05-kto", "06-grpo", "07-ppo", "08-iter"):
+            adapter = load_file(run_dir / stage / "final" / "adapter_model.safetensors")
+            reference = load_file(runs["ddp"] / stage / "final" / "adapter_model.safetensors")
+            assert adapter.keys() == reference.keys()
+            assert max(float((adapter[k] - reference[k]).abs().max()) for k in adapter) < 2e-2, stage
+            assert any(float(t.abs().sum()) > 0 for k, t in adapter.items() if "lora_B" in k), stage
+        for model in (full, AutoPeftModelForCausalLM.from_pretrained(run_dir / "03-dpo" / "final")):
+            out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            assert out.shape[1] == prompt["input_ids"].shape[1] + 4
+        scorer = AutoPeftModelForSequenceClassification.from_pretrained(run_dir / "02-rm" / "final", num_labels=1)
+        assert scorer(**prompt).logits.shape == (1, 1)
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"deepspeed": {"zero_optimization": {"stage": 4}}}, "zero_optimization.stage must be one of 0, 1, 2, 3"),
+    ({"deepspeed": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}},
+     "final/ would hold ZeRO shards"),
+    ({"per_device_train_batch_size": 4, "deepspeed": {"zero_optimization": {"stage": 3},
+                                                      "train_micro_batch_size_per_gpu": 2}},
+     "train_micro_batch_size_per_gpu is 2 but training.per_device_train_batch_size is 4"),
+    ({"gradient_accumulation_steps": 2, "deepspeed": {"gradient_accumulation_steps": 4}},
+     "gradient_accumulation_steps is 4 but training.gradient_accumulation_steps is 2"),
+    ({"per_device_train_batch_size": 4, "deepspeed": {"train_batch_size": 6}},
+     "train_batch_size is 6, which is not per_device_train_batch_size 4 x gradient_accumulation_steps 1"),
+])
+def test_batch_arithmetic_deepspeed_refuses_is_refused_by_validate(cli, write_recipe, training, message):
+    code, _, err = cli("validate", write_recipe(training=training))
+    assert code == 2 and message in err and "training.deepspeed" in err, err
+
+
+def test_train_batch_size_is_checked_against_the_launch(cli, write_recipe, monkeypatch):
+    recipe = write_recipe(training={"per_device_train_batch_size": 4, "deepspeed": {"train_batch_size": 16}})
+    code, _, err = cli("validate", recipe)
+    assert code == 0, err  # four processes would make 16; without a launch that is not known
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and "this launch's 2 processes" in err, err
+
+
+def test_ppo_with_the_critic_resumes_under_zero3(online_recipe, tmp_path):
+    """A signal to one rank of a ZeRO-3 PPO run: both stop after the same step; --resume continues the
+    policy (its ZeRO checkpoint) and the critic (its own state) with the losses of an uninterrupted run."""
+    common = {"plugins": {"online_plugins:DigitShare": {}, "critic": {}, "gae": {}, "advantage_norm": {}},
+              "training": {"beta": 0.05, "num_generations": 2, "per_device_train_batch_size": 4, "max_steps": 4,
+                           "save_steps": 1, "save_strategy": "steps", "deepspeed": zero_config(3)},
+              "eval": {"generate": 0, "before": False}}
+    whole = online_recipe("whole", **common)
+    run(accelerate("run", whole, "--output-dir", tmp_path / "whole", deepspeed=True))
+    stopped = online_recipe("stopped", **{**common, "plugins": {**common["plugins"],
+                                                                "trust_plugins:SignalAt": {"step": 2, "rank": 1}}})
+    out = tmp_path / "run"
+    proc = subprocess.run(accelerate("run", stopped, "--output-dir", out, deepspeed=True), capture_output=True,
+                          text=True, env=_env(), timeout=900)
+    assert proc.returncode != 0 and "SIGTERM received (rank 1)" in proc.stderr, proc.stderr[-3000:]
+    assert json.loads((out / "preempted.json").read_text())["step"] == 2
+    assert (out / "checkpoint-2" / "critic.pt").is_file()
+    run(accelerate("run", stopped, "--output-dir", out, "--resume", deepspeed=True))
+    keys = ("loss", "grad_norm", "critic/value_loss")
+    same_steps(steps(out, keys), steps(tmp_path / "whole", keys))
+
+
+def test_two_machines_on_loopback_train_as_one_machine(write_recipe, online_recipe, tmp_path):
+    """accelerate launch --num_machines 2 --machine_rank 0|1, one process each, on this machine (loopback):
+    a preference run under ZeRO-3 (DeepSpeed's standard multi-node launcher) and an online run (data parallel)
+    finish with world size 2 and the losses of one machine's two processes."""
+    quiet = {"generate": 0, "before": False}
+    for name, recipe, deepspeed in (
+            ("preference", write_recipe("pref", training={"max_steps": 2, "logging_steps": 1,
+                                                          "per_device_train_batch_size": 4,
+                                                          "deepspeed": zero_config(3)}, eval=quiet), True),
+            ("online", online_recipe("online", training={"max_steps": 2}, eval=quiet), False)):
+        single = tmp_path / f"{name}-one-machine"
+        run(accelerate("run", recipe, "--output-dir", single, deepspeed=deepspeed))
+        port, out = free_port(), tmp_path / f"{name}-two-machines"
+        machines = [subprocess.Popen(accelerate("run", recipe, "--output-dir", out, deepspeed=deepspeed, machines=2,
+                                                rank=rank, port=port, processes=2),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                    for rank in (0, 1)]
+        for proc in machines:
+            _, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, err[-4000:]
+        assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+        same_steps(steps(out), steps(single))
