@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover - for editors and type checkers only
     from .recipe import Recipe
-    from .registry import PluginSet
-    from .validate import Plan
+
+# The contract imports nothing above it, not even for types: a stage's plan is posttrain.validate.Plan and
+# its plugins a posttrain.registry.PluginSet (both built from this module's declarations).
+Plan = Any
+PluginSet = Any
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,11 @@ stage's losses and gradient norms, the iterative rounds' pairs and the rejection
 same; the engine really shards (a probe plugin reads the parameters each process holds); every final/
 loads with transformers and peft as a one-process run's does, and generates.
 
-Also: batch arithmetic DeepSpeed would refuse is refused by ``posttrain validate`` (exit 2), PPO with the
-critic resumes under ZeRO-3 with the losses of an uninterrupted run, and two "machines" on loopback (one
-process each) train with the losses of one machine's two processes."""
+The ZeRO-3 run is launched as two "machines" on loopback (one process each), so it also shows that
+several machines train with the losses of one machine's two processes.
+
+Also: batch arithmetic DeepSpeed would refuse is refused by ``posttrain validate`` (exit 2), and PPO with
+the critic resumes under ZeRO-3 with the losses of an uninterrupted run."""
 
 import json
 import os
@@ -61,6 +63,9 @@ def pipeline(tiny_model_dir, probe: Path, zero: int | None) -> dict:
         {"name": "iter", "stage": "iterative", "data": WORDS, "plugins": {"dpo": {}, **DIGITS, "ref_to_latest": {}},
          "training": {**STEPS, "max_length": 512}, "rounds": 2,
          "sampling": {"samples": 3, "prompts": 4, "max_new_tokens": 6}},
+        {"name": "iter_full", "stage": "iterative", "model": {"lora": None}, "data": WORDS,
+         "plugins": {"dpo": {}, **DIGITS, "ref_to_latest": {}}, "training": {**STEPS, "max_length": 512},
+         "rounds": 2, "sampling": {"samples": 3, "prompts": 4, "max_new_tokens": 6}},
         {"name": "rs", "stage": "rejection_sampling", "model": {"name_or_path": "stages.iter", "lora": None},
          "data": {**WORDS, "eval": {"fraction": 0.0}}, "plugins": DIGITS,
          "sampling": {"samples": 2, "prompts": 4, "max_new_tokens": 4}, "eval": {"generate": 0}},
@@ -116,27 +121,42 @@ def same_steps(a: list[tuple], b: list[tuple]) -> None:
             assert u == pytest.approx(v, rel=2e-4, abs=1e-6), (a, b)
 
 
+def two_machines(*args, deepspeed: bool) -> None:
+    """Two launches on this machine as two machines of one process each (loopback rendezvous)."""
+    port = free_port()
+    machines = [subprocess.Popen(accelerate(*args, deepspeed=deepspeed, machines=2, rank=rank, port=port),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                for rank in (0, 1)]
+    for proc in machines:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-4000:]
+
+
 @pytest.fixture(scope="module")
 def every_stage(tmp_path_factory, tiny_model_dir):
-    """The pipeline run three times: plain DDP, ZeRO-2 and ZeRO-3 (two processes each)."""
+    """The pipeline run three times, two processes each: plain DDP (torchrun), ZeRO-2 (accelerate launch) and
+    ZeRO-3 launched as two machines (accelerate launch --num_machines 2, one process each, on loopback)."""
     root = tmp_path_factory.mktemp("every-stage")
     runs = {}
     for name, zero in (("ddp", None), ("zero2", 2), ("zero3", 3)):
         recipe = root / f"{name}.yaml"
         recipe.write_text(yaml.safe_dump(pipeline(tiny_model_dir, root / f"{name}-probe.jsonl", zero), sort_keys=False))
         out = root / name
-        cmd = (torchrun if zero is None else lambda *a: accelerate(*a, deepspeed=True))("run", recipe, "--output-dir",
-                                                                                      out)
-        run(cmd)
+        if zero is None:
+            run(torchrun("run", recipe, "--output-dir", out))
+        elif zero == 2:
+            run(accelerate("run", recipe, "--output-dir", out, deepspeed=True))
+        else:
+            two_machines("run", recipe, "--output-dir", out, deepspeed=True)
         runs[name] = out
     return root, runs
 
 
-TRAINED = ("01-sft", "02-rm", "03-dpo", "04-dpo_full", "05-kto", "06-grpo", "07-ppo", "08-iter")
+TRAINED = ("01-sft", "02-rm", "03-dpo", "04-dpo_full", "05-kto", "06-grpo", "07-ppo", "08-iter", "09-iter_full")
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_every_stage_gives_the_losses_of_ddp(every_stage, zero):
+def test_every_stage_gives_the_losses_of_ddp(every_stage, zero, tiny_model_dir):
     _, runs = every_stage
     for stage in TRAINED:
         keys = ("loss", "grad_norm", "critic/value_loss") if stage == "07-ppo" else ("loss", "grad_norm")
@@ -144,19 +164,34 @@ def test_every_stage_gives_the_losses_of_ddp(every_stage, zero):
         assert ours[-1][0] != pytest.approx(ours[0][0], abs=1e-7) or stage in ("06-grpo", "07-ppo"), stage
         same_steps(ours, ddp)
         summary = json.loads((runs[zero] / stage / "summary.json").read_text())
-        assert summary["world_size"] == 2 if "world_size" in summary else True
-    for r in ("round-01", "round-02"):  # every rank sampled its share: the same pairs as under DDP
-        assert (runs[zero] / "08-iter" / r / "pairs.jsonl").read_text() == \
-            (runs["ddp"] / "08-iter" / r / "pairs.jsonl").read_text()
-    assert (runs[zero] / "09-rs" / "dataset.jsonl").read_text() == (runs["ddp"] / "09-rs" / "dataset.jsonl").read_text()
+        if stage not in ("08-iter", "09-iter_full"):  # (an iterative summary lists its rounds instead)
+            assert summary["world_size"] == 2
+            assert ("final_model_from" in summary) == (zero == "zero3"), stage  # says where final/ came from
+    for stage in ("08-iter", "09-iter_full"):
+        for r in ("round-01", "round-02"):  # every rank sampled its share: the same pairs as under DDP
+            assert (runs[zero] / stage / r / "pairs.jsonl").read_text() == \
+                (runs["ddp"] / stage / r / "pairs.jsonl").read_text()
+        # ref_to_latest moved the reference (the adapter, or the frozen copy) to the policy after round 1:
+        # round 2 starts at DPO's loss for a policy equal to its reference
+        round_two = [r for r in read_jsonl(runs[zero] / stage / "metrics.jsonl") if "loss" in r and r["round"] == 2]
+        assert round_two[0]["loss"] == pytest.approx(0.6931472, abs=1e-6), stage
+    from safetensors.torch import load_file
+
+    reference = "09-iter_full/round-01/reference/model.safetensors"  # under ZeRO-3 gathered from its shards
+    ours, ddp, start = (load_file(runs[zero] / reference), load_file(runs["ddp"] / reference),
+                        load_file(tiny_model_dir / "model.safetensors"))
+    moved = max(float((ddp[k] - start[k]).abs().max()) for k in ddp)  # round 1 moved it (to the policy)
+    assert ours.keys() == ddp.keys() and moved > 1e-3
+    assert max(float((ours[k] - ddp[k]).abs().max()) for k in ours) < 0.2 * moved
+    assert (runs[zero] / "10-rs" / "dataset.jsonl").read_text() == (runs["ddp"] / "10-rs" / "dataset.jsonl").read_text()
 
 
 def test_zero3_shards_every_trained_model_and_zero2_none(every_stage):
     root, _ = every_stage
     for zero, expect_sharded in (("zero3", True), ("zero2", False), ("ddp", False)):
         records = read_jsonl(root / f"{zero}-probe.jsonl")
-        # one record per process and train() call: 7 stages, iterative twice (a new engine per round)
-        assert len(records) == 2 * 9, records
+        # one record per process and train() call: 7 stages, the two iterative ones twice (a new engine per round)
+        assert len(records) == 2 * 11, records
         assert {r["rank"] for r in records} == {0, 1}
         for r in records:
             assert r["zero_stage"] == {"zero3": 3, "zero2": 2, "ddp": None}[zero]
@@ -227,7 +262,7 @@ def test_ppo_with_the_critic_resumes_under_zero3(online_recipe, tmp_path):
     """A signal to one rank of a ZeRO-3 PPO run: both stop after the same step; --resume continues the
     policy (its ZeRO checkpoint) and the critic (its own state) with the losses of an uninterrupted run."""
     common = {"plugins": {"online_plugins:DigitShare": {}, "critic": {}, "gae": {}, "advantage_norm": {}},
-              "training": {"beta": 0.05, "num_generations": 2, "per_device_train_batch_size": 4, "max_steps": 4,
+              "training": {"beta": 0.05, "num_generations": 2, "per_device_train_batch_size": 4, "max_steps": 3,
                            "save_steps": 1, "save_strategy": "steps", "deepspeed": zero_config(3)},
               "eval": {"generate": 0, "before": False}}
     whole = online_recipe("whole", **common)
@@ -245,25 +280,12 @@ def test_ppo_with_the_critic_resumes_under_zero3(online_recipe, tmp_path):
     same_steps(steps(out, keys), steps(tmp_path / "whole", keys))
 
 
-def test_two_machines_on_loopback_train_as_one_machine(write_recipe, online_recipe, tmp_path):
-    """accelerate launch --num_machines 2 --machine_rank 0|1, one process each, on this machine (loopback):
-    a preference run under ZeRO-3 (DeepSpeed's standard multi-node launcher) and an online run (data parallel)
-    finish with world size 2 and the losses of one machine's two processes."""
-    quiet = {"generate": 0, "before": False}
-    for name, recipe, deepspeed in (
-            ("preference", write_recipe("pref", training={"max_steps": 2, "logging_steps": 1,
-                                                          "per_device_train_batch_size": 4,
-                                                          "deepspeed": zero_config(3)}, eval=quiet), True),
-            ("online", online_recipe("online", training={"max_steps": 2}, eval=quiet), False)):
-        single = tmp_path / f"{name}-one-machine"
-        run(accelerate("run", recipe, "--output-dir", single, deepspeed=deepspeed))
-        port, out = free_port(), tmp_path / f"{name}-two-machines"
-        machines = [subprocess.Popen(accelerate("run", recipe, "--output-dir", out, deepspeed=deepspeed, machines=2,
-                                                rank=rank, port=port, processes=2),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-                    for rank in (0, 1)]
-        for proc in machines:
-            _, err = proc.communicate(timeout=900)
-            assert proc.returncode == 0, err[-4000:]
-        assert json.loads((out / "summary.json").read_text())["world_size"] == 2
-        same_steps(steps(out), steps(single))
+def test_two_machines_on_loopback_train_as_one_machine(every_stage):
+    """The ZeRO-3 pipeline ran as two machines (accelerate launch --num_machines 2 --machine_rank 0|1 with
+    DeepSpeed's standard multi-node launcher, one process each): every stage, the preference and online
+    ones included, has world size 2 and the losses of one machine's two processes (the DDP run)."""
+    _, runs = every_stage
+    for stage in ("03-dpo", "06-grpo", "07-ppo"):
+        summary = json.loads((runs["zero3"] / stage / "summary.json").read_text())
+        assert summary["world_size"] == 2
+        same_steps(steps(runs["zero3"] / stage), steps(runs["ddp"] / stage))

@@ -586,7 +586,17 @@ def run_training(stage, module, plan: Plan, run_dir: Path, resume: bool) -> dict
         "before": evaluation.result,
         "after": after,
         "final_model": str(final_dir),
+        **({"final_model_from": FROM_SHARDS} if _zero_stage(trainer) == 3 else {}),
     }
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+FROM_SHARDS = ("gathered from the DeepSpeed ZeRO-3 shards in the engine's dtype (stage3_gather_16bit_weights_on_"
+               "model_save); the float32 masters are in the last checkpoint's ZeRO files (zero_to_fp32)")
+
+
+def _zero_stage(trainer) -> int | None:
+    plugin = trainer.accelerator.state.deepspeed_plugin if trainer.is_deepspeed_enabled else None
+    return plugin.zero_stage if plugin is not None else None
