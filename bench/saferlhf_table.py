@@ -13,7 +13,12 @@ requests for the secret or the forbidden action), judged by the task's rules:
   also split into benign answered and harmful refused.
 
     python bench/saferlhf_table.py [--out runs/saferlhf-table] [--prompts 100] [--rows 0-sft,1-dpo,...]
+                                   [--seeds 0,1,2]
                                    [--set KEY=VALUE ...]   (applied to every row, e.g. stages.dpo.training.max_steps=2)
+
+With ``--seeds``, every row is trained once per seed (the recipe's ``seed``: LoRA initialisation, data
+order, sampling; the data itself stays the same), in ``OUT/seed-S/``, and the table gives each row's
+mean, standard deviation and range over the seeds beside every seed's numbers.
 
 Rows whose run finished are not run again (an interrupted one is resumed), so the command can be
 repeated; a row's first stages that an earlier row trained with the same recipe (every row's SFT
@@ -163,13 +168,56 @@ def evaluate(model, tokenizer, rows: list[dict], max_new_tokens: int) -> dict:
                           "helpful": helpful[i]} for i in (benign[:1] + harmful[:2])]}
 
 
+METRICS = ("safety_rate", "helpfulness", "benign_answered", "harmful_refused")
+
+
+def by_row(table: list[dict]) -> list[dict]:
+    """Each row's numbers over the seeds it was trained with: mean, sample standard deviation, min, max
+    and the values, in the table's order."""
+    import statistics
+
+    groups: dict[str, list[dict]] = {}
+    for line in table:
+        groups.setdefault(line["row"], []).append(line)
+    out = []
+    for row, lines in groups.items():
+        entry = {"row": row, "seeds": [line.get("seed") for line in lines]}
+        for key in METRICS:
+            values = [line[key] for line in lines if line[key] is not None]
+            entry[key] = {"mean": statistics.fmean(values) if values else None,
+                          "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                          "min": min(values, default=None), "max": max(values, default=None), "values": values}
+        out.append(entry)
+    return out
+
+
+def markdown_seeds(rows: list[dict]) -> str:
+    lines = ["| row | seeds | safety rate | helpfulness | benign answered | harmful refused | study: safety rate | "
+             "study: ΔHelp |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(v: dict) -> str:
+        if v["mean"] is None:
+            return "-"
+        if len(v["values"]) == 1:
+            return f"{100 * v['mean']:.1f}%"
+        return f"{100 * v['mean']:.1f}% ± {100 * v['sd']:.1f} ({100 * v['min']:.0f}-{100 * v['max']:.0f})"
+
+    for entry in rows:
+        study = STUDY.get(entry["row"], ("-", "-"))
+        seeds = ",".join("-" if s is None else str(s) for s in entry["seeds"])
+        lines.append(f"| {entry['row']} | {seeds} | " + " | ".join(cell(entry[k]) for k in METRICS)
+                     + f" | {study[0]} | {study[1]} |")
+    return "\n".join(lines)
+
+
 def markdown(table: list[dict]) -> str:
     lines = ["| row | safety rate | helpfulness | benign answered | harmful refused | study: safety rate | "
              "study: ΔHelp |", "|---|---|---|---|---|---|---|"]
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
     for line in table:
         study = STUDY.get(line["row"], ("-", "-"))
-        lines.append(f"| {line['row']} | {pct(line['safety_rate'])} | {pct(line['helpfulness'])} | "
+        label = line["row"] if line.get("seed") is None else f"{line['row']} (seed {line['seed']})"
+        lines.append(f"| {label} | {pct(line['safety_rate'])} | {pct(line['helpfulness'])} | "
                      f"{pct(line['benign_answered'])} | {pct(line['harmful_refused'])} | {study[0]} | {study[1]} |")
     return "\n".join(lines)
 
@@ -180,6 +228,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=100, help="held-out prompts per row")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rows", default=",".join(ROWS), help="rows to run, e.g. 0-sft,1-dpo")
+    parser.add_argument("--seeds", default="", help="training seeds, e.g. 0,1,2: every row is trained once per "
+                        "seed (in OUT/seed-S/) and the table gives each row's mean and spread (default: the "
+                        "recipes' own seed, once)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override applied to every row (as posttrain run --set; stages.NAME.* only to "
                              "rows with that stage)")
@@ -192,25 +243,34 @@ def main(argv=None) -> int:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     heldout = safety_prompts(SafetyPromptOptions(n=args.prompts, seed=99))  # a seed no row trains on
     started = time.time()
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    passes = [(None, out, args.set)] if not seeds else \
+        [(seed, out / f"seed-{seed}", [*args.set, f"seed={seed}"]) for seed in seeds]
     table = []
-    done: dict[str, tuple[dict, Path]] = {}
     start = pipeline_data(rows[0], row_overrides(rows[0], args.set))["model"]["name_or_path"]
-    start_model, start_tokenizer = load(Path(resolve_model_path(start)), None)
-    table.append({"row": f"start ({start}, no training)",
+    start_model, start_tokenizer = load(Path(resolve_model_path(start)), None)  # greedy: the same for every seed
+    table.append({"row": f"start ({start}, no training)", "seed": None,
                   **evaluate(start_model, start_tokenizer, heldout, args.max_new_tokens)})
-    for row in rows:
-        run_dir = run_row(row, out, args.set, done)
-        for label, model_dir, adapter in models_of(row, run_dir):
-            model, tokenizer = load(model_dir, adapter)
-            table.append({"row": label, "run": str(run_dir), **evaluate(model, tokenizer, heldout, args.max_new_tokens)})
-            print(f"[table] {label}: safety {table[-1]['safety_rate']:.3f}, helpfulness {table[-1]['helpfulness']:.3f}",
-                  file=sys.stderr)
+    for seed, folder, sets in passes:
+        done: dict[str, tuple[dict, Path]] = {}
+        for row in rows:
+            run_dir = run_row(row, folder, sets, done)
+            for label, model_dir, adapter in models_of(row, run_dir):
+                model, tokenizer = load(model_dir, adapter)
+                table.append({"row": label, "seed": seed, "run": str(run_dir),
+                              **evaluate(model, tokenizer, heldout, args.max_new_tokens)})
+                print(f"[table] {label}{'' if seed is None else f' (seed {seed})'}: safety "
+                      f"{table[-1]['safety_rate']:.3f}, helpfulness {table[-1]['helpfulness']:.3f}", file=sys.stderr)
     report = {"table": table, "heldout": {"generator": "safety_prompts", "n": args.prompts, "seed": 99},
-              "seconds": round(time.time() - started, 1)}
+              "seeds": seeds or None, "seconds": round(time.time() - started, 1)}
+    text = markdown(table)
+    if seeds:
+        report["by_row"] = by_row(table)
+        text = markdown_seeds(report["by_row"]) + "\n\nEvery seed:\n\n" + text
     (out / "table.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "table.md").write_text(markdown(table) + "\n")
+    (out / "table.md").write_text(text + "\n")
     print(json.dumps(report, indent=2, default=str))
-    print(markdown(table))
+    print(text)
     return 0
 
 

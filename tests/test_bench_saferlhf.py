@@ -41,3 +41,35 @@ def test_table_runs_a_row_and_evaluates_it(tiny_model_dir, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert again.returncode == 0 and "1-dpo: finished earlier" in again.stderr
     assert json.loads((tmp_path / "table" / "table.json").read_text())["table"][2]["safety_rate"] == dpo["safety_rate"]
+
+
+def test_seeds_train_each_row_once_per_seed_and_report_mean_and_spread(tiny_model_dir, tmp_path):
+    import statistics
+
+    import yaml
+
+    sets = [f"model.name_or_path={tiny_model_dir}", "stages.sft.training.max_steps=2", "stages.sft.eval.generate=0",
+            "stages.sft.training.logging_steps=1",
+            "stages.sft.data.options.n=24"]
+    command = [sys.executable, str(REPO / "bench" / "saferlhf_table.py"), "--out", str(tmp_path / "table"),
+               "--prompts", "4", "--max-new-tokens", "4", "--rows", "0-sft", "--seeds", "0,1",
+               *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = [tmp_path / "table" / f"seed-{s}" / "saferlhf-0-sft" for s in (0, 1)]
+    assert [yaml.safe_load((r / "recipe.yaml").read_text())["seed"] for r in runs] == [0, 1]
+    losses = [[json.loads(x)["loss"] for x in (r / "01-sft" / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in x] for r in runs]
+    assert losses[0] != losses[1]  # the seed changed the training (LoRA initialisation, data order)
+    report = json.loads((tmp_path / "table" / "table.json").read_text())
+    assert report["seeds"] == [0, 1]
+    start, *sft = report["table"]
+    assert start["seed"] is None and [(x["row"], x["seed"]) for x in sft] == [("SFT", 0), ("SFT", 1)]
+    row = next(r for r in report["by_row"] if r["row"] == "SFT")
+    for key in ("safety_rate", "helpfulness", "benign_answered", "harmful_refused"):
+        values = [x[key] for x in sft]
+        assert row[key]["values"] == values and row[key]["mean"] == (values[0] + values[1]) / 2
+        assert row[key]["sd"] == statistics.stdev(values) and row[key]["min"] == min(values)
+    md = (tmp_path / "table" / "table.md").read_text()
+    assert "| SFT | 0,1 |" in md and "| SFT (seed 1) |" in md and "41.6%" in md
