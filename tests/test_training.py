@@ -216,21 +216,6 @@ def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_
     assert (masked.sum(dim=1) == batch["completion_mask"].sum(dim=1) - 1).all()
 
 
-def test_two_process_ddp_run(write_recipe, tmp_path):
-    """Data-parallel over gloo with two CPU processes (torchrun): rank 0 alone owns the run
-    directory, both ranks train in step, and the summary records the world size."""
-    run = tmp_path / "run"
-    recipe = write_recipe(training={"max_steps": 3, "per_device_train_batch_size": 4}, eval={"generate": 4})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=cpu_processes_env(), timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["global_step"] == 3
-    assert proc.stdout.count("finished: 3 steps") == 1  # printed by rank 0 only
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [2]
-
-
 def test_8bit_base_with_lora_trains(cli, write_recipe, tmp_path):
     recipe = write_recipe(data=ON_TRAIN, model={"quantization": {"bits": 8}}, plugins={"dpo": {"beta": 0.5}})
     summary, _ = _run(cli, recipe, tmp_path / "run")

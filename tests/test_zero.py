@@ -143,7 +143,7 @@ def every_stage(tmp_path_factory, tiny_model_dir):
         recipe.write_text(yaml.safe_dump(pipeline(tiny_model_dir, root / f"{name}-probe.jsonl", zero), sort_keys=False))
         out = root / name
         if zero is None:
-            run(torchrun("run", recipe, "--output-dir", out))
+            (root / "ddp-stdout.txt").write_text(run(torchrun("run", recipe, "--output-dir", out)).stdout)
         elif zero == 2:
             run(accelerate("run", recipe, "--output-dir", out, deepspeed=True))
         else:
@@ -184,6 +184,15 @@ def test_every_stage_gives_the_losses_of_ddp(every_stage, zero, tiny_model_dir):
     assert ours.keys() == ddp.keys() and moved > 1e-3
     assert max(float((ours[k] - ddp[k]).abs().max()) for k in ours) < 0.2 * moved
     assert (runs[zero] / "10-rs" / "dataset.jsonl").read_text() == (runs["ddp"] / "10-rs" / "dataset.jsonl").read_text()
+
+
+def test_rank_zero_alone_writes_and_prints(every_stage):
+    """Under every launch rank 0 alone owns the run directory: one line per logged step, one closing table."""
+    root, runs = every_stage
+    assert (root / "ddp-stdout.txt").read_text().count("pipeline 'every-stage' finished") == 1
+    for name in ("ddp", "zero2", "zero3"):
+        for stage in TRAINED[:7]:
+            assert [r["step"] for r in read_jsonl(runs[name] / stage / "metrics.jsonl") if "loss" in r] == [1, 2]
 
 
 def test_zero3_shards_every_trained_model_and_zero2_none(every_stage):
