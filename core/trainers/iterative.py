@@ -44,8 +44,8 @@ from ..process import distributed_state, is_main
 from ..reference import REF_ADAPTER
 from ..sampling import derive_seed
 from ..validate import Plan
-from .loop import (MetricsWriter, answer_metrics, build_config, finish_trainer, greedy_answers, last_checkpoint,
-                   load_data, raise_if_stopped, trainer_callbacks)
+from .loop import (MetricsWriter, answer_metrics, build_config, finish_trainer, generation_model, greedy_answers,
+                   last_checkpoint, load_data, raise_if_stopped, trainer_callbacks)
 from .preference import PreferenceTrainer
 from .rollouts import compute_autocast, read_jsonl, round_prompts, rows_of, sample_and_score, write_jsonl
 
@@ -239,10 +239,7 @@ class Rounds:
         trainer exists under DeepSpeed ZeRO-3, every process gathers the whole policy for the time of the
         block, and then samples its own share of the prompts with no collective call."""
         if self.trainer is not None:
-            from trl.models import unwrap_model_for_generation
-
-            with unwrap_model_for_generation(self.trainer.model_wrapped, self.trainer.accelerator,
-                                             gather_deepspeed3_params=True) as model:
+            with generation_model(self.trainer) as model:
                 yield model, self.trainer.accelerator.autocast
             return
         self.model.to(distributed_state().device)

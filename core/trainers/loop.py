@@ -14,6 +14,7 @@ functions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -404,15 +405,27 @@ def _text(prompt) -> str:
 
 def answer_metrics(plan: Plan, trainer, heldout) -> dict | None:
     """Greedy answers to held-out prompts, scored by the enabled reward plugins (the trainer's model)."""
-    from trl.models import unwrap_model_for_generation
-
     if not plan.recipe.eval.generate or heldout is None:
         return None
-    # under DeepSpeed ZeRO-3 every process gathers the whole model for the time of the answers (each holds
-    # only its shard); elsewhere this is the unwrapped model as it is
-    with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
-                                     gather_deepspeed3_params=True) as model:
+    with generation_model(trainer) as model:
         return greedy_answers(plan, model, trainer.processing_class, heldout, trainer.accelerator.autocast())
+
+
+@contextlib.contextmanager
+def generation_model(trainer):
+    """The trainer's policy to generate with. Under DeepSpeed ZeRO-3 each process holds a shard of every
+    weight: every process gathers the whole model for the time of the block (TRL's
+    unwrap_model_for_generation, as its own trainers generate), then generates on its own. Elsewhere the
+    unwrapped model as it is."""
+    if _zero_stage(trainer) == 3:
+        from trl.models import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=True,
+                                         gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs) \
+                as model:
+            yield model
+        return
+    yield trainer.accelerator.unwrap_model(trainer.model)
 
 
 def greedy_answers(plan: Plan, model, tokenizer, heldout, autocast) -> dict | None:
