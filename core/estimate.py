@@ -557,7 +557,7 @@ def critic_bytes(s: Setup) -> float:
         return trained * CRITIC_TRAINED_BYTES
     if r == 0:
         return shape.params * CRITIC_TRAINED_BYTES
-    adapter = sum(r * (a + b) * shape.copies(name) for name, (a, b) in shape.linears().items()) * shape.layers
+    adapter = lora_params(replace(s, shape=shape, lora_r=r, lora_targets=tuple(shape.linears())))  # all-linear
     return shape.params * _bytes(dtype) + (adapter + shape.hidden) * CRITIC_TRAINED_BYTES
 
 

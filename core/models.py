@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .process import local_rank
+from .seams import whole_models  # noqa: F401 - for models used outside a ZeRO-3 engine (scorers, the critic)
 from .stage_refs import is_ref, model_path
 
 BUILTIN_MODELS = {
@@ -241,15 +242,6 @@ def load_model(recipe, path: str, precision: Precision, *, reward_head: bool = F
                                  target_modules=m.lora.target_modules, modules_to_save=m.lora.modules_to_save,
                                  task_type="SEQ_CLS" if reward_head else "CAUSAL_LM")  # SEQ_CLS: the head is saved
     return model, peft_config
-
-
-def whole_models():
-    """A context in which models are built whole in this process, also while a trainer under DeepSpeed ZeRO-3
-    exists (which makes transformers build every model sharded): for models used outside the trainer's engine,
-    such as a reward model that scores or a critic with its own optimizer."""
-    from .seams import whole_models as whole
-
-    return whole()
 
 
 def load_frozen_model(recipe, path: str, precision: Precision):

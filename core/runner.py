@@ -394,11 +394,8 @@ def _run_stage(stage: PipelineStage, run_dir: Path, resume: bool) -> StageResult
     plan = stage.plan
     try:
         _benchmarks_before(stage, run_dir)
-        result = plan.stage.run(plan, run_dir, resume)
-        _forget_engine()
-        return result
+        return plan.stage.run(plan, run_dir, resume)
     except BaseException as error:
-        _forget_engine()
         restored = restore_set_aside() if process.is_main() else []
         for folder in restored:
             print(f"posttrain: the new run failed before its data passed its checks; the earlier run in {folder} is "
@@ -412,15 +409,15 @@ def _run_stage(stage: PipelineStage, run_dir: Path, resume: bool) -> StageResult
                 and not points_inside:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        _forget_engine()
 
 
 def _forget_engine() -> None:
     """A stage's TRL config under DeepSpeed ZeRO-3 makes transformers build every later model already sharded
     (a process-wide setting). After the stage, models loaded outside a trainer (a merged export, the next
     stage's samplers and scorers) are whole again; the next trainer's config sets it anew."""
-    import sys as _sys
-
-    if "transformers" in _sys.modules:
+    if "transformers" in sys.modules:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()

@@ -190,8 +190,8 @@ def check_engine(plan: Plan) -> None:
                         fix="remove the key (posttrain gathers the final weights from the shards into final/)")
     defaults = trl_fields.config_defaults(plan.recipe.kind.config)
     value = lambda key: plan.trl_config.get(key, defaults.get(key))  # noqa: E731
-    micro, accumulation, processes = value("per_device_train_batch_size"), value("gradient_accumulation_steps"), \
-        world_size()
+    micro, accumulation = value("per_device_train_batch_size"), value("gradient_accumulation_steps")
+    processes = world_size()
     for key, ours, name in (("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size"),
                             ("gradient_accumulation_steps", accumulation, "gradient_accumulation_steps")):
         theirs = ds.get(key, "auto")
