@@ -17,7 +17,7 @@ RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt table-saferlhf test bench bench-gpu clean
+.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt table-saferlhf table-ood test bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,11 @@ demo-instructgpt: setup
 # of 20 steps 7-8 min, the 3 iterative rounds 7.5 min); re-running skips finished rows and resumes an interrupted one.
 table-saferlhf: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/saferlhf_table.py --out runs/saferlhf-table
+
+# The study's out-of-distribution argument: pairs y1 > y2 that never show y3, DPO against reward model + PPO from
+# the same SFT start, the probability of every answer over training, 3 seeds (docs/methods.md).
+table-ood: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/ood.py --out runs/ood --seeds 0,1,2
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -3,7 +3,9 @@ model on the same held-out prompts.
 
 Rows (recipes/saferlhf-*.yaml, SmolLM2-135M-Instruct with LoRA on the built-in safety task): SFT;
 DPO; + SFT on the safe chosen responses; + filter dual-unsafe pairs; + filter dual-safe pairs;
-iterative DPO rounds 1, 2 and 3. Each recipe is a pipeline that starts with the same SFT stage.
+iterative DPO rounds 1, 2 and 3; PPO (a reward model trained on the DPO rows' pairs, then PPO with a
+critic initialised from it and the KL in the reward); PPO after the safe-SFT stage. Each recipe is a
+pipeline that starts with the same SFT stage.
 The evaluation: greedy answers (up to 32 tokens) to 100 held-out prompts of the built-in
 ``safety_prompts`` generator (a seed none of the rows trains on; half benign questions, half
 requests for the secret or the forbidden action), judged by the task's rules:
@@ -39,11 +41,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-ROWS = ["0-sft", "1-dpo", "2-safe-sft", "3-filter-dual-unsafe", "4-filter-dual-safe", "5-iterative"]
+ROWS = ["0-sft", "1-dpo", "2-safe-sft", "3-filter-dual-unsafe", "4-filter-dual-safe", "5-iterative", "6-ppo",
+        "7-safe-sft-ppo"]
 LABELS = {"0-sft": "SFT", "1-dpo": "DPO", "2-safe-sft": "+ SFT on safe data (fix 1)",
-          "3-filter-dual-unsafe": "+ filter dual-unsafe (fix 3)", "4-filter-dual-safe": "+ filter dual-safe (fix 3)"}
+          "3-filter-dual-unsafe": "+ filter dual-unsafe (fix 3)", "4-filter-dual-safe": "+ filter dual-safe (fix 3)",
+          "6-ppo": "PPO", "7-safe-sft-ppo": "PPO + SFT on safe data"}
 # the study's numbers (methods.md): safety rate, ΔHelp
-STUDY = {"SFT": ("41.6%", "-2.62"), "DPO": ("55.4%", "-4.19"), "+ SFT on safe data (fix 1)": ("71.8%", "-1.62"),
+STUDY = {"SFT": ("41.6%", "-2.62"), "PPO": ("99.5%", "1.69"), "PPO + SFT on safe data": ("99.6%", "4.47"),
+         "DPO": ("55.4%", "-4.19"), "+ SFT on safe data (fix 1)": ("71.8%", "-1.62"),
          "+ filter dual-unsafe (fix 3)": ("80.8%", "2.46"), "+ filter dual-safe (fix 3)": ("95.8%", "-2.86"),
          "iterative DPO, round 1": ("86.7%", "-3.22"), "iterative DPO, round 2": ("99.7%", "-3.27"),
          "iterative DPO, round 3": ("99.9%", "-3.26")}
