@@ -1233,6 +1233,8 @@ def report_json(reports: list[StageReport], recipe: str) -> dict:
             "breakdown_gib": {**{k: _gib(getattr(e.peak, k)) for k, _ in ROWS}, "overhead": _gib(e.overhead)},
             "peak_phase": e.peak_phase,
             "phases_gib": {k: _gib(v.total) for k, v in e.phases.items()},
+            # what generating adds at its moment: the KV cache, the prompt pass and (ZeRO-3) the gathered weights
+            "generation_gib": _gib(e.phases["generation"].generation) if "generation" in e.phases else None,
             "peak_allocated_gib": _gib(e.peak_allocated),
             "overhead_gib": _gib(e.overhead),
             "total_gib": _gib(e.total),

@@ -476,3 +476,25 @@ def test_the_critic_is_counted_whole_on_every_process(tmp_path, cli):
     on_policy = breakdown(8, {"lora_r": r})  # a second adapter on the policy's targets (all seven) and a head
     assert on_policy["breakdown_gib"]["critic"] == pytest.approx((adapter + h + 1) * 16 / GiB, abs=0.01)
     assert on_policy["setup"]["deepspeed_zero_stage"] == 3
+
+
+def test_iterative_counts_its_sampling_and_the_gathered_policy_under_zero3(tmp_path, cli):
+    """An iterative round samples batch_size prompts x samples at once between trainings: the KV cache of
+    those rows, and under ZeRO-3 the rest of the policy gathered to generate (trainers.loop.generation_model)."""
+    folder = model_dir(tmp_path, "half", SHAPE_05B)
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))
+    sampling = {"samples": 4, "batch_size": 8, "max_new_tokens": 128}
+
+    def stage(training: dict, processes: int = 8) -> dict:
+        recipe = recipe_file(tmp_path, "iter", {"name_or_path": folder}, {"max_length": 512, **training},
+                             stage="iterative", plugins={"dpo": {}, "verify_gsm8k": {}}, sampling=sampling)
+        return estimate_json(cli, recipe, "--processes", str(processes), "--prompt-length", "256")["stages"][0]
+
+    plain, zero3 = stage({}), stage({"deepspeed": str(ds)})
+    kv = 24 * 2 * 1024 * 2 * 32 * (256 + 128) / GiB  # 8 prompts x 4 samples, 256 + 128 tokens, bf16
+    assert any("sampling 8 prompts x 4 samples at once" in n for n in plain["notes"])
+    params = 503_366_656
+    gathered = params * 2 * (1 - 1 / 8) / GiB  # every process gathers the 7/8 it does not hold
+    assert zero3["generation_gib"] == pytest.approx(plain["generation_gib"] + gathered, abs=0.01)
+    assert plain["generation_gib"] > kv

@@ -77,8 +77,19 @@ class IterativeStage(Stage):
                 raise ValueError(f"rounds must be at least 1, got {self.rounds}")
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
-        return PreferenceStage.memory(self, cfg, plugins, recipe, prompt_length=prompt_length,
-                                      max_positions=max_positions, processes=processes)
+        facts = PreferenceStage.memory(self, cfg, plugins, recipe, prompt_length=prompt_length,
+                                       max_positions=max_positions, processes=processes)
+        # each round samples between trainings (no gradients held): a batch of prompts x samples at once, with
+        # the policy gathered under ZeRO-3 (trainers.loop.generation_model)
+        sampling = recipe.stage_options.sampling if recipe.stage_options is not None else PairSampling()
+        facts.generation_rows = sampling.batch_size * sampling.samples
+        facts.completion_len = sampling.max_new_tokens
+        facts.prompt_len = prompt_length if prompt_length is not None else max(1, facts.seq_len - sampling.max_new_tokens)
+        facts.notes.append(f"iterative: sampling {sampling.batch_size} prompts x {sampling.samples} samples at once"
+                           + ("" if prompt_length is not None else
+                              f", prompts assumed {facts.prompt_len} tokens (max_length - max_new_tokens); give "
+                              "--prompt-length for yours"))
+        return facts
 
     def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
         from ..trainers.iterative import run
