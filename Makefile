@@ -46,9 +46,10 @@ demo-pipeline: setup
 demo-instructgpt: setup
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/pipeline-instructgpt-cpu.yaml --output-dir runs/pipeline-instructgpt-cpu-$(shell date +%Y%m%d-%H%M%S)
 
-# The DPO-vs-PPO study's SafeRLHF table in miniature: 6 recipes (8 rows), then each evaluated on
-# the same held-out prompts. About an hour on 2 quiet CPU cores (measured: the SFT row 6 min, a DPO stage
-# of 20 steps 7-8 min, the 3 iterative rounds 7.5 min); re-running skips finished rows and resumes an interrupted one.
+# The DPO-vs-PPO study's SafeRLHF table in miniature: 8 recipes (10 rows), then each evaluated on
+# the same held-out prompts. About two and a half hours on 2 quiet CPU cores (measured: the SFT row 6 min, a DPO
+# stage of 20 steps 7-8 min, the 3 iterative rounds 7.5 min, a PPO row's reward model 7 min and PPO 31 min);
+# re-running skips finished rows and resumes an interrupted one.
 table-saferlhf: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/saferlhf_table.py --out runs/saferlhf-table
 

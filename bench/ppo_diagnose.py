@@ -130,7 +130,7 @@ def sample_and_score(model_dir: Path, rm, rows: list[dict], samples: int, max_ne
         "rm_vs_helpful": pairwise_accuracy(per_prompt(helpful)),
         "rm_length_correlation": statistics.correlation(reward, lengths) if len(set(lengths)) > 1 else None,
         "examples": [{"answer": flat[i], "reward_model": reward[i], "safe": safe[i], "helpful": helpful[i]}
-                     for i in (benign[:2] + harmful[:2])],
+                     for i in (benign[::samples][:2] + harmful[::samples][:2])],  # one answer per prompt
     }
 
 
