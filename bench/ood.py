@@ -143,19 +143,27 @@ def _ids(encoded):
     return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
 
 
-def answer_probabilities(model, tokenizer, rows: list[dict]) -> dict[str, float]:
-    """The mean over prompts of each answer's sequence probability, and of everything else."""
+def answer_probabilities(model, tokenizer, rows: list[dict], batch_size: int = 48) -> dict[str, float]:
+    """The mean over prompts of each answer's sequence probability, and of everything else (sequences padded on
+    the right in batches: a causal model's real tokens keep their positions)."""
     import torch
 
+    items = [(name, *answer_tokens(tokenizer, row["prompt"], row[name])) for row in rows for name in ANSWERS]
     sums = dict.fromkeys(ANSWERS, 0.0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
-        for row in rows:
-            for name in ANSWERS:
-                head, tail = answer_tokens(tokenizer, row["prompt"], row[name])
-                ids = torch.tensor([head + tail])
-                logits = model(input_ids=ids).logits[0, len(head) - 1:-1].float()
-                logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tail)[:, None]).sum()
-                sums[name] += float(logp.exp())
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            width = max(len(head) + len(tail) for _, head, tail in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (_, head, tail) in enumerate(chunk):
+                ids[i, :len(head) + len(tail)] = torch.tensor(head + tail)
+                mask[i, :len(head) + len(tail)] = 1
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            for i, (name, head, tail) in enumerate(chunk):
+                positions = torch.arange(len(head) - 1, len(head) + len(tail) - 1)
+                sums[name] += float(logp[i, positions, torch.tensor(tail)].sum().exp())
     out = {name: sums[name] / len(rows) for name in ANSWERS}
     out["other"] = 1.0 - sum(out.values())
     return out

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -62,3 +64,24 @@ def test_dpo_and_ppo_from_one_start_are_scored_at_every_checkpoint(tiny_model_di
     assert set(summary["rm"]) == set(ood.ANSWERS) and statistics.fmean(summary["rm"]["y1"]["values"]) == \
         report["seeds"]["3"]["reward"]["y1"]
     assert "| DPO, last checkpoint |" in (tmp_path / "ood" / "ood.md").read_text()
+
+
+def test_batched_answer_probabilities_equal_one_sequence_at_a_time(tiny_model_dir):
+    """The padded batches give each answer the probability a lone forward pass gives it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = ood.prompts()[::16]
+    batched = ood.answer_probabilities(model, tokenizer, rows, batch_size=4)
+    alone = dict.fromkeys(ood.ANSWERS, 0.0)
+    with torch.no_grad():
+        for row in rows:
+            for name in ood.ANSWERS:
+                head, tail = ood.answer_tokens(tokenizer, row["prompt"], row[name])
+                logits = model(input_ids=torch.tensor([head + tail])).logits[0]
+                logp = torch.log_softmax(logits.float(), -1)
+                alone[name] += float(sum(logp[len(head) - 1 + k, t] for k, t in enumerate(tail)).exp()) / len(rows)
+    for name in ood.ANSWERS:
+        assert batched[name] == pytest.approx(alone[name], rel=1e-4, abs=1e-12)
