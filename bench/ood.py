@@ -15,7 +15,8 @@ reference of both methods) gives each answer about a third. Then, from that star
 Every checkpoint of both methods (every ``--every`` steps) is scored on the 48 prompts: the mean sequence
 probability of y1, y2 and y3 (each answer up to and including the end-of-turn token, the chat template
 as the stages render it), and of everything else (1 minus their sum). The reward model's scores of the
-three answers show what PPO is optimising for y3, which no pair showed it.
+three answers (read as the PPO stage's ``reward_model`` source reads them) show what PPO is optimising
+for y3, which no pair showed it.
 
     python bench/ood.py [--out runs/ood] [--seeds 0,1,2] [--steps 40] [--every 5]
                         [--set KEY=VALUE ...]   (recipe overrides, e.g. model.name_or_path=PATH)
@@ -170,19 +171,16 @@ def answer_probabilities(model, tokenizer, rows: list[dict], batch_size: int = 4
 
 
 def reward_scores(rm_dir: Path, rows: list[dict]) -> dict[str, float]:
-    """The reward model's mean score of each answer (the scale its stage wrote: raw)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """The reward model's mean raw score of each answer, read as the PPO stage's reward_model source reads it."""
+    import posttrain
+    from posttrain.rewards import load_plugin
 
-    tokenizer = AutoTokenizer.from_pretrained(rm_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32).eval()
-    sums = dict.fromkeys(ANSWERS, 0.0)
-    with torch.no_grad():
-        for row in rows:
-            for name in ANSWERS:
-                head, tail = answer_tokens(tokenizer, row["prompt"], row[name])
-                sums[name] += float(model(input_ids=torch.tensor([head + tail])).logits[0, 0])
-    return {name: sums[name] / len(rows) for name in ANSWERS}
+    source = load_plugin("reward_model", model=str(rm_dir))
+    out = {}
+    for name in ANSWERS:
+        scores = posttrain.score(source, [r[name] for r in rows], prompts=[r["prompt"] for r in rows])
+        out[name] = sum(scores) / len(scores)
+    return out
 
 
 def checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
