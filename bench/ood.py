@@ -141,7 +141,8 @@ def answer_tokens(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int]
 
 
 def _ids(encoded):
-    return encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+    """apply_chat_template's token ids, whether it returns them or an encoding holding them."""
+    return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
 
 
 def answer_probabilities(model, tokenizer, rows: list[dict], batch_size: int = 48) -> dict[str, float]:
@@ -184,28 +185,37 @@ def reward_scores(rm_dir: Path, rows: list[dict]) -> dict[str, float]:
 
 
 def checkpoints(stage_dir: Path) -> list[tuple[int, Path]]:
-    found = [(int(p.name.split("-")[1]), p) for p in stage_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return sorted(found)
+    """(step, folder) of a stage's complete checkpoints, in step order."""
+    from posttrain.checkpoints import PREFIX, step_of, why_incomplete
+
+    return sorted((step_of(p), p) for p in stage_dir.glob(f"{PREFIX}*")
+                  if step_of(p) >= 0 and why_incomplete(p) is None)
 
 
-def curve(base_dir: Path, stage_dir: Path, rows: list[dict]) -> list[dict]:
-    """The answer probabilities of the start (step 0) and of every checkpoint of a stage trained from it."""
+def curves(base_dir: Path, stages: dict[str, Path], rows: list[dict]) -> dict[str, list[dict]]:
+    """Per stage trained from ``base_dir``: the answer probabilities of the start (step 0, scored once and
+    shared) and of every checkpoint."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    points = []
-    for step, folder in [(0, None), *checkpoints(stage_dir)]:
+
+    def point(step: int, adapter: Path | None) -> dict:
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        if folder is not None:
-            model = PeftModel.from_pretrained(model, folder)
-        points.append({"step": step, **answer_probabilities(model.eval(), tokenizer, rows)})
-    return points
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter)
+        return {"step": step, **answer_probabilities(model.eval(), tokenizer, rows)}
+
+    start = point(0, None)
+    return {name: [start, *(point(step, folder) for step, folder in checkpoints(stage_dir))]
+            for name, stage_dir in stages.items()}
 
 
 def stage_dirs(run_dir: Path) -> dict[str, Path]:
-    return {p.name.split("-", 1)[1]: p for p in run_dir.iterdir() if p.is_dir() and p.name[:2].isdigit()}
+    from posttrain.compare import pipeline_stages
+
+    return {p.name.split("-", 1)[1]: p for p in pipeline_stages(run_dir)}
 
 
 def summarise(seeds: dict[int, dict]) -> dict:
@@ -274,7 +284,7 @@ def main(argv=None) -> int:
             run(str(recipe_path), [*args.set, f"seed={seed}"], str(run_dir), resume=(run_dir / "recipe.yaml").is_file())
         stages = stage_dirs(run_dir)
         start = stages["sft"] / "merged"
-        results[seed] = {"run": str(run_dir), "curves": {m: curve(start, stages[m], rows) for m in ("dpo", "ppo")},
+        results[seed] = {"run": str(run_dir), "curves": curves(start, {m: stages[m] for m in ("dpo", "ppo")}, rows),
                          "reward": reward_scores(stages["rm"] / "merged", rows)}
         print(f"[ood] seed {seed}: dpo end {results[seed]['curves']['dpo'][-1]}, ppo end "
               f"{results[seed]['curves']['ppo'][-1]}", file=sys.stderr)

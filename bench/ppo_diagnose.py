@@ -46,7 +46,9 @@ def stages_of(run_dir: Path) -> tuple[dict, dict[str, Path]]:
     import yaml
 
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    folders = {p.name.split("-", 1)[1]: p for p in run_dir.iterdir() if p.is_dir() and p.name[:2].isdigit()}
+    from posttrain.compare import pipeline_stages
+
+    folders = {p.name.split("-", 1)[1]: p for p in pipeline_stages(run_dir)}
     return recipe, folders
 
 

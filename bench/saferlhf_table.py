@@ -129,7 +129,9 @@ def run_row(row: str, out: Path, overrides: list[str], done: dict[str, tuple[dic
 
 def models_of(row: str, run_dir: Path) -> list[tuple[str, Path, Path | None]]:
     """(label, model folder, adapter folder or None) for each table line of a row."""
-    stages = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name[:2].isdigit())
+    from posttrain.compare import pipeline_stages
+
+    stages = pipeline_stages(run_dir)
     if row != "5-iterative":
         return [(LABELS[row], stages[-1] / "merged", None)]
     sft, iterative = stages[0] / "merged", stages[-1]

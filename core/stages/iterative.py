@@ -81,7 +81,7 @@ class IterativeStage(Stage):
                                        max_positions=max_positions, processes=processes)
         # each round samples between trainings (no gradients held): a batch of prompts x samples at once, with
         # the policy gathered under ZeRO-3 (trainers.loop.generation_model)
-        sampling = recipe.stage_options.sampling if recipe.stage_options is not None else PairSampling()
+        sampling = recipe.stage_options.sampling
         facts.generation_rows = sampling.batch_size * sampling.samples
         facts.completion_len = sampling.max_new_tokens
         facts.prompt_len = prompt_length if prompt_length is not None else max(1, facts.seq_len - sampling.max_new_tokens)
