@@ -23,7 +23,8 @@ for y3, which no pair showed it.
 
 ``make table-ood`` runs it with the defaults. Writes ``OUT/ood.json`` (every curve, the reward model's
 scores, each seed's run folder) and ``OUT/ood.md`` (the start and the last checkpoint of each method, mean ±
-standard deviation over the seeds, and the curves); runs that finished are not run again.
+standard deviation over the seeds, and the curves); runs that finished are not run again, and a seed's
+scores are kept in its run folder (ood-scores.json) and not computed again.
 """
 
 from __future__ import annotations
@@ -282,10 +283,16 @@ def main(argv=None) -> int:
         run_dir = out / f"seed-{seed}"
         if not (run_dir / "summary.json").is_file():
             run(str(recipe_path), [*args.set, f"seed={seed}"], str(run_dir), resume=(run_dir / "recipe.yaml").is_file())
-        stages = stage_dirs(run_dir)
-        start = stages["sft"] / "merged"
-        results[seed] = {"run": str(run_dir), "curves": curves(start, {m: stages[m] for m in ("dpo", "ppo")}, rows),
-                         "reward": reward_scores(stages["rm"] / "merged", rows)}
+        scored = run_dir / "ood-scores.json"
+        if scored.is_file():
+            results[seed] = json.loads(scored.read_text())
+        else:
+            stages = stage_dirs(run_dir)
+            start = stages["sft"] / "merged"
+            results[seed] = {"run": str(run_dir),
+                             "curves": curves(start, {m: stages[m] for m in ("dpo", "ppo")}, rows),
+                             "reward": reward_scores(stages["rm"] / "merged", rows)}
+            scored.write_text(json.dumps(results[seed], indent=2))
         print(f"[ood] seed {seed}: dpo end {results[seed]['curves']['dpo'][-1]}, ppo end "
               f"{results[seed]['curves']['ppo'][-1]}", file=sys.stderr)
     summary = summarise(results)

@@ -50,11 +50,17 @@ def _losses(run_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r and "eval_loss" not in r}
 
 
-def test_sigterm_saves_stops_and_resume_gives_the_uninterrupted_losses(tmp_path, tiny_model_dir):
-    never = _recipe(tmp_path, tiny_model_dir, "never", signal_at={"step": 99})
-    proc = _posttrain("run", never, "--output-dir", tmp_path / "whole")
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, tiny_model_dir):
+    """The losses of the 6-step run uninterrupted (a signal handler installed, no signal sent)."""
+    folder = tmp_path_factory.mktemp("whole")
+    never = _recipe(folder, tiny_model_dir, "never", signal_at={"step": 99})
+    proc = _posttrain("run", never, "--output-dir", folder / "run")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return _losses(folder / "run")
 
+
+def test_sigterm_saves_stops_and_resume_gives_the_uninterrupted_losses(tmp_path, tiny_model_dir, whole):
     recipe = _recipe(tmp_path, tiny_model_dir, "stopped", signal_at={"step": 3})
     run = tmp_path / "run"
     proc = _posttrain("run", recipe, "--output-dir", run)
@@ -70,7 +76,7 @@ def test_sigterm_saves_stops_and_resume_gives_the_uninterrupted_losses(tmp_path,
     proc = _posttrain("run", recipe, "--output-dir", run, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (run / "preempted.json").exists()
-    whole, resumed = _losses(tmp_path / "whole"), _losses(run)
+    resumed = _losses(run)
     assert sorted(resumed) == sorted(whole) == list(range(1, 7))
     assert resumed == pytest.approx(whole, abs=1e-6)
 
@@ -86,12 +92,17 @@ def test_a_second_signal_stops_at_once_and_sigint_once_is_clean(tmp_path, tiny_m
     assert (tmp_path / "interrupt" / "checkpoint-2" / "posttrain-complete.json").is_file()
 
 
-def test_a_truncated_newest_checkpoint_is_skipped(tmp_path, tiny_model_dir):
-    never = _recipe(tmp_path, tiny_model_dir, "never", signal_at={"step": 99}, training={"save_steps": 1})
-    assert _posttrain("run", never, "--output-dir", tmp_path / "whole").returncode == 0
+def test_a_truncated_newest_checkpoint_is_skipped_and_none_complete_is_an_error(tmp_path, tiny_model_dir, whole):
+    """A kill during the newest checkpoint's save: --resume skips it with a message and gives the
+    uninterrupted losses. A copy of the same folder whose every checkpoint is broken: exit 2 naming the
+    folder, nothing deleted."""
+    import shutil
+
     recipe = _recipe(tmp_path, tiny_model_dir, "cut", signal_at={"step": 3}, training={"save_steps": 1})
     run = tmp_path / "run"
     assert _posttrain("run", recipe, "--output-dir", run).returncode == PREEMPTED
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
     # a kill during the save of checkpoint-3: its optimizer state half-written, no marker
     newest = run / "checkpoint-3"
     (newest / "posttrain-complete.json").unlink()
@@ -102,20 +113,15 @@ def test_a_truncated_newest_checkpoint_is_skipped(tmp_path, tiny_model_dir):
     said = proc.stdout + proc.stderr
     assert "resuming from checkpoint-2; skipped checkpoint-3 (optimizer.pt is truncated or unreadable)" in said
     assert newest.is_dir()  # skipped, not deleted (the run's own later save replaced its files)
-    assert _losses(run) == pytest.approx(_losses(tmp_path / "whole"), abs=1e-6)
+    assert _losses(run) == pytest.approx(whole, abs=1e-6)
 
-
-def test_no_complete_checkpoint_is_an_error_naming_the_folder(tmp_path, tiny_model_dir):
-    recipe = _recipe(tmp_path, tiny_model_dir, "cut", signal_at={"step": 2}, training={"save_steps": 1})
-    run = tmp_path / "run"
-    assert _posttrain("run", recipe, "--output-dir", run).returncode == PREEMPTED
-    for folder in run.glob("checkpoint-*"):
-        (folder / "posttrain-complete.json").unlink()
+    for folder in broken.glob("checkpoint-*"):
+        (folder / "posttrain-complete.json").unlink(missing_ok=True)
         (folder / "trainer_state.json").write_text('{"global_step": ')
-    proc = _posttrain("run", recipe, "--output-dir", run, "--resume")
+    proc = _posttrain("run", recipe, "--output-dir", broken, "--resume")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"'{run}' has no complete checkpoint" in proc.stderr and "trainer_state.json is truncated" in proc.stderr
-    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]  # nothing deleted
+    assert f"'{broken}' has no complete checkpoint" in proc.stderr and "trainer_state.json is truncated" in proc.stderr
+    assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
 
 def test_a_failed_save_stops_with_exit_2_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir):
