@@ -44,6 +44,36 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def fsdp_requested(trl_configs) -> str | None:
+    """Where a run asks for FSDP: the launcher (``accelerate launch --use_fsdp``) or a stage's ``training.fsdp``
+    / ``training.fsdp_config``; None when nothing does."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1", "yes"):
+        return "accelerate launch --use_fsdp"
+    for config in trl_configs:
+        for key in ("fsdp", "fsdp_config"):
+            if config.get(key):
+                return f"training.{key}"
+    return None
+
+
+def check_fsdp_device(where: str | None) -> None:
+    """FSDP through accelerate runs on GPUs (and other accelerators) only: on CPU processes accelerate runs
+    the launch as plain data parallel without saying so, every process holding the whole model. A run that
+    asks for FSDP there is refused before any model loads, so nobody takes DDP numbers for FSDP's."""
+    if where is None:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from .errors import UserError
+
+    raise UserError("FSDP was asked for, and this machine has no GPU: accelerate runs CPU processes as plain data "
+                    "parallel (every process holding the whole model), not FSDP", field=where,
+                    fix="on CPU processes shard with DeepSpeed ZeRO-3 instead (training.deepspeed with "
+                        "zero_optimization.stage 3, launched with accelerate launch --use_deepspeed); or run on GPUs")
+
+
 def setup_distributed(deepspeed: bool = False) -> None:
     """Set up the distributed state once, from the launcher's environment, before any model is loaded.
 

@@ -483,6 +483,7 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
     main = process.is_main()
     top = Path(output_dir or pipeline.output_dir or Path("runs") / pipeline.name)
     stage_refs.clear()
+    process.check_fsdp_device(process.fsdp_requested([s.plan.trl_config for s in pipeline.stages]))
     process.setup_distributed(deepspeed=any(s.plan.trl_config.get("deepspeed") for s in pipeline.stages))
     if pipeline.single:
         if start_from:

@@ -267,6 +267,22 @@ def test_train_batch_size_is_checked_against_the_launch(cli, write_recipe, monke
     assert code == 2 and "this launch's 2 processes" in err, err
 
 
+@pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="FSDP is refused only where accelerate cannot run it")
+@pytest.mark.parametrize("how", ["launcher", "recipe"])
+def test_fsdp_on_cpu_processes_is_refused_before_the_model_loads(cli, write_recipe, tmp_path, monkeypatch, how):
+    """accelerate runs CPU processes as plain DDP even when FSDP is asked for: posttrain says so (exit 2, the
+    launcher flag or the recipe field named) instead of training with whole models under FSDP's name."""
+    if how == "launcher":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch --use_fsdp sets
+        recipe, field = write_recipe(), "accelerate launch --use_fsdp"
+    else:
+        recipe, field = write_recipe(training={"fsdp": "full_shard"}), "training.fsdp"
+    code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
+    assert code == 2 and f"{field}: FSDP was asked for, and this machine has no GPU" in err, err
+    assert "zero_optimization.stage 3" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_ppo_with_the_critic_resumes_under_zero3(online_recipe, tmp_path):
     """A signal to one rank of a ZeRO-3 PPO run: both stop after the same step; --resume continues the
     policy (its ZeRO checkpoint) and the critic (its own state) with the losses of an uninterrupted run."""
