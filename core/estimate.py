@@ -546,19 +546,29 @@ def extra_trained_params(s: Setup) -> int:
 CRITIC_TRAINED_BYTES = 4 + 4 + 8  # float32 weight, its gradient, AdamW's two float32 moments
 
 
-def critic_bytes(s: Setup) -> float:
-    """The critic, whole on every process whatever the ZeRO stage (it trains outside the policy's engine, with
-    its own AdamW): on the policy's base, a second LoRA adapter on the policy's targets and a value head (the
-    base is the policy's own); a value model, its base in its dtype and its LoRA adapter (all linear layers)
-    and score head, or, with lora_r 0, every weight trained."""
+def critic_bytes(s: Setup, stage: int | None = None, n_proc: int = 1) -> float:
+    """The critic. On the policy's base: a second LoRA adapter on the policy's targets and a value head (the base
+    is the policy's own), counted whole on every process with float32 weights, gradients and AdamW. A value
+    model (its base in the compute dtype, its LoRA adapter on all linear layers and its score head, or with
+    lora_r 0 every weight trained): without DeepSpeed whole on every process; under DeepSpeed a DeepSpeed
+    engine of its own with the policy's ZeRO stage, so its float32 masters and AdamW state are partitioned
+    from stage 1, its gradients from stage 2 and its weights at stage 3, as the policy's are."""
     shape, r, dtype = s.critic
     if shape is None:
         trained = lora_params(replace(s, lora_r=r)) + s.shape.hidden + 1
         return trained * CRITIC_TRAINED_BYTES
     if r == 0:
-        return shape.params * CRITIC_TRAINED_BYTES
-    adapter = lora_params(replace(s, shape=shape, lora_r=r, lora_targets=tuple(shape.linears())))  # all-linear
-    return shape.params * _bytes(dtype) + (adapter + shape.hidden) * CRITIC_TRAINED_BYTES
+        trained, frozen = shape.params, 0
+    else:
+        trained = lora_params(replace(s, shape=shape, lora_r=r, lora_targets=tuple(shape.linears()))) + shape.hidden
+        frozen = shape.params
+    if stage is None:
+        return frozen * _bytes(dtype) + trained * CRITIC_TRAINED_BYTES
+    c = _bytes(dtype)
+    module = (frozen + trained) * c / (n_proc if stage >= 3 else 1)  # the engine's module in the compute dtype
+    masters_and_adamw = trained * (4 + 8) / (n_proc if stage >= 1 else 1)
+    grads = trained * c / (n_proc if stage >= 2 else 1)
+    return module + masters_and_adamw + grads
 
 
 def frozen_weight_bytes(s: Setup) -> float:
@@ -687,7 +697,7 @@ def compute(s: Setup) -> Estimate:
     for rm_shape, rm_dtype in s.reward_models:
         t.reward_models += rm_shape.params * _bytes(rm_dtype)
     if s.critic is not None:
-        t.critic = critic_bytes(s)
+        t.critic = critic_bytes(s, stage, n_proc)
 
     static = replace(t)
 
@@ -932,8 +942,12 @@ def setup_from_recipe(si: StageInput, *, processes: int, prompt_length: int | No
         critic_shape = None if source is None else \
             read_shape(source, f"{si.error_prefix}plugins.critic.model", notes).as_reward_model()
         s.critic = (critic_shape, r, compute)
-        if s.zero_stage == 3:
-            notes.append("the critic is whole on every process (it trains outside DeepSpeed's engine)")
+        if s.zero_stage is not None and critic_shape is not None:
+            notes.append(f"the critic (a value model) is a DeepSpeed engine of its own with ZeRO stage {s.zero_stage}"
+                         + (": sharded like the policy" if s.zero_stage == 3 else ""))
+        elif s.zero_stage == 3:
+            notes.append("the critic on the policy's base: its adapter, head and AdamW state are counted whole on "
+                         "every process")
     return s
 
 

@@ -137,7 +137,15 @@ class Critic:
         """One optimizer step of the critic (after the policy's)."""
         raise NotImplementedError
 
+    def engine_facts(self) -> dict | None:
+        """For the stage's summary (``critic_engine``): what an engine of the critic's own holds on this
+        process (its ZeRO stage, its parameters and how many are sharded); None without one."""
+        return None
+
     def save(self, folder) -> None:
+        """Write the critic's state (weights and optimizer) into the checkpoint ``folder``. Called on every
+        process: a critic sharded over the processes writes its shard; a whole one writes from the main
+        process only (``trainer.is_world_process_zero()``)."""
         raise NotImplementedError
 
     def load(self, folder) -> None:

@@ -28,10 +28,17 @@ The loss is PPO's clipped value loss on the completion tokens,
 with c = ``cliprange_value`` (unclipped: ``cliprange_value: null``), V_old the values at sampling
 time and G the targets. The critic has its own AdamW optimiser (``learning_rate``, gradient
 clipping at ``max_grad_norm``, constant rate) and steps after each policy optimizer step; its
-gradients are averaged over processes. Its state (trained weights and optimiser) is saved in every
-checkpoint (``checkpoint-N/critic.pt``) and restored by ``--resume``.
+gradients are averaged over processes, and every process starts from the main process's weights.
+Its state (trained weights and optimiser) is saved in every checkpoint (``checkpoint-N/critic.pt``)
+and restored by ``--resume``.
 
-The critic's gradients never touch a parameter's ``.grad``: each micro-batch's value loss is
+Under DeepSpeed, a value model is a DeepSpeed engine of its own, with the policy's ZeRO stage (under
+ZeRO-3 its weights, gradients and optimiser state are sharded over the processes): the engine
+back-propagates each micro-batch's value loss into the value model's own ``.grad`` (no parameter of
+the policy's is involved), averages the gradients, clips them and steps at the accumulation boundary,
+and writes its ZeRO checkpoint into ``checkpoint-N/critic/``.
+
+Otherwise the critic's gradients never touch a parameter's ``.grad``: each micro-batch's value loss is
 differentiated with ``torch.autograd.grad`` with respect to the critic's own parameters only, while
 they are trainable (the critic's adapter is active), and accumulated in the critic's buffers until
 its step. So the policy's gradient clipping and optimizer never see them, and the policy's loss
@@ -49,6 +56,7 @@ from posttrain import Critic, Plugin, UserError, hookimpl
 from posttrain.classifier import check_normalize, normalization
 
 CRITIC_ADAPTER = "critic"
+ENGINE_FOLDER = "critic"  # a DeepSpeed critic's checkpoint: checkpoint-N/critic/critic/
 
 
 def clipped_value_loss(values, old_values, targets, mask, clip: float | None):
@@ -74,6 +82,7 @@ class _CriticBase(Critic):
         self.options = options
         self.trainer = None
         self.optimizer = None
+        self.engine = None  # the critic's own DeepSpeed engine, when the policy trains under DeepSpeed
         self._grads = None  # the value loss's gradients accumulated since the last step, one per parameter
         self.last_grad_norm = None
 
@@ -91,6 +100,17 @@ class _CriticBase(Critic):
             p.data = p.data.float()  # float32 master weights
         self.optimizer = torch.optim.AdamW(params, lr=self.options.learning_rate, weight_decay=0.0)
 
+    def _same_on_every_process(self):
+        """Start every process's critic from the main process's weights, as DDP does for a model it wraps (and a
+        DeepSpeed engine at its creation). A new LoRA adapter or value head is drawn from each process's own
+        random state, and replicas started apart stay apart: their averaged gradients do not bring them
+        together."""
+        import torch.distributed as dist
+
+        if self.engine is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in self.trained_parameters():
+                dist.broadcast(p.data, src=0)
+
     def active(self):
         """The context in which the critic's parameters are trainable and its forward pass runs."""
         return contextlib.nullcontext()
@@ -106,6 +126,13 @@ class _CriticBase(Critic):
 
         valid = mask.bool() & ~torch.isnan(targets)
         targets = torch.nan_to_num(targets, nan=0.0)
+        if self.engine is not None:  # DeepSpeed: the engine scales by its accumulation steps, reduces and steps
+            values = self.forward(input_ids, attention_mask, logits_to_keep)
+            loss, clipped = clipped_value_loss(values, old_values.to(values.dtype), targets.to(values.dtype), valid,
+                                               self.options.cliprange_value)
+            self.engine.backward(self.options.vf_coef * loss)
+            self.engine.step()  # an optimizer step only at the accumulation boundary, as accelerate does
+            return {"critic/value_loss": loss.detach(), "critic/clipped_share": clipped.detach()}
         params = self.trained_parameters()
         with self.active():
             values = self.forward(input_ids, attention_mask, logits_to_keep)
@@ -125,6 +152,10 @@ class _CriticBase(Critic):
         """One AdamW step on the accumulated gradients (averaged over processes, clipped at max_grad_norm)."""
         import torch
 
+        if self.engine is not None:  # the engine stepped at the boundary of train_on's micro-batches
+            norm = self.engine.get_global_grad_norm()
+            self.last_grad_norm = None if norm is None else float(norm)
+            return
         if self._grads is None:
             return
         params = self.trained_parameters()
@@ -141,8 +172,16 @@ class _CriticBase(Critic):
         self._grads = None
 
     def save(self, folder) -> None:
+        """Called on every process. A DeepSpeed critic saves its engine's checkpoint (``critic/``, a shard of
+        the weights and the optimizer per process under ZeRO-3); otherwise the main process writes
+        ``critic.pt``."""
         import torch
 
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(Path(folder) / ENGINE_FOLDER), tag=ENGINE_FOLDER)
+            return
+        if not self.trainer.is_world_process_zero():
+            return
         Path(folder).mkdir(parents=True, exist_ok=True)
         torch.save({"weights": [p.detach().cpu() for p in self.trained_parameters()],
                     "optimizer": self.optimizer.state_dict()}, Path(folder) / "critic.pt")
@@ -150,6 +189,21 @@ class _CriticBase(Critic):
     def load(self, folder) -> None:
         import torch
 
+        if self.engine is not None:
+            if not (Path(folder) / ENGINE_FOLDER / ENGINE_FOLDER).is_dir():
+                raise UserError(f"the checkpoint '{folder}' has no DeepSpeed critic state ({ENGINE_FOLDER}/)",
+                                field="plugins.critic", fix="resume with the launch (DeepSpeed or not) and the critic "
+                                                            "settings the run started with")
+            loaded, _ = self.engine.load_checkpoint(str(Path(folder) / ENGINE_FOLDER), tag=ENGINE_FOLDER,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+            if loaded is None:
+                raise UserError(f"the critic's DeepSpeed state in '{folder}' could not be read",
+                                field="plugins.critic", fix="resume from an earlier checkpoint")
+            return
+        if not (Path(folder) / "critic.pt").is_file():
+            raise UserError(f"the checkpoint '{folder}' has no critic state (critic.pt)", field="plugins.critic",
+                            fix="resume with the launch (DeepSpeed or not) and the critic settings the run started "
+                                "with")
         state = torch.load(Path(folder) / "critic.pt", map_location="cpu", weights_only=True)
         params = self.trained_parameters()
         if len(state["weights"]) != len(params):
@@ -196,6 +250,7 @@ class SharedBaseCritic(_CriticBase):
         self.head = torch.nn.Linear(hidden, 1, device=device, dtype=torch.float32)
         torch.nn.init.zeros_(self.head.weight), torch.nn.init.zeros_(self.head.bias)  # V = 0 at the start
         self._make_optimizer()
+        self._same_on_every_process()
 
     def trained_parameters(self) -> list:
         return [*self.adapter_params, *self.head.parameters()]
@@ -240,7 +295,7 @@ class ValueModelCritic(_CriticBase):
         precision = trainer.precision
         full = self.options.lora_r == 0
         try:
-            with whole_models():  # the critic trains outside the policy's engine: whole in every process
+            with whole_models():  # built whole; under DeepSpeed its own engine then shards it (ZeRO-3)
                 model = AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=1, dtype=torch_dtype(precision.trained if full else precision.compute))
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -266,6 +321,48 @@ class ValueModelCritic(_CriticBase):
         self.eos_id = trainer.processing_class.eos_token_id
         self.suffix = reply_suffix(trainer.processing_class, _conversational(trainer.train_dataset))
         self._make_optimizer()
+        if trainer.is_deepspeed_enabled:
+            self._make_engine()  # the engine starts every process from the main process's weights
+        else:
+            self._same_on_every_process()
+
+    def _make_engine(self):
+        """The value model as a DeepSpeed engine of its own, with the ZeRO stage of the policy's: sharded under
+        ZeRO-3 (weights, gradients, optimizer state), gradients and optimizer state sharded under ZeRO-2.
+        Its optimizer is the critic's AdamW; the engine reduces the gradients over the processes, clips
+        them at max_grad_norm and saves and loads the critic's checkpoints."""
+        import deepspeed
+
+        trainer = self.trainer
+        args = trainer.args
+        policy = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+        zero = {k: v for k, v in (policy.get("zero_optimization") or {}).items() if v != "auto"}
+        config = {
+            "train_micro_batch_size_per_gpu": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps
+            * trainer.accelerator.num_processes,
+            "gradient_clipping": float(self.options.max_grad_norm or 0.0),
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,  # torch's AdamW, the critic's own
+            "zero_force_ds_cpu_optimizer": False,
+            "bf16": {"enabled": bool(args.bf16)},
+            "fp16": {"enabled": bool(args.fp16)},
+            "steps_per_print": 2 ** 31,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=self.model, optimizer=self.optimizer,
+                                                                config=config)
+        self.model = self.engine.module
+
+    def engine_facts(self) -> dict | None:
+        """What the critic's engine holds on this process: its ZeRO stage, and how many of its parameters are
+        only a shard here (a partition smaller than the whole tensor)."""
+        if self.engine is None:
+            return None
+        params = list(self.model.parameters())
+        sharded = [p for p in params if hasattr(p, "ds_tensor") and p.ds_tensor.numel() < p.ds_numel]
+        return {"zero_stage": self.engine.zero_optimization_stage(), "parameters": len(params),
+                "sharded": len(sharded), "trainable_sharded": sum(p.requires_grad for p in sharded)}
 
     def trained_parameters(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]

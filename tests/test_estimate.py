@@ -446,9 +446,10 @@ def test_estimate_imports_no_torch(tmp_path):
     assert json.loads(proc.stdout)["stages"][0]["setup"]["reference"] == "none"
 
 
-def test_the_critic_is_counted_whole_on_every_process(tmp_path, cli):
-    """PPO's critic trains outside DeepSpeed's engine: its weights, adapter, head, gradients and AdamW states
-    are whole on every process under ZeRO-3, as the frozen reward model is (tests/test_zero.py runs it so)."""
+def test_the_value_model_critic_is_sharded_under_zero3_as_its_engine_shards_it(tmp_path, cli):
+    """Under DeepSpeed the value model critic is an engine of its own with the policy's ZeRO stage
+    (tests/test_zero.py reads its shards): under ZeRO-3 its weights, gradients, float32 masters and AdamW
+    state are divided by the processes. The critic on the policy's base is counted whole."""
     from posttrain.estimate import read_shape
 
     policy = model_dir(tmp_path, "policy", SHAPE_7B)
@@ -458,7 +459,10 @@ def test_the_critic_is_counted_whole_on_every_process(tmp_path, cli):
     r, h, i, layers = 8, 4096, 11008, 32
     adapter = layers * r * (4 * (h + h) + 3 * (h + i))  # every linear layer of a block: q, k, v, o, gate, up, down
     value_params = read_shape(value, "critic", []).as_reward_model().params
-    expected = value_params * 2 + (adapter + h) * 16  # bf16 base; float32 adapter and head, gradients, AdamW
+    trained = adapter + h  # the adapter and the score head
+
+    def expected(n: int) -> float:  # bf16 module (base, adapter, head), bf16 gradients, float32 masters + AdamW
+        return ((value_params + trained) * 2 + trained * 2 + trained * 12) / n
 
     def breakdown(processes: int, critic: dict) -> dict:
         recipe = recipe_file(tmp_path, "ppo", {"name_or_path": policy, "lora": {"r": 16}},
@@ -469,10 +473,9 @@ def test_the_critic_is_counted_whole_on_every_process(tmp_path, cli):
         return out["stages"][0]
 
     one, eight = breakdown(1, {"model": value, "lora_r": r}), breakdown(8, {"model": value, "lora_r": r})
-    assert one["breakdown_gib"]["critic"] == pytest.approx(expected / GiB, abs=0.01)
-    assert eight["breakdown_gib"]["critic"] == one["breakdown_gib"]["critic"]  # not sharded
-    assert eight["breakdown_gib"]["optimizer"] < one["breakdown_gib"]["optimizer"]  # the policy's state is
-    assert any("critic is whole on every process" in n for n in eight["notes"])
+    assert one["breakdown_gib"]["critic"] == pytest.approx(expected(1) / GiB, abs=0.01)
+    assert eight["breakdown_gib"]["critic"] == pytest.approx(expected(8) / GiB, abs=0.01)
+    assert any("critic (a value model) is a DeepSpeed engine of its own with ZeRO stage 3" in n for n in eight["notes"])
     on_policy = breakdown(8, {"lora_r": r})  # a second adapter on the policy's targets (all seven) and a head
     assert on_policy["breakdown_gib"]["critic"] == pytest.approx((adapter + h + 1) * 16 / GiB, abs=0.01)
     assert on_policy["setup"]["deepspeed_zero_stage"] == 3

@@ -69,6 +69,10 @@ def pipeline(tiny_model_dir, probe: Path, zero: int | None) -> dict:
         {"name": "rs", "stage": "rejection_sampling", "model": {"name_or_path": "stages.iter", "lora": None},
          "data": {**WORDS, "eval": {"fraction": 0.0}}, "plugins": DIGITS,
          "sampling": {"samples": 2, "prompts": 4, "max_new_tokens": 4}, "eval": {"generate": 0}},
+        # the other critic: a LoRA adapter and a value head on the policy's own base (inside the policy's engine)
+        {"name": "ppo_lora_critic", "stage": "online", "model": {"name_or_path": "stages.sft"}, "data": WORDS,
+         "plugins": {**DIGITS, "critic": {}, "gae": {}, "advantage_norm": {}},
+         "training": {**ONLINE, "beta": 0.05, "num_generations": 1}},
     ]
     for stage in stages:
         stage.setdefault("eval", {"generate": 2, "max_new_tokens": 4})
@@ -152,16 +156,18 @@ def every_stage(tmp_path_factory, tiny_model_dir):
     return root, runs
 
 
-TRAINED = ("01-sft", "02-rm", "03-dpo", "04-dpo_full", "05-kto", "06-grpo", "07-ppo", "08-iter", "09-iter_full")
+TRAINED = ("01-sft", "02-rm", "03-dpo", "04-dpo_full", "05-kto", "06-grpo", "07-ppo", "08-iter", "09-iter_full",
+           "11-ppo_lora_critic")
+PPO = ("07-ppo", "11-ppo_lora_critic")
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_every_stage_gives_the_losses_of_ddp(every_stage, zero, tiny_model_dir):
     _, runs = every_stage
     for stage in TRAINED:
-        keys = ("loss", "grad_norm", "critic/value_loss") if stage == "07-ppo" else ("loss", "grad_norm")
+        keys = ("loss", "grad_norm", "critic/value_loss", "critic/grad_norm") if stage in PPO else ("loss", "grad_norm")
         ours, ddp = steps(runs[zero] / stage, keys), steps(runs["ddp"] / stage, keys)
-        assert ours[-1][0] != pytest.approx(ours[0][0], abs=1e-7) or stage in ("06-grpo", "07-ppo"), stage
+        assert ours[-1][0] != pytest.approx(ours[0][0], abs=1e-7) or stage in ("06-grpo", *PPO), stage
         same_steps(ours, ddp)
         summary = json.loads((runs[zero] / stage / "summary.json").read_text())
         if stage not in ("08-iter", "09-iter_full"):  # (an iterative summary lists its rounds instead)
@@ -199,8 +205,8 @@ def test_zero3_shards_every_trained_model_and_zero2_none(every_stage):
     root, _ = every_stage
     for zero, expect_sharded in (("zero3", True), ("zero2", False), ("ddp", False)):
         records = read_jsonl(root / f"{zero}-probe.jsonl")
-        # one record per process and train() call: 7 stages, the two iterative ones twice (a new engine per round)
-        assert len(records) == 2 * 11, records
+        # one record per process and train() call: 8 stages, the two iterative ones twice (a new engine per round)
+        assert len(records) == 2 * 12, records
         assert {r["rank"] for r in records} == {0, 1}
         for r in records:
             assert r["zero_stage"] == {"zero3": 3, "zero2": 2, "ddp": None}[zero]
@@ -208,6 +214,14 @@ def test_zero3_shards_every_trained_model_and_zero2_none(every_stage):
                 assert r["sharded"] == r["parameters"] and r["trainable_sharded"] > 0, r
             else:
                 assert r["sharded"] == 0, r
+        # the value model critic is a DeepSpeed engine of its own, with the policy's ZeRO stage
+        facts = json.loads((root / zero / "07-ppo" / "summary.json").read_text()).get("critic_engine")
+        if zero == "ddp":
+            assert facts is None
+        else:
+            assert facts["zero_stage"] == {"zero3": 3, "zero2": 2}[zero], facts
+            assert facts["sharded"] == (facts["parameters"] if expect_sharded else 0), facts
+            assert not expect_sharded or facts["trainable_sharded"] > 0, facts
 
 
 def test_final_models_load_and_generate(every_stage, tiny_model_dir):
@@ -283,10 +297,12 @@ def test_fsdp_on_cpu_processes_is_refused_before_the_model_loads(cli, write_reci
     assert not (tmp_path / "run").exists()
 
 
-def test_ppo_with_the_critic_resumes_under_zero3(online_recipe, tmp_path):
-    """A signal to one rank of a ZeRO-3 PPO run: both stop after the same step; --resume continues the
-    policy (its ZeRO checkpoint) and the critic (its own state) with the losses of an uninterrupted run."""
-    common = {"plugins": {"online_plugins:DigitShare": {}, "critic": {}, "gae": {}, "advantage_norm": {}},
+def test_ppo_with_the_critic_resumes_under_zero3(online_recipe, tmp_path, tiny_model_dir):
+    """A signal to one rank of a ZeRO-3 PPO run with a value model critic: both stop after the same step;
+    --resume continues the policy and the critic (each its own engine's ZeRO checkpoint, a shard per process)
+    with the losses of an uninterrupted run."""
+    critic = {"model": str(tiny_model_dir), "lora_r": 0}  # a new value head on the tiny model, all weights trained
+    common = {"plugins": {"online_plugins:DigitShare": {}, "critic": critic, "gae": {}, "advantage_norm": {}},
               "training": {"beta": 0.05, "num_generations": 2, "per_device_train_batch_size": 4, "max_steps": 3,
                            "save_steps": 1, "save_strategy": "steps", "deepspeed": zero_config(3)},
               "eval": {"generate": 0, "before": False}}
@@ -299,9 +315,11 @@ def test_ppo_with_the_critic_resumes_under_zero3(online_recipe, tmp_path):
                           text=True, env=_env(), timeout=900)
     assert proc.returncode != 0 and "SIGTERM received (rank 1)" in proc.stderr, proc.stderr[-3000:]
     assert json.loads((out / "preempted.json").read_text())["step"] == 2
-    assert (out / "checkpoint-2" / "critic.pt").is_file()
+    shards = out / "checkpoint-2" / "critic" / "critic"
+    assert {f.name for f in shards.glob("zero_pp_rank_*optim_states.pt")} == \
+        {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)}, list(shards.iterdir())
     run(accelerate("run", stopped, "--output-dir", out, "--resume", deepspeed=True))
-    keys = ("loss", "grad_norm", "critic/value_loss")
+    keys = ("loss", "grad_norm", "critic/value_loss", "critic/grad_norm")
     same_steps(steps(out, keys), steps(tmp_path / "whole", keys))
 
 

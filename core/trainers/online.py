@@ -268,7 +268,7 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         return loss
 
     def _save_extra(self, folder: Path) -> None:
-        if self.critic is not None and self.is_world_process_zero():
+        if self.critic is not None:  # on every process: a DeepSpeed critic saves a shard per process
             self.critic.save(folder)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -343,7 +343,13 @@ def heldout_metrics(plan: Plan, trainer, heldout) -> dict:
 
 
 def summary_extras(trainer) -> dict:
-    """The reward curve: the mean combined reward and each source's, per logged step."""
+    """The reward curve (the mean combined reward and each source's, per logged step), and where the critic
+    has an engine of its own, what that engine holds on the main process."""
+    facts = trainer.critic.engine_facts() if trainer.critic is not None else None
+    return {**_reward_curve(trainer), **({"critic_engine": facts} if facts else {})}
+
+
+def _reward_curve(trainer) -> dict:
     curve = []
     for entry in trainer.state.log_history:
         if "reward" not in entry:
