@@ -73,6 +73,9 @@ def pipeline(tiny_model_dir, probe: Path, zero: int | None) -> dict:
         {"name": "ppo_lora_critic", "stage": "online", "model": {"name_or_path": "stages.sft"}, "data": WORDS,
          "plugins": {**DIGITS, "critic": {}, "gae": {}, "advantage_norm": {}},
          "training": {**ONLINE, "beta": 0.05, "num_generations": 1}},
+        # full fine-tuning with no reference model at all (a reference-free loss): no frozen copy is built
+        {"name": "simpo_full", "stage": "preference", "model": {"name_or_path": "stages.sft", "lora": None},
+         "data": ARITH, "plugins": {"simpo": {}}, "training": {**STEPS, "max_length": 64}},
     ]
     for stage in stages:
         stage.setdefault("eval", {"generate": 2, "max_new_tokens": 4})
@@ -157,7 +160,7 @@ def every_stage(tmp_path_factory, tiny_model_dir):
 
 
 TRAINED = ("01-sft", "02-rm", "03-dpo", "04-dpo_full", "05-kto", "06-grpo", "07-ppo", "08-iter", "09-iter_full",
-           "11-ppo_lora_critic")
+           "11-ppo_lora_critic", "12-simpo_full")
 PPO = ("07-ppo", "11-ppo_lora_critic")
 
 
@@ -205,8 +208,8 @@ def test_zero3_shards_every_trained_model_and_zero2_none(every_stage):
     root, _ = every_stage
     for zero, expect_sharded in (("zero3", True), ("zero2", False), ("ddp", False)):
         records = read_jsonl(root / f"{zero}-probe.jsonl")
-        # one record per process and train() call: 8 stages, the two iterative ones twice (a new engine per round)
-        assert len(records) == 2 * 12, records
+        # one record per process and train() call: 9 stages, the two iterative ones twice (a new engine per round)
+        assert len(records) == 2 * 13, records
         assert {r["rank"] for r in records} == {0, 1}
         for r in records:
             assert r["zero_stage"] == {"zero3": 3, "zero2": 2, "ddp": None}[zero]
@@ -237,11 +240,12 @@ def test_final_models_load_and_generate(every_stage, tiny_model_dir):
     for zero in ("zero2", "zero3"):
         run_dir = runs[zero]
         full = AutoModelForCausalLM.from_pretrained(run_dir / "04-dpo_full" / "final")
-        ddp_full = load_file(runs["ddp"] / "04-dpo_full" / "final" / "model.safetensors")
-        saved = load_file(run_dir / "04-dpo_full" / "final" / "model.safetensors")
-        assert saved.keys() == ddp_full.keys() and all(saved[k].shape == ddp_full[k].shape for k in saved)
-        assert max(float((saved[k] - ddp_full[k]).abs().max()) for k in saved) < 1e-3
-        assert any(not torch.equal(saved[k], start[k]) for k in start if k in saved)  # the weights moved
+        for stage in ("04-dpo_full", "12-simpo_full"):
+            ddp_full = load_file(runs["ddp"] / stage / "final" / "model.safetensors")
+            saved = load_file(run_dir / stage / "final" / "model.safetensors")
+            assert saved.keys() == ddp_full.keys() and all(saved[k].shape == ddp_full[k].shape for k in saved)
+            assert max(float((saved[k] - ddp_full[k]).abs().max()) for k in saved) < 1e-3, stage
+            assert any(not torch.equal(saved[k], start[k]) for k in start if k in saved), stage  # the weights moved
         for stage in ("01-sft", "03-dpo", "05-kto", "06-grpo", "07-ppo", "08-iter"):
             adapter = load_file(run_dir / stage / "final" / "adapter_model.safetensors")
             reference = load_file(runs["ddp"] / stage / "final" / "adapter_model.safetensors")
