@@ -24,6 +24,7 @@ OVERRIDDEN = {
         "_save_checkpoint",  # OnlineTrainer: the critic's state saved with every checkpoint
         "_load_optimizer_and_scheduler",  # OnlineTrainer: the critic's state restored on --resume
         "_get_train_sampler",  # PreferenceTrainer: posttrain_train_sampler
+        "_run_epoch",  # GuardedTrainer: not started when a resumed run has no step left (no extra step)
     ),
     "trl.DPOTrainer": (
         "_compute_loss",  # PreferenceTrainer: the loss, masks, metrics from hooks (TRL computes every loss here)

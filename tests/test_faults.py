@@ -46,6 +46,12 @@ def _posttrain(*args, launcher=(), env=None, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=timeout)
 
 
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
 def _losses(run_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r and "eval_loss" not in r}
 
@@ -114,6 +120,20 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_none_complete_is_an_error(
     assert "resuming from checkpoint-2; skipped checkpoint-3 (optimizer.pt is truncated or unreadable)" in said
     assert newest.is_dir()  # skipped, not deleted (the run's own later save replaced its files)
     assert _losses(run) == pytest.approx(whole, abs=1e-6)
+
+    # stopped after its last checkpoint, before its summary: --resume trains no step more
+    from safetensors.torch import load_file
+
+    (run / "summary.json").unlink()
+    shutil.rmtree(run / "final")
+    proc = _posttrain("run", recipe, "--output-dir", run, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in run.glob("checkpoint-*"))[-1] == "checkpoint-6" and not (run / "checkpoint-7").exists()
+    assert _losses(run) == pytest.approx(whole, abs=1e-6)  # still the six steps
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 6
+    final, last = load_file(run / "final" / "adapter_model.safetensors"), \
+        load_file(run / "checkpoint-6" / "adapter_model.safetensors")
+    assert final.keys() == last.keys() and all(torch_equal(final[k], last[k]) for k in final)
 
     for folder in broken.glob("checkpoint-*"):
         (folder / "posttrain-complete.json").unlink(missing_ok=True)

@@ -176,6 +176,15 @@ class GuardedTrainer:
     def _save_extra(self, folder: Path) -> None:
         """What a trainer saves into a checkpoint besides TRL's files (the critic's state)."""
 
+    def _run_epoch(self, *args, **kwargs):
+        """transformers checks max_steps only after an optimizer step: a run resumed from a checkpoint at its
+        last step (stopped after that save, before its summary) would train one step more than the same run
+        uninterrupted. With nothing left to train, the epoch is not started."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial):
         import shutil
 
