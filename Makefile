@@ -54,8 +54,8 @@ table-saferlhf: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/saferlhf_table.py --out runs/saferlhf-table
 
 # The study's out-of-distribution argument: pairs y1 > y2 that never show y3, DPO against reward model + PPO from
-# the same SFT start, the probability of every answer over training, 3 seeds (docs/methods.md; about 45 minutes a
-# seed on 2 CPU cores).
+# the same SFT start, the probability of every answer over training, 3 seeds (docs/methods.md; about 40 minutes a
+# seed on 2 quiet CPU cores, two hours in all).
 table-ood: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/ood.py --out runs/ood --seeds 0,1,2
 
