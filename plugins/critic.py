@@ -126,18 +126,16 @@ class _CriticBase(Critic):
 
         valid = mask.bool() & ~torch.isnan(targets)
         targets = torch.nan_to_num(targets, nan=0.0)
-        if self.engine is not None:  # DeepSpeed: the engine scales by its accumulation steps, reduces and steps
-            values = self.forward(input_ids, attention_mask, logits_to_keep)
-            loss, clipped = clipped_value_loss(values, old_values.to(values.dtype), targets.to(values.dtype), valid,
-                                               self.options.cliprange_value)
-            self.engine.backward(self.options.vf_coef * loss)
-            self.engine.step()  # an optimizer step only at the accumulation boundary, as accelerate does
-            return {"critic/value_loss": loss.detach(), "critic/clipped_share": clipped.detach()}
         params = self.trained_parameters()
         with self.active():
             values = self.forward(input_ids, attention_mask, logits_to_keep)
             loss, clipped = clipped_value_loss(values, old_values.to(values.dtype), targets.to(values.dtype), valid,
                                                self.options.cliprange_value)
+            metrics = {"critic/value_loss": loss.detach(), "critic/clipped_share": clipped.detach()}
+            if self.engine is not None:  # DeepSpeed: the engine scales by its accumulation steps, reduces and steps
+                self.engine.backward(self.options.vf_coef * loss)
+                self.engine.step()  # an optimizer step only at the accumulation boundary, as accelerate does
+                return metrics
             # Gradients of the critic's parameters only, kept out of every .grad (see the module's docstring).
             grads = torch.autograd.grad(self.options.vf_coef * loss * scale, params, allow_unused=True)
         if self._grads is None:
@@ -146,7 +144,7 @@ class _CriticBase(Critic):
             if g is not None:
                 g = g.to(params[i].dtype)
                 self._grads[i] = g if self._grads[i] is None else self._grads[i] + g
-        return {"critic/value_loss": loss.detach(), "critic/clipped_share": clipped.detach()}
+        return metrics
 
     def step(self) -> None:
         """One AdamW step on the accumulated gradients (averaged over processes, clipped at max_grad_norm)."""

@@ -1,8 +1,7 @@
 """A plugin for the DeepSpeed tests, enabled by import path (``engine_plugins:EngineProbe``): when training
 begins, each process writes down what the engine did to the model it trains (one JSON line per process
 and train() call): the ZeRO stage of the run's DeepSpeed config and how many of the model's parameters
-this process holds only a shard of (DeepSpeed ZeRO-3 leaves an empty tensor in their place; FSDP2 turns
-each parameter into a DTensor whose local part is this process's shard)."""
+this process holds only a shard of (DeepSpeed ZeRO-3 leaves an empty tensor in their place)."""
 
 from dataclasses import dataclass
 
@@ -33,16 +32,9 @@ class EngineProbe(Plugin):
                     zero = (args.hf_deepspeed_config.config.get("zero_optimization") or {}).get("stage", 0)
                 params = list(model.parameters())
                 sharded = [p for p in params if hasattr(p, "ds_id") and p.numel() == 0]
-                from torch.distributed.tensor import DTensor
-
-                dtensors = [p for p in params if isinstance(p, DTensor)]
                 record = {"stage": stage, "rank": int(os.environ.get("RANK", "0")), "zero_stage": zero,
                           "parameters": len(params), "sharded": len(sharded),
-                          "trainable_sharded": sum(p.requires_grad for p in sharded),
-                          "fsdp_sharded": len(dtensors),
-                          # the share of the model's elements this process holds (1.0: whole)
-                          "held": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
-                          / max(1, sum(p.numel() if not hasattr(p, "ds_numel") else p.ds_numel for p in params))}
+                          "trainable_sharded": sum(p.requires_grad for p in sharded)}
                 with open(out, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
 

@@ -46,12 +46,6 @@ def _posttrain(*args, launcher=(), env=None, timeout=600):
     return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=timeout)
 
 
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return bool(torch.equal(a, b))
-
-
 def _losses(run_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r and "eval_loss" not in r}
 
@@ -122,6 +116,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_none_complete_is_an_error(
     assert _losses(run) == pytest.approx(whole, abs=1e-6)
 
     # stopped after its last checkpoint, before its summary: --resume trains no step more
+    import torch
     from safetensors.torch import load_file
 
     (run / "summary.json").unlink()
@@ -133,7 +128,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_none_complete_is_an_error(
     assert json.loads((run / "summary.json").read_text())["global_step"] == 6
     final, last = load_file(run / "final" / "adapter_model.safetensors"), \
         load_file(run / "checkpoint-6" / "adapter_model.safetensors")
-    assert final.keys() == last.keys() and all(torch_equal(final[k], last[k]) for k in final)
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
 
     for folder in broken.glob("checkpoint-*"):
         (folder / "posttrain-complete.json").unlink(missing_ok=True)
