@@ -17,7 +17,7 @@ RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt table-saferlhf table-ood test bench bench-gpu clean
+.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt table-saferlhf table-saferlhf-seeds table-ood test bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ demo-instructgpt: setup
 # re-running skips finished rows and resumes an interrupted one.
 table-saferlhf: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/saferlhf_table.py --out runs/saferlhf-table
+
+# The same table over three training seeds for the rows where the seed matters most (SFT, DPO, the fixes,
+# iterative DPO, PPO), each row's mean and spread (docs/methods.md). About an hour and a half a seed on 2 quiet CPU
+# cores, four and a half hours in all; re-running skips finished rows and seeds, so it can be run in parts.
+table-saferlhf-seeds: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/saferlhf_table.py --out runs/saferlhf-seeds --seeds 0,1,2 \
+		--rows 0-sft,1-dpo,2-safe-sft,3-filter-dual-unsafe,4-filter-dual-safe,5-iterative,6-ppo
 
 # The study's out-of-distribution argument: pairs y1 > y2 that never show y3, DPO against reward model + PPO from
 # the same SFT start, the probability of every answer over training, 3 seeds (docs/methods.md; about 40 minutes a
