@@ -15,10 +15,14 @@ one finished run of a pipeline with a ``reward_model`` stage and a PPO (``online
    score.
 
     python bench/ppo_diagnose.py RUN_DIR [--prompts 100] [--samples 4] [--max-new-tokens 32] [--seed 0]
+    python bench/ppo_diagnose.py --training-only RUN_DIR [RUN_DIR ...]
 
 RUN_DIR is a pipeline run (e.g. runs/saferlhf-table/saferlhf-6-ppo). Held-out prompts: the built-in
 ``safety_prompts`` with seed 99, as bench/saferlhf_table.py evaluates. Writes RUN_DIR/diagnosis.json and
-prints it with a short Markdown table.
+prints it with a short Markdown table. ``--training-only`` skips the sampling (1 and the sampled part of
+4; no model is loaded, a second or so a run): it reads the reward model's held-out accuracy and the
+training log of each RUN_DIR (e.g. one PPO row over several seeds) and prints one table line per run,
+writing nothing.
 """
 
 from __future__ import annotations
@@ -155,34 +159,62 @@ def markdown(d: dict) -> str:
     return "\n".join(lines)
 
 
+def training_report(run_dir: Path) -> dict:
+    """What the finished run's files say without loading a model: its stages, the reward model's held-out
+    accuracy on its own pairs and the PPO stage's training log by thirds."""
+    recipe, folders = stages_of(run_dir)
+    ppo_dir, start_dir, rm_dir = find(recipe, folders)
+    entries = [json.loads(x) for x in (ppo_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    entries = [e for e in entries if "train_runtime" not in e]
+    rm_summary = json.loads((rm_dir.parent / "summary.json").read_text())
+    return {
+        "run": str(run_dir), "ppo_stage": ppo_dir.name, "start": str(start_dir), "reward_model": str(rm_dir),
+        "rm_heldout_accuracy": ((rm_summary.get("after") or {}).get("heldout") or {}).get("pairwise_accuracy"),
+        "training": thirds(entries),
+    }
+
+
+def training_markdown(reports: list[dict]) -> str:
+    """One line per run: the reward model's held-out accuracy and each tracked metric, first → last third."""
+    names = [n for n in TRACKED if any(n in r["training"] for r in reports)]
+    lines = ["| run | RM held-out accuracy | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in reports:
+        acc = r["rm_heldout_accuracy"]
+        cells = [f"{r['training'][n]['first']:.3f} → {r['training'][n]['last']:.3f}" if n in r["training"] else "-"
+                 for n in names]
+        lines.append(f"| {r['run']} | {'-' if acc is None else f'{100 * acc:.1f}%'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", nargs="+")
+    parser.add_argument("--training-only", action="store_true",
+                        help="read the reward model's summary and the training log only (no sampling; any number of runs)")
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.training_only:
+        reports = [training_report(Path(d)) for d in args.run_dir]
+        print(json.dumps(reports, indent=2))
+        print(training_markdown(reports))
+        return 0
+    if len(args.run_dir) > 1:
+        parser.error("sampling diagnoses one run at a time; give one RUN_DIR, or add --training-only")
     from posttrain.builtin.safety import SafetyPromptOptions, safety_prompts
     from posttrain.rewards import load_plugin
 
-    run_dir = Path(args.run_dir)
-    recipe, folders = stages_of(run_dir)
-    ppo_dir, start_dir, rm_dir = find(recipe, folders)
-    rm = load_plugin("reward_model", model=str(rm_dir))
+    run_dir = Path(args.run_dir[0])
+    report = training_report(run_dir)
+    rm = load_plugin("reward_model", model=report["reward_model"])
     rows = safety_prompts(SafetyPromptOptions(n=args.prompts, seed=99))
-    entries = [json.loads(x) for x in (ppo_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    entries = [e for e in entries if "train_runtime" not in e]
-    rm_summary = json.loads((rm_dir.parent / "summary.json").read_text())
-    report = {
-        "run": str(run_dir), "ppo_stage": ppo_dir.name, "start": str(start_dir), "reward_model": str(rm_dir),
-        "rm_heldout_accuracy": ((rm_summary.get("after") or {}).get("heldout") or {}).get("pairwise_accuracy"),
-        "training": thirds(entries),
-        "samples": {name: sample_and_score(model_dir, rm, rows, args.samples, args.max_new_tokens, args.seed)
-                    for name, model_dir in (("start", start_dir), ("end", ppo_dir / "merged"))},
-        "settings": {"prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
-                     "seed": args.seed, "heldout": {"generator": "safety_prompts", "seed": 99}},
-    }
+    start_dir, ppo_dir = Path(report["start"]), run_dir / report["ppo_stage"]
+    report["samples"] = {name: sample_and_score(model_dir, rm, rows, args.samples, args.max_new_tokens, args.seed)
+                         for name, model_dir in (("start", start_dir), ("end", ppo_dir / "merged"))}
+    report["settings"] = {"prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens,
+                          "seed": args.seed, "heldout": {"generator": "safety_prompts", "seed": 99}}
     (run_dir / "diagnosis.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     print(markdown(report))

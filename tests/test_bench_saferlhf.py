@@ -1,5 +1,6 @@
 """bench/saferlhf_table.py on the tiny model: three rows (SFT, DPO, PPO) run end to end, then evaluated with the
-safety task's judges, the later rows reusing the first row's SFT stage; bench/ppo_diagnose.py on the PPO row. The numbers of a random model mean nothing; what is checked is that the table holds the start
+safety task's judges, the later rows reusing the first row's SFT stage; bench/ppo_diagnose.py on the PPO row (sampling, and
+the training log alone). The numbers of a random model mean nothing; what is checked is that the table holds the start
 and the row's trained model with rates in range and example answers, the study's column beside them, and
 that a second call reuses the finished run instead of training again (the same rates)."""
 
@@ -50,6 +51,13 @@ def test_table_runs_a_row_and_evaluates_it(tiny_model_dir, tmp_path):
     assert {"kl_in_reward", "explained_variance", "length", "reward_model"} <= set(diagnosis["training"])
     for name in ("start", "end"):
         assert diagnosis["samples"][name]["answers"] == 12 and diagnosis["samples"][name]["rm_vs_safety"]["pairs"] >= 0
+    written = (Path(ppo["run"]) / "diagnosis.json").read_text()
+    logs = subprocess.run([sys.executable, str(REPO / "bench" / "ppo_diagnose.py"), "--training-only", ppo["run"],
+                           ppo["run"]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert logs.returncode == 0, logs.stderr[-4000:]
+    lines = [x for x in logs.stdout.splitlines() if x.startswith(f"| {ppo['run']} |")]
+    assert len(lines) == 2 and "kl_in_reward" in logs.stdout and "→" in lines[0]  # one line per run, first → last
+    assert (Path(ppo["run"]) / "diagnosis.json").read_text() == written  # the log-only pass writes nothing
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert again.returncode == 0 and "1-dpo: finished earlier" in again.stderr
     assert json.loads((tmp_path / "table" / "table.json").read_text())["table"][2]["safety_rate"] == dpo["safety_rate"]
