@@ -17,6 +17,7 @@ requests for the secret or the forbidden action), judged by the task's rules:
     python bench/saferlhf_table.py [--out runs/saferlhf-table] [--prompts 100] [--rows 0-sft,1-dpo,...]
                                    [--seeds 0,1,2]
                                    [--set KEY=VALUE ...]   (applied to every row, e.g. stages.dpo.training.max_steps=2)
+                                   [--reuse DIR]
 
 With ``--seeds``, every row is trained once per seed (the recipe's ``seed``: LoRA initialisation, data
 order, sampling; the data itself stays the same), in ``OUT/seed-S/``, and the table gives each row's
@@ -26,6 +27,12 @@ Rows whose run finished are not run again (an interrupted one is resumed), so th
 repeated; a row's first stages that an earlier row trained with the same recipe (every row's SFT
 stage, the fix rows' safe-SFT stage) are hard-linked from that row instead of trained again. Prints
 the table as JSON and Markdown and writes both next to the runs.
+
+``--reuse DIR`` lets the rows take their first stages from the finished runs of another table folder
+too (``DIR``, or ``DIR/seed-S`` with ``--seeds``), under the same rule: the same model, seed and stage
+recipes. A variant of a row that changes only its last stage, e.g. ``--rows 6-ppo --set
+stages.ppo.training.beta=0.2 --reuse runs/saferlhf-seeds``, then trains that stage alone. Nothing in
+``DIR`` is changed.
 """
 
 from __future__ import annotations
@@ -100,6 +107,18 @@ def seed_from(run_dir: Path, data: dict, source: Path, count: int) -> None:
         shutil.copytree(stage_dir, run_dir / stage_dir.name, copy_function=os.link)
 
 
+def finished_runs(folder: Path) -> dict[str, tuple[dict, Path]]:
+    """The finished row runs in ``folder`` (a ``summary.json`` and the ``recipe.yaml`` they ran), keyed by
+    folder, in the form ``run_row``'s ``done`` takes: their stages can be reused."""
+    import yaml
+
+    found = {}
+    for run_dir in sorted(folder.glob("saferlhf-*")) if folder.is_dir() else []:
+        if (run_dir / "summary.json").is_file() and (run_dir / "recipe.yaml").is_file():
+            found[f"reuse:{run_dir}"] = (yaml.safe_load((run_dir / "recipe.yaml").read_text()), run_dir)
+    return found
+
+
 def run_row(row: str, out: Path, overrides: list[str], done: dict[str, tuple[dict, Path]]) -> Path:
     """Run (or resume, or skip) one row's pipeline; its run directory. Stages that an earlier row
     already trained with the same recipe (every row's SFT stage; the safe-SFT stage of the fix rows)
@@ -118,7 +137,8 @@ def run_row(row: str, out: Path, overrides: list[str], done: dict[str, tuple[dic
         source, count = shared_stages(data, done)
         if source is not None:
             seed_from(run_dir, data, source, count)
-            print(f"[table] {row}: its first {count} stage(s) are {source.name}'s (same recipe): reused",
+            print(f"[table] {row}: its first {count} stage(s) are "
+                  f"{source.name if source.parent == out else source}'s (same recipe): reused",
                   file=sys.stderr)
     started = time.time()
     run(recipe, overrides, str(run_dir), resume=(run_dir / "recipe.yaml").is_file())
@@ -241,6 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recipe override applied to every row (as posttrain run --set; stages.NAME.* only to "
                              "rows with that stage)")
+    parser.add_argument("--reuse", default=None, metavar="DIR",
+                        help="another table folder whose finished runs may lend their first stages (same model, "
+                             "seed and stage recipes) instead of training them again; DIR/seed-S with --seeds")
     args = parser.parse_args(argv)
     from posttrain.builtin.safety import SafetyPromptOptions, safety_prompts
     from posttrain.models import resolve_model_path
@@ -260,6 +283,8 @@ def main(argv=None) -> int:
                   **evaluate(start_model, start_tokenizer, heldout, args.max_new_tokens)})
     for seed, folder, sets in passes:
         done: dict[str, tuple[dict, Path]] = {}
+        if args.reuse:
+            done.update(finished_runs(Path(args.reuse) if seed is None else Path(args.reuse) / f"seed-{seed}"))
         for row in rows:
             run_dir = run_row(row, folder, sets, done)
             for label, model_dir, adapter in models_of(row, run_dir):

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_table_runs_a_row_and_evaluates_it(tiny_model_dir, tmp_path):
+    import yaml
+
     sets = [f"model.name_or_path={tiny_model_dir}"]
     for stage in ("sft", "dpo", "rm", "ppo"):
         sets += [f"stages.{stage}.training.max_steps=2", f"stages.{stage}.data.options.n=40"]
@@ -61,6 +63,21 @@ def test_table_runs_a_row_and_evaluates_it(tiny_model_dir, tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert again.returncode == 0 and "1-dpo: finished earlier" in again.stderr
     assert json.loads((tmp_path / "table" / "table.json").read_text())["table"][2]["safety_rate"] == dpo["safety_rate"]
+    # a variant of the PPO row that changes only its last stage, in another folder: the SFT and reward-model
+    # stages come from the finished row (hard-linked), only PPO trains, and nothing in the first folder changes
+    table_before = (tmp_path / "table" / "table.json").read_text()
+    variant = subprocess.run([*command[:3], str(tmp_path / "variant"), *command[4:8], "--rows", "6-ppo",
+                              "--reuse", str(tmp_path / "table"), *command[10:], "--set", "stages.ppo.training.beta=0.2"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert variant.returncode == 0, variant.stderr[-4000:]
+    assert f"6-ppo: its first 2 stage(s) are {ppo['run']}'s (same recipe): reused" in variant.stderr
+    varied = tmp_path / "variant" / "saferlhf-6-ppo"
+    shared = "02-rm/merged/model.safetensors"
+    assert (varied / shared).stat().st_ino == (Path(ppo["run"]) / shared).stat().st_ino
+    assert (varied / "03-ppo" / "merged").is_dir()
+    assert yaml.safe_load((varied / "recipe.yaml").read_text())["stages"][2]["training"]["beta"] == 0.2
+    assert yaml.safe_load((varied / "03-ppo" / "recipe.yaml").read_text())["training"]["beta"] == 0.2
+    assert (tmp_path / "table" / "table.json").read_text() == table_before
 
 
 def test_seeds_train_each_row_once_per_seed_and_report_mean_and_spread(tiny_model_dir, tmp_path):
