@@ -22,7 +22,8 @@ with ``partial: true``, α × the fraction of instructions followed. ``mode: loo
 with its first line, its last line or both removed, each also with every ``*`` removed (forgives
 a "Sure, here it is:" preamble or markdown bold). An empty completion scores 0.
 
-Abstention (no reward from this source for the example; a warning is logged once per cause):
+Abstention (no reward from this source for the example; a warning is logged once per cause,
+except for arguments, below):
 
 - the batch has neither ``column`` nor ``ids_column`` (the source abstains for the batch), the
   example has no value in either, or its id list is empty, or its ``column`` value is not such a
@@ -30,11 +31,18 @@ Abstention (no reward from this source for the example; a warning is logged once
 - an id is not one the installed checkers know (a newer IFEval variant, a typo): scoring 0
   would punish the policy for our missing checker, and scoring the other instructions alone
   would reward ignoring that one;
-- the arguments do not fit: ``kwargs`` missing an argument the checker needs (IFEval's code
-  would silently draw a random one), an unexpected argument, a value it rejects, or a list
-  whose length differs from the id list. ``None`` values are dropped first (Arrow fills every
-  key of every row's dicts). ``combination:repeat_prompt`` without ``prompt_to_repeat`` repeats
-  the prompt's text with the repeat instruction itself removed.
+- the arguments do not fit: ``kwargs`` is not one dict per id, or misses an argument the checker
+  needs, or holds an unexpected argument, a value the checker rejects, or one it would silently
+  replace with a random value (IFEval's code draws one for a count below 0, an empty keyword or
+  keyword list, a letter that is not one ASCII letter, an ``nth_paragraph`` outside
+  ``1..num_paragraphs``, and any missing argument) or judge against as nonsense (a string of
+  keywords, read letter by letter). The arguments are checked before the example goes to a
+  checker, and in the checking process any draw of a random value makes the example abstain,
+  so the reward is a function of the completion and the gold. These examples are counted
+  (``invalid_arguments``), with a warning at the 1st, 2nd, 4th, 8th... one. ``None`` values are
+  dropped first (Arrow fills every key of every row's dicts), so a None argument is a missing
+  one. ``combination:repeat_prompt`` without ``prompt_to_repeat`` repeats the prompt's text with
+  the repeat instruction itself removed.
 
 Bounded work on hostile output: a completion longer than ``max_chars`` characters scores 0
 without being checked (no instruction asks for that much text, and some checkers are quadratic:
@@ -58,6 +66,7 @@ import json
 import logging
 import os
 import shutil
+import string
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +82,60 @@ log = logging.getLogger(__name__)
 _PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt")
 # Arguments the verifier fills from the prompt when the dataset does not give them.
 _FROM_PROMPT = ("prompt", "prompt_to_repeat")
+
+
+# --------------------------------------------------------------------------------------
+# Checker arguments
+# --------------------------------------------------------------------------------------
+# lm-eval's build_description draws a random value in place of an argument that is missing or None, and of some
+# invalid ones: a count below 0 (num_*, frequency, let_frequency), an empty keyword or keyword list, a letter that
+# is not one ASCII letter, an nth_paragraph outside 1..num_paragraphs. Other values it takes and scores against as
+# nonsense (a string of keywords, read letter by letter; a capital_frequency below 0). Every argument with a rule
+# here is checked before the example goes to a checker; the checking process then refuses any draw (_NoRandom).
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and float(value).is_integer()
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _words(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(_text(word) for word in value)
+
+
+_RELATIONS = ("less than", "at least")
+_COUNTS = ("num_sentences", "num_paragraphs", "num_words", "num_placeholders", "num_bullets", "num_highlights",
+           "num_sections", "frequency", "let_frequency", "capital_frequency")
+# argument name -> (test, what it must be)
+_ARGUMENT_RULES = {
+    **{name: (_count, "a whole number >= 0") for name in _COUNTS},
+    **{name: (lambda value: value in _RELATIONS, "'less than' or 'at least'")
+       for name in ("relation", "let_relation", "capital_relation")},
+    "letter": (lambda value: isinstance(value, str) and len(value) == 1 and value in string.ascii_letters,
+               "one letter a-z or A-Z"),
+    "keywords": (_words, "a non-empty list of words"),
+    "forbidden_words": (_words, "a non-empty list of words"),
+    **{name: (_text, "a non-empty string") for name in ("keyword", "first_word", "section_spliter",
+                                                         "postscript_marker", "end_phrase", "language")},
+}
+
+
+def argument_problem(iid: str, args: dict) -> str | None:
+    """Why lm-eval's checker for ``iid`` would not take ``args`` as given (it would draw a random value
+    instead, or judge against a meaningless one), or None when they are fine."""
+    for name, value in args.items():
+        if name in _ARGUMENT_RULES:
+            test, expected = _ARGUMENT_RULES[name]
+            if not test(value):
+                return f"{iid} has {name}={value!r:.80}, not {expected}"
+    if "nth_paragraph" in args:
+        nth, count = args["nth_paragraph"], args.get("num_paragraphs")
+        if not (_count(nth) and _count(count) and 1 <= nth <= count):
+            return f"{iid} has nth_paragraph={nth!r:.80}, not between 1 and num_paragraphs={count!r:.80}"
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -136,6 +199,18 @@ def prepare_nltk_data() -> Path:
 # --------------------------------------------------------------------------------------
 
 
+class _RandomDraw(Exception):
+    """A checker would draw a random value in place of one of its arguments."""
+
+
+class _NoRandom:
+    """Stands in for the ``random`` module of lm-eval's IFEval code, which uses it only to draw the arguments it
+    is not given (or does not take): a checker never scores against a value drawn at random."""
+
+    def __getattr__(self, name: str):
+        raise _RandomDraw(f"lm-eval would draw a random value (random.{name}) in place of an argument")
+
+
 def _setup():  # runs in the checking process
     prepare_nltk_data()
     # lm-eval logs the whole response when language detection fails: keep hostile text out of the logs
@@ -143,8 +218,11 @@ def _setup():  # runs in the checking process
     import langdetect
 
     langdetect.DetectorFactory.seed = 0  # langdetect is random otherwise
-    from lm_eval.tasks.ifeval import instructions_util
+    from lm_eval.tasks.ifeval import instructions, instructions_util
     from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    # the arguments are checked before they are sent here (argument_problem); this catches whatever gets past
+    instructions.random = instructions_util.random = _NoRandom()
 
     # load the lazily-read models now, so that no first check pays for them within its time limit
     langdetect.detect("The quick brown fox jumps over the lazy dog.")
@@ -192,6 +270,8 @@ def _handle(registry: dict, request):
             args["prompt"] = prompt
         try:
             checker.build_description(**args)
+        except _RandomDraw as e:
+            return f"{iid} has arguments its checker does not take: {e}"
         except Exception as e:  # noqa: BLE001 - bad arguments in the data: the example is not judged
             return f"arguments of {iid} rejected: {type(e).__name__}: {str(e)[:200]}"
         followed.append(any(_follows(checker, text) for text in candidates))
@@ -332,6 +412,7 @@ class VerifyIFEval(Verifier):
                               name="verify_ifeval")
         self._known: dict[str, list[str]] | None = None
         self._warned: set[str] = set()
+        self.invalid_arguments = 0  # examples not judged because an instruction's arguments are missing or invalid
 
     def known_instructions(self) -> dict[str, list[str]]:
         """The instruction ids the installed checkers know, each with the argument names it takes."""
@@ -349,6 +430,17 @@ class VerifyIFEval(Verifier):
         if reason not in self._warned:
             self._warned.add(reason)
             log.warning("verify_ifeval abstains on examples where %s", reason)
+        return None
+
+    def _invalid(self, reason: str) -> None:
+        """Abstain on an example whose arguments a checker does not take; count it, and warn at the 1st, 2nd,
+        4th, 8th... one."""
+        self.invalid_arguments += 1
+        count = self.invalid_arguments
+        if count & (count - 1) == 0:
+            log.warning("verify_ifeval abstains where an instruction's arguments are missing or invalid (lm-eval "
+                        "would score against a random value in their place, or rejects them): %d example(s) so "
+                        "far, e.g. %s; check the dataset's kwargs", count, reason)
         return None
 
     @hookimpl
@@ -396,7 +488,10 @@ class VerifyIFEval(Verifier):
                 return "verdict", self._abstain(f"the instruction id {iid!r} is unknown to lm-eval's IFEval checkers")
             missing = [k for k in known[iid] if k not in args and k not in _FROM_PROMPT]
             if missing:
-                return "verdict", self._abstain(f"{iid} lacks the argument(s) {', '.join(missing)}")
+                return "verdict", self._invalid(f"{iid} lacks the argument(s) {', '.join(missing)}")
+            problem = argument_problem(iid, args)
+            if problem:
+                return "verdict", self._invalid(problem)
         try:
             text = completion_text(completion)
         except Exception:  # noqa: BLE001 - an object that cannot even be read scores 0
@@ -410,8 +505,8 @@ class VerifyIFEval(Verifier):
         return "check", (ids, arguments, prompt_text, text, self.options.mode == "loose")
 
     def _verdict(self, request: tuple, reply: Any) -> float | bool | None:
-        if isinstance(reply, str):
-            return self._abstain(reply)
+        if isinstance(reply, str):  # the checker took an argument for invalid
+            return self._invalid(reply)
         if not isinstance(reply, list) or len(reply) != len(request[0]):  # overran, died or failed
             return False
         return sum(reply) / len(reply) if self.options.partial else all(reply)

@@ -9,17 +9,25 @@ Gold answers are read robustly. A gold with its own delimiters (``$...$``, ``\\(
 the way math-verify reads it. A bare gold (``\\sqrt{8}``, ``(x+1)^2``, ``\\frac{1}{2}``, ``42``, as in
 MATH's ``answer`` column or Tülu 3's ``ground_truth``) is read whole as LaTeX, as if written
 ``$...$`` (then ``\\boxed{...}``, then as plain text): math-verify's default reading finds nothing in
-``\\sqrt{8}`` and only the ``2`` of ``2\\sqrt{2}``. A gold that cannot be read at all is a problem of
-the dataset, not of the completion: the source abstains there, counts it
-(``unreadable_golds``: how many distinct gold values could not be read) and logs a warning with
-the count (at the 1st, 2nd, 4th, 8th... one).
+``\\sqrt{8}`` and only the ``2`` of ``2\\sqrt{2}``. A bare gold in words (``forty two``, ``yes``:
+only letters, spaces and ``-',.``, two letters or more in a row) that math-verify reads as letters
+multiplied together (``f*o*o*r*t*t*w*y``: ``42`` would score 0 and an anagram α) is not read; one
+it reads otherwise (``inf``, as infinity) is, and so are single letters (``x``, ``(A)``) and a
+product marked up as math (``$xy$``). A gold that cannot be read is a problem of the dataset, not
+of the completion: the source abstains there, counts it (``unreadable_golds``: how many distinct
+gold values could not be read, in words included) and logs a warning with the count (at the 1st,
+2nd, 4th, 8th... one).
 
 Only the final answer needs to be read, and a completion longer than ``max_chars`` characters
-is cut to it: from its last ``\\boxed{`` / ``\\fbox{`` to the end of the text, or, when that is too
-long, that box alone, braces balanced. A box that is not closed or is longer than ``max_chars``
-cannot be read whole and scores 0 (reading a cut box would read another number). Without a box,
-the last ``max_chars`` characters are read, from the start of a line (else of a word), with an
-unmatched ``$``, ``\\)`` or ``\\]`` at their start dropped.
+is cut to it: from the first box of its final answer to the end of the text, or, when that is too
+long, those boxes alone, braces balanced. The final answer's boxes are its last ``\\boxed{`` /
+``\\fbox{`` and each box before it that closes less than 70 characters before the next one begins
+(math-verify reads such boxes, ``\\boxed{-2} \\quad \\text{and} \\quad \\boxed{1}``, as one answer, and
+decides among them), as many as fit in ``max_chars``; a box further up in the reasoning is left
+out. A last box that is not closed or is longer than ``max_chars`` cannot be read whole and scores
+0 (reading a cut box would read another number). Without a box, the last ``max_chars`` characters
+are read, from the start of a line (else of a word), with an unmatched ``$``, ``\\)`` or ``\\]`` at
+their start dropped.
 
 Hostile output cannot stall or crash training: each check runs in a worker process
 (``posttrain.worker.CheckPool``) with a time limit and a memory limit. A check that runs out
@@ -34,6 +42,7 @@ warning about that is silenced).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 from posttrain.types import completion_text
@@ -44,6 +53,11 @@ log = logging.getLogger(__name__)
 
 _DELIMITED = ("$", "\\(", "\\[", "\\boxed", "\\fbox", "####")
 _BOXES = ("\\boxed", "\\fbox")
+# math-verify reads boxes closer together than this (closer than 10 characters, or than 70 with "and", "or", ","
+# or ";" between them) as one answer; a long completion keeps all such boxes, and math-verify picks among them
+_ANSWER_GAP = 70
+_LETTERS = re.compile(r"[^\W\d_]{2,}")  # two letters or more in a row: a word
+_WORD_MARKS = frozenset(" \t\n-',.")
 _GOLD_CACHE = 4096  # parsed gold answers kept per worker (the same gold comes with every completion of a prompt)
 
 
@@ -55,6 +69,13 @@ def gold_readings(gold: str) -> list[str]:
     if any(mark in text for mark in _DELIMITED):
         return [text]
     return [f"${text}$", f"\\boxed{{{text}}}", text]
+
+
+def in_words(gold: str) -> bool:
+    """Whether a gold answer is plain words (``forty two``, ``yes``): nothing but letters, spaces and ``-',.``,
+    two letters or more in a row. Read as LaTeX, such a word is a product of one-letter variables."""
+    text = gold.strip()
+    return bool(_LETTERS.search(text)) and all(char.isalpha() or char in _WORD_MARKS for char in text)
 
 
 def _closing_brace(text: str, open_at: int, limit: int) -> int | None:
@@ -76,22 +97,42 @@ def _closing_brace(text: str, open_at: int, limit: int) -> int | None:
     return None
 
 
+def _box_end(text: str, start: int, limit: int) -> int | None:
+    """The index just past the box that starts at ``text[start]`` (``\\boxed{...}`` or ``\\fbox{...}``), looking at
+    most ``limit`` characters; None when it is not closed within them or its command has no brace."""
+    brace = start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox")
+    end = min(len(text), start + limit)
+    while brace < end and text[brace] in " \t\n":
+        brace += 1
+    if brace >= end or text[brace] != "{":
+        return None  # \boxed followed by something else: nothing to keep whole
+    return _closing_brace(text, brace, end - brace)
+
+
+def _last_box(text: str, start: int, stop: int) -> int:
+    """Where the last box that lies in ``text[start:stop]`` begins, or -1."""
+    return max(text.rfind(box, start, stop) for box in _BOXES)
+
+
 def final_answer_text(text: str, max_chars: int) -> str | None:
     """The part of a completion that math-verify reads: at most ``max_chars`` characters holding the
     final answer whole, or None when the final answer cannot be kept whole."""
     if len(text) <= max_chars:
         return text
-    start = max(text.rfind(box) for box in _BOXES)
-    if start >= 0:
-        if len(text) - start <= max_chars:
-            return text[start:]
-        brace = start + len("\\boxed" if text.startswith("\\boxed", start) else "\\fbox")
-        while brace < min(len(text), start + max_chars) and text[brace] in " \t\n":
-            brace += 1
-        if brace >= min(len(text), start + max_chars) or text[brace] != "{":
-            return None  # \boxed followed by something else: nothing to keep whole
-        end = _closing_brace(text, brace, max_chars - (brace - start))
-        return None if end is None else text[start:end]
+    last = _last_box(text, 0, len(text))
+    if last >= 0:
+        end = _box_end(text, last, max_chars)
+        if end is None:
+            return None
+        # the final answer may take several boxes (\boxed{-2} \quad \text{and} \quad \boxed{1}): take in each box
+        # that closes less than _ANSWER_GAP characters before the next one begins, as many as fit
+        first = last
+        while (previous := _last_box(text, max(0, end - max_chars), first)) >= 0:
+            previous_end = _box_end(text, previous, first - previous)  # closed before the next box begins
+            if previous_end is None or first - previous_end >= _ANSWER_GAP:
+                break
+            first = previous
+        return text[first:] if len(text) - first <= max_chars else text[first:end]
     tail = text[-max_chars:]
     line = tail.find("\n")
     if 0 <= line < len(tail) - 1:
@@ -118,6 +159,7 @@ class _QuietTimeoutWarning(logging.Filter):
 
 def _setup():  # runs in the checking process
     from math_verify import parse, verify
+    from sympy import Basic, Mul
 
     quiet = _QuietTimeoutWarning()
     for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "math_verify"]:
@@ -130,7 +172,10 @@ def _setup():  # runs in the checking process
             if len(golds) >= _GOLD_CACHE:
                 golds.clear()
             readings = (parse(text, parsing_timeout=None) for text in gold_readings(gold))
-            golds[gold] = next((parsed for parsed in readings if parsed), [])
+            parsed = next((parsed for parsed in readings if parsed), [])
+            if in_words(gold) and any(isinstance(value, Basic) and value.atoms(Mul) for value in parsed):
+                parsed = []  # its words read as letters multiplied together: not its meaning (inf, read as oo, is)
+            golds[gold] = parsed
         return golds[gold]
 
     def check(request):
@@ -195,7 +240,8 @@ class VerifyMath(Verifier):
             if count & (count - 1) == 0:  # 1, 2, 4, 8...
                 log.warning("verify_math abstains where the gold answer cannot be read: %d distinct gold value(s) "
                             "so far in column '%s', e.g. %r; check the dataset (a bare answer is read as LaTeX, "
-                            "prose needs $...$, \\boxed{} or ####)", count, self.options.column, str(gold)[:200])
+                            "an answer in words is not read, prose needs $...$, \\boxed{} or ####)", count,
+                            self.options.column, str(gold)[:200])
         return None
 
     def score(self, completion, gold):

@@ -14,7 +14,7 @@ import pytest
 from posttrain.plugins.verify_code import VerifyCode
 from posttrain.plugins.verify_gsm8k import VerifyGSM8K
 from posttrain.plugins.verify_ifeval import VerifyIFEval
-from posttrain.plugins.verify_math import VerifyMath, final_answer_text, gold_readings
+from posttrain.plugins.verify_math import VerifyMath, final_answer_text, gold_readings, in_words
 from posttrain.verifier import Verifier
 
 NESTED = "\\boxed{" + "\\frac{1}{" * 3000 + "2" + "}" * 3000 + "}"
@@ -122,6 +122,34 @@ def test_gold_readings():
     assert gold_readings("  ") == []
 
 
+@pytest.mark.parametrize("gold,answer,expected", [
+    ("x", "\\boxed{x}", 10.0),  # one letter: a variable, or a multiple-choice answer
+    ("A", "\\boxed{A}", 10.0),
+    ("(A)", "\\boxed{B}", 0.0),
+    ("\\pi", "\\boxed{\\pi}", 10.0),  # a constant in LaTeX
+    ("inf", "\\boxed{\\infty}", 10.0),  # a word math-verify reads as a constant
+    ("$xy$", "\\boxed{yx}", 10.0),  # a product of letters, marked up as math
+])
+def test_letters_read_as_math_keep_working(math_plugin, gold, answer, expected):
+    assert math_plugin.posttrain_reward([answer], {"ground_truth": [gold]}) == [expected]
+
+
+def test_golds_in_words_abstain_and_are_counted(caplog):
+    """math-verify reads "forty two" as f*o*o*r*t*t*w*y: "42" would score 0, an anagram 10. Not judged."""
+    assert in_words("forty two") and in_words("yes") and in_words("Monday")
+    assert not any(in_words(gold) for gold in ("x", "A", "(A)", "\\pi", "$xy$", "42", "x+y", "2 apples"))
+    plugin = VerifyMath(VerifyMath.Options(timeout_seconds=TIMEOUT, workers=1))
+    try:
+        with caplog.at_level("WARNING", logger="posttrain.plugins.verify_math"):
+            rewards = plugin.posttrain_reward(["forty two", "42", "\\boxed{forty two}", "\\boxed{two forty}"],
+                                              {"ground_truth": ["forty two"] * 4})
+        assert rewards == [None] * 4
+        assert plugin.unreadable_golds == 1  # one distinct gold value
+        assert "forty two" in caplog.text
+    finally:
+        plugin.close()
+
+
 def test_unreadable_golds_are_counted_and_logged(caplog):
     plugin = VerifyMath(VerifyMath.Options(timeout_seconds=TIMEOUT, workers=1))
     try:
@@ -171,6 +199,33 @@ def test_final_answer_that_cannot_be_kept_whole_scores_zero(math_plugin):
     assert plugin.posttrain_reward([long_box, unclosed], {"ground_truth": ["60", "1/3"]}) == [0.0, 0.0]
     assert time.monotonic() - started < 0.5  # refused without a check
     assert plugin.posttrain_reward(["Reasoning. " * 20 + BOXED], {"ground_truth": ["1/3"]}) == [10.0]
+
+
+SPLIT = "So the solutions are \\[ \\boxed{-2} \\quad \\text{and} \\quad \\boxed{1}. \\]"
+REASONING = ("We factor the quadratic and check each root in turn. " * 100)[:4050]
+
+
+def test_final_answer_over_several_boxes_kept_whole(math_plugin):
+    """An answer written as several boxes is read whole from a long completion, as from a short one."""
+    long = REASONING + SPLIT
+    assert len(long) > 4000 and final_answer_text(long, 4000).startswith("\\boxed{-2}")
+    checked_after = long + "\nChecking: both roots satisfy the equation." * 100  # the boxes alone fit
+    assert final_answer_text(checked_after, 4000).startswith("\\boxed{-2}")
+    assert final_answer_text(checked_after, 4000).endswith("\\boxed{1}")
+    completions = [SPLIT, long, checked_after]
+    assert math_plugin.posttrain_reward(completions, {"ground_truth": ["1,-2"] * 3}) == [10.0] * 3
+    assert math_plugin.posttrain_reward(completions, {"ground_truth": ["1"] * 3}) == [0.0] * 3
+    # a box of the reasoning, far up or only a paragraph before, is not part of the final answer
+    far_up = "A first guess gives \\boxed{7}.\n" + REASONING + SPLIT
+    near = REASONING + "A side result is \\boxed{7}.\n" + REASONING[:300] + "\n" + SPLIT
+    for text in (far_up, near):
+        assert "\\boxed{7}" not in final_answer_text(text, 4000), text[-400:]
+    assert math_plugin.posttrain_reward([far_up, near], {"ground_truth": ["1,-2", "1,-2"]}) == [10.0, 10.0]
+    assert math_plugin.posttrain_reward([far_up, near], {"ground_truth": ["7,-2,1", "7,-2,1"]}) == [0.0, 0.0]
+    # hostile: a megabyte of boxes close together is cut to max_chars at once
+    started = time.monotonic()
+    window = final_answer_text("\\boxed{1}, " * 100_000, 4000)
+    assert time.monotonic() - started < 0.1 and len(window) <= 4000
 
 
 def hostile_batch(hostile_at):

@@ -109,6 +109,16 @@ CASES = [
      "This is VERY VERY important.", True),
     ("change_case:capital_word_frequency", {"capital_frequency": 2, "capital_relation": "at least"},
      "this is very important.", False),
+    ("keywords:letter_frequency", {"letter": "a", "let_frequency": 5, "let_relation": "less than"}, "aaaa", True),
+    ("keywords:letter_frequency", {"letter": "a", "let_frequency": 4, "let_relation": "less than"}, "aaaa", False),
+    ("keywords:letter_frequency", {"letter": "A", "let_frequency": 4, "let_relation": "at least"}, "aaaa", True),
+    ("keywords:frequency", {"keyword": "tea", "frequency": 0, "relation": "at least"}, "Coffee.", True),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "dogs"},
+     "Cats purr.\n\nDogs bark.", True),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 2, "first_word": "dogs"},
+     "Cats purr.\n\nBirds sing.", False),
+    ("language:response_language", {"language": "en"}, "The sea is wide and the boats rest in the harbour.", True),
+    ("language:response_language", {"language": "fr"}, "The sea is wide and the boats rest in the harbour.", False),
 ]
 
 
@@ -199,6 +209,73 @@ def test_abstention(make, caplog):
     assert plugin.posttrain_reward(
         prompts=None, completions=["no commas", "x"],
         columns={"instruction_id_list": [["punctuation:no_comma"], ["keywords:existence"]]}) == [10.0, None]
+
+
+# Arguments that lm-eval's checkers would replace with a random value: at least one case for each instruction
+# whose build_description draws one where an argument is missing, None or invalid
+BAD_ARGUMENTS = [
+    ("keywords:existence", {"keywords": []}, "The tide comes in."),
+    ("keywords:existence", {"keywords": "tide"}, "The tide comes in."),  # a string, not a list
+    ("keywords:frequency", {"keyword": "", "frequency": 2, "relation": "at least"}, "Tea, tea."),
+    ("keywords:frequency", {"keyword": "tea", "frequency": -1, "relation": "at least"}, "Tea, tea."),
+    ("keywords:frequency", {"keyword": "tea", "frequency": 2}, "Tea, tea."),
+    ("keywords:forbidden_words", {"forbidden_words": []}, "Birds sing."),
+    ("keywords:letter_frequency", {"letter": "#", "let_frequency": 3, "let_relation": "at least"}, "aaaa"),
+    ("keywords:letter_frequency", {"letter": "ab", "let_frequency": 3, "let_relation": "at least"}, "aaaa"),
+    ("keywords:letter_frequency", {"letter": "a", "let_frequency": -1, "let_relation": "less than"}, "aaaa"),
+    ("keywords:letter_frequency", {"letter": "a", "let_frequency": 3, "let_relation": None}, "aaaa"),
+    ("language:response_language", {"language": None}, "The sea is wide."),
+    ("length_constraints:number_sentences", {"num_sentences": -1, "relation": "at least"}, "It rains. We stay."),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": -2}, "One.\n\n***\n\nTwo."),
+    ("length_constraints:number_words", {"num_words": -5, "relation": "less than"}, "Four words right here."),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": 2, "nth_paragraph": 3, "first_word": "cats"},
+     "Cats purr.\n\nCats sleep."),
+    ("length_constraints:nth_paragraph_first_word", {"num_paragraphs": -1, "nth_paragraph": 1, "first_word": "cats"},
+     "Cats purr.\n\nCats sleep."),
+    ("detectable_content:number_placeholders", {"num_placeholders": -1}, "Meet [name]."),
+    ("detectable_content:postscript", {}, "Bye.\n\nP.S. Bring tea."),
+    ("detectable_format:number_bullet_lists", {"num_bullets": -1}, "* one\n* two"),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": -1}, "Cats *sleep*."),
+    ("detectable_format:multiple_sections", {"section_spliter": "Section", "num_sections": -1}, "Section 1\nCats."),
+    ("detectable_format:multiple_sections", {"num_sections": 1}, "Section 1\nCats."),
+    ("startend:end_checker", {"end_phrase": None}, "The sea is wide. Any other questions?"),
+    ("change_case:capital_word_frequency", {"capital_frequency": 2}, "It is VERY VERY important."),
+    ("change_case:capital_word_frequency", {"capital_frequency": -1, "capital_relation": "at least"}, "VERY."),
+]
+
+
+@pytest.mark.parametrize("iid,kwargs,completion", BAD_ARGUMENTS,
+                         ids=[f"{c[0]}-{json.dumps(c[1])}" for c in BAD_ARGUMENTS])
+def test_arguments_a_checker_would_replace_at_random_abstain(make, iid, kwargs, completion):
+    """A reward is a function of the completion and the gold: never of a value lm-eval draws at random."""
+    plugin = make()
+    assert [reward(plugin, completion, [iid], [kwargs]) for _ in range(12)] == [None] * 12
+    assert plugin.invalid_arguments == 12
+
+
+def test_invalid_arguments_are_counted_and_logged(make, caplog):
+    plugin = make()
+    bad = {"letter": "#", "let_frequency": 3, "let_relation": "at least"}
+    with caplog.at_level("WARNING", logger="posttrain.plugins.verify_ifeval"):
+        for _ in range(5):
+            assert reward(plugin, "aaaa", ["keywords:letter_frequency"], [bad]) is None
+    assert plugin.invalid_arguments == 5
+    messages = [r.getMessage() for r in caplog.records if r.name == "posttrain.plugins.verify_ifeval"]
+    assert len(messages) == 3  # at the 1st, 2nd and 4th
+    assert "4 example(s)" in messages[2] and "letter" in messages[2] and "'#'" in messages[2]
+
+
+def test_no_checker_draws_a_random_value(shared):
+    """In the checking process, a checker that would draw a random value in place of an argument makes the
+    example abstain, also for arguments that were not checked before (the request is sent to it directly)."""
+    bad = (["keywords:letter_frequency"], [{"letter": "#", "let_frequency": 3, "let_relation": "at least"}], "p",
+           "aaaa", False)
+    replies = [shared.pool.call(bad, 30.0) for _ in range(3)]
+    assert all(isinstance(reply, str) and "random" in reply for reply in replies), replies
+    # the instructions whose checkers draw a random value for a missing argument are those BAD_ARGUMENTS covers
+    drawing = {iid for iid in shared.known_instructions()
+               if isinstance(shared.pool.call(([iid], [{}], "Write.", "x", False), 30.0), str)}
+    assert drawing == {case[0] for case in BAD_ARGUMENTS}
 
 
 def test_arrow_filled_kwargs_and_json_strings(make):
