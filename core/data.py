@@ -91,11 +91,11 @@ def _saved_files(path: Path, split: str | None, where: str = "data.source") -> l
         name = split or "train"
         if name not in splits:
             raise UserError(f"the saved dataset '{path}' has no split '{name}'{did_you_mean(name, splits)}",
-                            field={"data.source": "data.split", "data.eval.source": "data.eval.split"}.get(where, where), fix=f"its splits: {', '.join(splits)}")
+                            field=_split_field(where), fix=f"its splits: {', '.join(splits)}")
         path = path / name
     elif split not in (None, "train"):
         raise UserError(f"the saved dataset '{path}' is one Dataset, which has one split; there is no split '{split}'",
-                        field={"data.source": "data.split", "data.eval.source": "data.eval.split"}.get(where, where),
+                        field=_split_field(where),
                         fix="hold out a fraction of it (data.eval.fraction), or save a DatasetDict with that split")
     files = sorted(path.glob("*.arrow"))
     if not files:
@@ -118,6 +118,48 @@ def _starts_json_document(path: Path) -> bool:
         return b"\n" not in start.strip()
     except ValueError:
         return True
+
+
+def _json_document(path: Path, where: str):
+    text = _utf8(path.read_bytes(), where, str(path))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}", field=where,
+                        fix="fix the file (a list of records, a mapping of columns, or a mapping of splits to lists "
+                            "of records), or use .jsonl") from None
+
+
+def _is_split_mapping(data) -> bool:
+    """A JSON document ``{"train": [{...}, ...], "test": [...]}``: splits, each a list of records."""
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(v, list) and v and all(isinstance(r, dict) for r in v) for v in data.values())
+
+
+def _split_field(where: str) -> str:
+    return {"data.source": "data.split", "data.eval.source": "data.eval.split"}.get(where, where)
+
+
+def file_splits(path: Path) -> list[str] | None:
+    """The splits of a local file that holds several (a .json mapping of split names to records), else None."""
+    if path.suffix.lower() != ".json" or not path.is_file() or not _starts_json_document(path):
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return list(data) if _is_split_mapping(data) else None
+
+
+def folder_splits(path: Path) -> list[str] | None:
+    """The splits ``datasets.load_dataset`` finds in a local folder of data files (by their names: train,
+    test, validation...), or None when it finds none."""
+    from datasets.data_files import EmptyDatasetError, get_data_patterns  # light: no torch
+
+    try:
+        return [str(name) for name in get_data_patterns(str(path))]
+    except EmptyDatasetError:
+        return None
 
 
 def read_records(path: Path, where: str, split: str | None = None) -> Iterator[tuple[int, dict]]:
@@ -163,12 +205,14 @@ def read_records(path: Path, where: str, split: str | None = None) -> Iterator[t
                 yield row, record
         return
     if suffix == ".json":
-        text = _utf8(path.read_bytes(), where, str(path))
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}", field=where,
-                            fix="fix the file (a list of records, or a mapping of columns), or use .jsonl") from None
+        data = _json_document(path, where)
+        if _is_split_mapping(data):
+            name = split or "train"
+            if name not in data:
+                raise UserError(f"{path} holds the splits {', '.join(data)}; there is no split '{name}' in it"
+                                f"{did_you_mean(name, list(data))}", field=_split_field(where),
+                                fix=f"set {_split_field(where)} to one of: {', '.join(data)}")
+            data = data[name]
         if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
             n = max((len(v) for v in data.values()), default=0)
             data = [{k: (v[i] if i < len(v) else None) for k, v in data.items()} for i in range(n)]
@@ -291,8 +335,9 @@ def _chat_from_text(value: str):
 
 def _shared_prefix(chosen, rejected):
     """TRL's implicit prompt: the messages two conversations share (up to the last user turn they share), or
-    the text two responses share, cut at the last word boundary (the space goes with the responses, as TRL's
-    ``extract_prompt`` does); None when they share nothing."""
+    the text two responses share, cut at the last word boundary of both (the space goes with the responses, as
+    TRL's ``extract_prompt`` does), so that the prompt never ends inside a word of either response; None when they
+    share nothing."""
     if _kind(chosen) == "messages" and _kind(rejected) == "messages":
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -306,7 +351,10 @@ def _shared_prefix(chosen, rejected):
             n += 1
         if n == min(len(chosen), len(rejected)):
             return None  # one response is the start of the other: no prompt to take
-        while n > 0 and not chosen[n - 1].isspace() and not chosen[n].isspace():
+        def boundary(at: int) -> bool:  # a word ends here in both responses (so a token boundary in both)
+            return chosen[at - 1].isspace() or all(at == len(t) or t[at].isspace() for t in (chosen, rejected))
+
+        while n > 0 and not boundary(n):
             n -= 1  # back to a word boundary
         while n > 0 and chosen[n - 1].isspace():
             n -= 1  # the space starts the responses
@@ -499,12 +547,37 @@ def _formats_reading(reader: Reader, names: list[str], required) -> list[str]:
     return out
 
 
+def _mapping_hint(needed: str, mapping: dict[str, str], source_names: list[str], stage: Stage) -> tuple | None:
+    """Why a needed column is missing when the data holds it, and the fix: ``data.columns`` moved it to another
+    name (a column is read once), the data's own columns already make one of the stage's layouts, or the rows
+    are unpaired feedback (a ``label``) meant for the kto stage."""
+    for ours, theirs in mapping.items():
+        if theirs == needed and ours != needed:
+            return (f"data.columns maps {ours}: {theirs}, which moves '{theirs}' to '{ours}' (a column is read once, "
+                    f"so no '{needed}' is left)", f"remove data.columns.{ours}, or map {ours} to another column")
+    if mapping:
+        for layout in stage.layouts:
+            if set(layout) <= set(source_names):
+                return (f"the data's own columns ({', '.join(layout)}) already make the {stage.name} stage's layout, "
+                        "and data.columns takes one of them away", "remove data.columns")
+    if "label" in source_names and stage.name != "kto" and any(r in source_names for r in ("completion", "messages")):
+        return ("the rows have a 'label': unpaired feedback (a completion marked good or bad) is trained by the kto "
+                "stage", "set `stage: kto`, or give pairs (prompt, chosen, rejected) to this stage")
+    return None
+
+
 def _checked_columns(reader: Reader, names: list[str], stage: Stage, source: str, required, fmt) -> tuple:
     """check_columns on what the reader makes of the source's columns; when they do not fit and no format is
     in use, the fix names the installed formats that would read them."""
     try:
         return check_columns(reader.columns(names), stage, source, required, names)
     except UserError as e:
+        hint = _mapping_hint(e.field.removeprefix("data.columns."), {**reader.before, **reader.after}, names, stage)
+        if hint:
+            e.message = f"{e.message}; {hint[0]}"
+            e.fix = hint[1]
+            e.args = (e.render(),)
+            raise
         formats = _formats_reading(reader, names, required) if fmt is None else []
         if formats:
             e.fix = f"{e.fix}; or, if the data is in that layout, set " + " or ".join(
@@ -513,18 +586,65 @@ def _checked_columns(reader: Reader, names: list[str], stage: Stage, source: str
         raise
 
 
+def _value_kind(value) -> str | None:
+    """'text', 'number', 'bool' (scalars), 'list', 'mapping', another type's name, or None for a null."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    return {list: "list", dict: "mapping"}.get(type(value), type(value).__name__)
+
+
+SCALARS = ("text", "number", "bool")
+
+
 class RowChecker:
     """The checks every record gets: the layout's and the plugins' columns present and not empty, each text
     column of one kind (text or messages) throughout, conversations well formed and, for training on them,
-    ending on the assistant."""
+    ending on the assistant; every other column of scalars throughout (text, numbers and booleans mixed in one
+    column are read as text: ``text_columns``) or of one compound kind (lists, mappings)."""
 
-    def __init__(self, stage: Stage, layout: tuple, required: dict[str, str] | None, where: str):
-        self.stage, self.layout, self.where = stage, layout, where
+    def __init__(self, stage: Stage, layout: tuple, required: dict[str, str] | None, where: str, plugins=None):
+        self.stage, self.layout, self.where, self.plugins = stage, layout, where, plugins
         self.needed = list(layout)  # a plugin's column may hold nulls (a verifier abstains on a row without gold)
         self.kinds: dict[str, tuple[str, int]] = {}
+        self.value_kinds: dict[str, dict[str, int]] = {}  # column -> {kind: first row}
         self.identical = 0
+        self.rows = 0
+
+    @property
+    def text_columns(self) -> list[str]:
+        """Columns whose scalars are of several kinds ("54" in one row, 22 in another): read as text."""
+        return [name for name, kinds in self.value_kinds.items() if len(kinds) > 1]
+
+    def notes(self, source: str) -> list[str]:
+        return [f"{source}: column '{name}' holds " + " and ".join(
+            f"{kind} (first in row {row})" for kind, row in kinds.items()) + "; every value read as text"
+            for name, kinds in self.value_kinds.items() if len(kinds) > 1]
+
+    def _check_kind(self, name: str, value, row: int) -> None:
+        kind = _value_kind(value)
+        if kind is None:
+            return
+        kinds = self.value_kinds.setdefault(name, {})
+        if kind in kinds:
+            return
+        first, first_row = next(iter(kinds.items()), (None, None))
+        if first is not None and (kind not in SCALARS or first not in SCALARS):
+            raise UserError(f"row {row}: '{name}' is a {kind} where row {first_row}'s is a {first}: a column holds "
+                            "one kind of value", field=f"{self.where} (row {row}, {name})",
+                            fix="write every row's value the same way, or drop that row")
+        kinds[kind] = row
 
     def check(self, record: dict, row: int) -> None:
+        self.rows += 1
+        for name, value in record.items():
+            if name not in TEXT_COLUMNS:
+                self._check_kind(name, value, row)
         for name in self.needed:
             value = record.get(name)
             if value is None or (isinstance(value, (str, list)) and len(value) == 0 and name != "prompt"):
@@ -558,14 +678,40 @@ class RowChecker:
                                 fix="end every conversation on the assistant's reply, or drop that row")
         if "chosen" in self.layout and record.get("chosen") == record.get("rejected"):
             self.identical += 1
+        if self.plugins is not None:
+            for plugin, problem in self.plugins.call_each("posttrain_check_record", record=dict(record), row=row,
+                                                           stage=self.stage.name):
+                if problem:
+                    raise UserError(f"row {row}: plugin '{plugin}': {problem}", field=f"{self.where} (row {row})",
+                                    fix=f"fix or drop that row, or change plugins.{plugin}'s options")
+
+
+def as_text(rows: list[dict], columns: list[str]) -> None:
+    """Every scalar of ``columns`` as text, in place (a column that mixes "54" and 22 is one Arrow type)."""
+    for row in rows:
+        for name in columns:
+            value = row.get(name)
+            if value is not None and not isinstance(value, str):
+                row[name] = json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def check_pairs_differ(checker: RowChecker, source: str, where: str) -> None:
+    """Pairs whose two responses are the same teach nothing and are dropped; when that is every pair, the
+    stage would have no data."""
+    if checker.identical and checker.identical == checker.rows:
+        raise UserError(f"every one of the {checker.rows} pairs of {source} has chosen == rejected, so every pair "
+                        "would be dropped and nothing is left to train on", field=where,
+                        fix="check data.columns: chosen and rejected must name the two different responses")
 
 
 def _split_for(source: str, split: str | None, where: str) -> None:
     """A file (or a built-in dataset) has one split: asking for another one would silently read the training
     rows."""
+    if not source.startswith("builtin:") and file_splits(Path(source).expanduser()) is not None:
+        return  # a .json file of several splits: read_records picks the split, or names the ones there are
     if split not in (None, "train"):
         what = "a built-in dataset" if source.startswith("builtin:") else "a file"
-        field = {"data.source": "data.split", "data.eval.source": "data.eval.split"}.get(where, where)
+        field = _split_field(where)
         raise UserError(f"'{source}' is {what}, which has one split; there is no split '{split}' in it",
                         field=field, fix="hold out a fraction of it (data.eval.fraction) or give the held-out rows as "
                                          "data.eval.source; splits apply to hub datasets and saved DatasetDicts")
@@ -573,9 +719,10 @@ def _split_for(source: str, split: str | None, where: str) -> None:
 
 def check_source(source: str, *, columns: dict, options: dict, stage: Stage, where: str,
                  required: dict[str, str] | None = None, format: str | None = None,  # noqa: A002 - the recipe key
-                 format_options: dict | None = None, split: str | None = None) -> list[str]:
-    """Validate a data source without loading a model: its columns, and for a local source every row.
-    ``required``: extra column -> plugin needing it. Returns notes to show (repairs, detected format)."""
+                 format_options: dict | None = None, split: str | None = None, plugins=None) -> list[str]:
+    """Validate a data source without loading a model: its columns, and for a local source every row (the
+    enabled ``plugins``' ``posttrain_check_record`` included). ``required``: extra column -> plugin needing it.
+    Returns notes to show (repairs, detected format)."""
     kind = source_kind(source)
     notes: list[str] = []
     fmt = format_plugin(format, format_options)
@@ -594,7 +741,13 @@ def check_source(source: str, *, columns: dict, options: dict, stage: Stage, whe
         if options:
             raise UserError("data.options only applies to built-in datasets", field="data.options",
                             fix="remove data.options")
-        return notes  # a hub dataset: read when the run loads it
+        path = Path(source).expanduser()
+        splits = folder_splits(path) if path.is_dir() else None
+        if splits is not None and (split or "train") not in splits:
+            raise UserError(f"the data folder '{source}' has the splits {', '.join(splits)} (by its files' names); "
+                            f"there is no split '{split or 'train'}'{did_you_mean(split or 'train', splits)}",
+                            field=_split_field(where), fix=f"set {_split_field(where)} to one of: {', '.join(splits)}")
+        return notes  # a hub dataset or a folder of data files: read when the run loads it
     path = Path(source).expanduser()
     if kind == "file":
         if not path.is_file():
@@ -615,10 +768,11 @@ def check_source(source: str, *, columns: dict, options: dict, stage: Stage, whe
             notes.append(f"{source}: read as format {fmt.name} (detected; set data.format to choose another)")
     reader = Reader(stage, columns, fmt, where)
     layout = _checked_columns(reader, names, stage, source, required, fmt)
-    checker = RowChecker(stage, layout, required, where)
+    checker = RowChecker(stage, layout, required, where, plugins)
     for row, raw in read_records(path, where, split):
         checker.check(reader.record(raw, row), row)
-    notes += [f"{source}: {note}" for note in reader.notes()]
+    check_pairs_differ(checker, source, where)
+    notes += [f"{source}: {note}" for note in reader.notes()] + checker.notes(source)
     if checker.identical:
         notes.append(f"{source}: {checker.identical} pair(s) with chosen == rejected will be dropped (they teach nothing)")
     return notes
@@ -641,8 +795,9 @@ def _source_records(source: str, split: str | None, options: dict, where: str) -
         path = Path(source).expanduser()
         if kind == "file":
             _split_for(source, split, where)
-        names = source_columns(path, where, split if kind == "saved" else None)
-        return names, [record for _, record in read_records(path, where, split if kind == "saved" else None)]
+        split = split if kind == "saved" or file_splits(path) is not None else None
+        names = source_columns(path, where, split)
+        return names, [record for _, record in read_records(path, where, split)]
     import datasets
 
     try:
@@ -655,7 +810,7 @@ def _source_records(source: str, split: str | None, options: dict, where: str) -
 
 
 def read_split(recipe, source: str, split: str | None, options: dict, where: str, fmt,
-               required: dict[str, str] | None, name: str) -> tuple[Any, list[dict]]:
+               required: dict[str, str] | None, name: str, plugins=None) -> tuple[Any, list[dict]]:
     """One split of a recipe's data as a ``datasets.Dataset`` in the stage's columns, every record read and
     checked; and what was repaired or dropped (entries for summary.json's ``data_transforms``)."""
     import datasets
@@ -670,13 +825,15 @@ def read_split(recipe, source: str, split: str | None, options: dict, where: str
                         "rows_out": len(records), "reason": "detected; set data.format to choose another"})
     reader = Reader(stage, recipe.data.columns, fmt, where)
     layout = _checked_columns(reader, names, stage, where, required, fmt)
-    checker = RowChecker(stage, layout, required, where)
+    checker = RowChecker(stage, layout, required, where, plugins)
     rows = []
     for i, raw in enumerate(records, start=1):
         record = reader.record(raw, i)
         checker.check(record, i)
         rows.append(record)
-    for note in reader.notes():
+    check_pairs_differ(checker, source, where)
+    as_text(rows, checker.text_columns)
+    for note in reader.notes() + [n.split(": ", 1)[1] for n in checker.notes(source)]:
         log.append({"plugin": "posttrain (data)", "split": name, "rows_in": len(rows), "rows_out": len(rows),
                     "reason": note})
     if checker.identical:
@@ -689,18 +846,20 @@ def read_split(recipe, source: str, split: str | None, options: dict, where: str
     return datasets.Dataset.from_list(rows), log
 
 
-def load_splits(recipe, required: dict[str, str] | None = None) -> tuple[Any, Any, list[dict]]:
-    """The training and held-out datasets of a recipe, read as the stage's records and checked; and what was
-    repaired or dropped on the way (entries for summary.json's ``data_transforms``)."""
+def load_splits(recipe, required: dict[str, str] | None = None, plugins=None) -> tuple[Any, Any, list[dict]]:
+    """The training and held-out datasets of a recipe, read as the stage's records and checked (by the enabled
+    ``plugins`` too); and what was repaired or dropped on the way (entries for summary.json's
+    ``data_transforms``)."""
     data = recipe.data
     fmt = format_plugin(data.format, format_options(data))
-    train, log = read_split(recipe, data.source, data.split, data.options, "data.source", fmt, required, "train")
+    train, log = read_split(recipe, data.source, data.split, data.options, "data.source", fmt, required, "train",
+                            plugins)
     held = None
     ev = data.eval
     if ev.source or ev.split:
         where = "data.eval.source" if ev.source else "data.eval.split"
         held, held_log = read_split(recipe, ev.source or data.source, ev.split,
-                                    data.options if not ev.source else {}, where, fmt, required, "eval")
+                                    data.options if not ev.source else {}, where, fmt, required, "eval", plugins)
         log += held_log
     elif ev.fraction > 0:
         parts = train.train_test_split(test_size=ev.fraction, seed=recipe.seed)

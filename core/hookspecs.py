@@ -61,7 +61,7 @@ SINGLE_OWNER_HOOKS = (
 # recipe would silently do nothing). A plugin with only these hooks is accepted everywhere.
 GENERAL_HOOKS = (
     "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
-    "posttrain_transform_dataset",
+    "posttrain_check_record", "posttrain_transform_dataset",
 )
 
 # The data-format hooks: a format plugin is named by a recipe's `data.format` (or detected), not enabled
@@ -176,6 +176,20 @@ def posttrain_required_columns(stage: str) -> list[str] | None:
     responses, runs the policy on it in the same forward pass, and fills ``logps.gold_*``.
 
     Combine: *all results*, united.
+    """
+
+
+@hookspec
+def posttrain_check_record(record: dict[str, Any], row: int, stage: str) -> str | None:
+    """Say what is wrong with one record of the data for this plugin, before anything loads.
+
+    Called for every record (``record`` in the stage's columns, ``row`` its number from 1): during
+    validation for local files, when the run loads them for built-in and hub data. Return
+    a sentence saying what is wrong (e.g. "'ground_truth' is a mapping, not an answer"), or ``None``
+    when the record is fine. A sentence refuses the data with exit status 2, naming the row, the
+    plugin and its words.
+
+    Combine: *all results*: the first sentence, in plugin order, refuses the row.
     """
 
 

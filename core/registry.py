@@ -233,6 +233,8 @@ def _class_fix(reason: str) -> str:
         return "subclass posttrain.Plugin and give the class a `name`"
     if reason.startswith("needs "):
         return reason.split(": ", 1)[-1]
+    if "entry point is named" in reason:
+        return "give the entry point and the class's `name` the same name, then reinstall the package"
     return "fix the plugin class (docs/plugins.md)"
 
 
@@ -263,6 +265,13 @@ def find_plugin(name: str) -> PluginInfo:
                             fix=(_class_fix(failure.reason) + f" ({failure.distribution}, {failure.entry_point})"
                                  if failure.reason.startswith("ValueError") else
                                  f"fix or reinstall {failure.distribution}"))
+    near = next((f for f in failures if f"'{name}'" in f.reason or did_you_mean(name, [f.name])), None)
+    if near is not None:  # the plugin meant is probably the one whose entry point failed: say why it failed
+        raise UserError(f"unknown plugin '{name}'; the installed entry point '{near.name}' ({near.distribution}, "
+                        f"{near.entry_point}) failed to load: {near.reason}", field=f"plugins.{name}",
+                        fix=(_class_fix(near.reason) if near.reason.startswith("ValueError") else
+                             f"fix or reinstall {near.distribution}")
+                            + f"; a plugin is named in a recipe by its entry point's name ('{near.name}')")
     restricted = f" ({ENV_ONLY} is set to '{os.environ[ENV_ONLY]}')" if ENV_ONLY in os.environ else ""
     raise UserError(
         f"unknown plugin '{name}'{did_you_mean(name, found)}{restricted}",
@@ -353,6 +362,7 @@ RESULT_CONTRACT = {
     "posttrain_format_detect": (lambda r: isinstance(r, bool), "True, False or None"),
     "posttrain_format_columns": (lambda r: isinstance(r, (list, tuple)) and all(isinstance(c, str) for c in r),
                                  "a list of column names"),
+    "posttrain_check_record": (lambda r: isinstance(r, str), "a sentence saying what is wrong with the record, or None"),
     "posttrain_format_record": (lambda r: isinstance(r, dict), "the record as a dict of columns"),
     "posttrain_select_pair": (lambda r: isinstance(r, (tuple, list)) and len(r) == 2 and all(
         isinstance(i, int) and not isinstance(i, bool) for i in r) and r[0] != r[1],
@@ -362,7 +372,7 @@ RESULT_CONTRACT = {
 
 def contract_error(plugin: str, hook: str, got: Any, expected: str) -> UserError:
     """The error for a hook result that breaks the hook's contract (the plugin's fault, not the core's)."""
-    return UserError(f"plugin '{plugin}' returned {_describe(got)} from hook '{hook}'; expected {expected}",
+    return UserError(f"plugin '{plugin}' must return {expected} from hook '{hook}'; it returned {_describe(got)}",
                      field=f"plugins.{plugin}",
                      fix=f"fix the plugin (see `{hook}` in docs/hooks.md) or disable it; report it to its author")
 

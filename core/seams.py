@@ -33,6 +33,9 @@ OVERRIDDEN = {
         "compute_ref_log_probs",  # the reference's log-probs (adapter disabled with LoRA)
         "create_model_card",  # the model card names the plugins
     ),
+    "trl.SFTTrainer": (
+        "_prepare_dataset",  # SFTStageTrainer: tokenised untruncated first, the examples cut at max_length counted
+    ),
     "trl.GRPOTrainer": (
         "_calculate_rewards",  # OnlineTrainer: the gathered rewards the advantage hooks read
         "_generate_and_score_completions",  # OnlineTrainer: advantages replaced by the hooks' (no narrower place)

@@ -70,7 +70,8 @@ COMMON_RENAMED = {
 
 # The hooks every training stage calls while it is validated and built (the stages with a reference model
 # also call posttrain_reference_needed).
-GENERAL = ("posttrain_trl_config", "posttrain_callbacks", "posttrain_required_columns", "posttrain_transform_dataset")
+GENERAL = ("posttrain_trl_config", "posttrain_callbacks", "posttrain_required_columns", "posttrain_check_record",
+           "posttrain_transform_dataset")
 
 
 @dataclass
@@ -144,6 +145,11 @@ class Stage:
     # a model stage's output: a causal LM (None), or a sequence classifier with one label ("reward")
     head: ClassVar[str | None] = None
     panels: ClassVar[tuple] = ()  # what `posttrain compare` draws for it (Panel), besides the greedy answers
+    # whether `--resume` may train it longer (a larger training.max_steps or num_train_epochs): true of a stage
+    # that trains one TRL run from its checkpoints
+    resumes_longer: ClassVar[bool] = True
+    # dataset columns its trainer hands reward sources as arguments of their own, never in ``columns``
+    reward_arguments: ClassVar[tuple] = ()
 
     @dataclass
     class Options:
@@ -154,6 +160,11 @@ class Stage:
     @property
     def trains(self) -> bool:
         return self.config is not None
+
+    @property
+    def extendable(self) -> bool:
+        """Whether ``--resume`` may change how long it trains (``resumes_longer``, and it trains)."""
+        return self.trains and self.resumes_longer
 
     @property
     def columns(self) -> tuple:

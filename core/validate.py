@@ -80,6 +80,20 @@ def _check_model_source(source: str, field: str) -> None:
                             field=field, fix="point at the folder written by save_pretrained")
 
 
+def check_reward_columns(stage: Stage, plugins: PluginSet, required: dict[str, str]) -> None:
+    """A reward source's column must be one the stage passes to reward sources: the online stage gives them the
+    prompt and the completion as arguments of their own, so a verifier reading its gold answer from a column
+    of that name would abstain on every completion, and training would learn nothing."""
+    sources = set(plugins.implementers("posttrain_reward"))
+    for column, plugin in required.items():
+        if column in stage.reward_arguments and plugin in sources:
+            raise UserError(f"plugin '{plugin}' reads column '{column}', but the {stage.name} stage passes "
+                            f"{', '.join(stage.reward_arguments)} to reward sources as their own arguments, not as "
+                            "columns: every completion would go unscored", field=f"plugins.{plugin}",
+                            fix=f"keep the gold answers in a column of another name (e.g. `data: {{columns: "
+                                f"{{ground_truth: {column}}}}}` and the plugin's default column)")
+
+
 def check_model(recipe: Recipe) -> None:
     model = recipe.model
     _check_model_source(model.name_or_path, "model.name_or_path")
@@ -146,10 +160,11 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
     check_model(recipe)
     data = recipe.data
     required = required_columns(plugins, recipe.stage)
+    check_reward_columns(stage, plugins, required)
     fmt_options = format_options(data)
     notes: list[str] = []
     common = dict(columns=data.columns, stage=stage, required=required, format=data.format,
-                  format_options=fmt_options)
+                  format_options=fmt_options, plugins=plugins)
     if not data.source.startswith(STAGE_REF):  # an earlier stage's dataset is checked when it exists
         notes += check_source(data.source, options=data.options, where="data.source", split=data.split, **common)
     ev = data.eval
@@ -166,6 +181,9 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
     plan = Plan(recipe, plugins, check_training(recipe, plugins), data_notes=list(dict.fromkeys(notes)))
     check_engine(plan)
     stage.check(plan)
+    from . import lengths
+
+    plan.data_notes += lengths.check_lengths(plan)  # the rows TRL would drop at training.max_length
     return plan
 
 

@@ -4,7 +4,9 @@ A record has ``prompt``, ``response_0``, ``response_1``, ``is_response_0_safe``,
 ``better_response_id`` and ``safer_response_id``. The chosen response is the one the label ``prefer``
 names (``safer``: ``safer_response_id``; ``better``: ``better_response_id``), the other is rejected; the
 per-response safety labels become ``is_chosen_safe`` and ``is_rejected_safe`` (what ``filter_dual_unsafe``
-and ``filter_dual_safe`` read). The other columns are kept; ``response_0``/``response_1`` are dropped
+and ``filter_dual_safe`` read). PKU-SafeRLHF's text (a question, two answers) is read as a conversation: the
+question a user turn, each answer the assistant's reply, so the model's chat template marks where the answer
+starts; a source whose prompt and responses are already messages is kept as it is. The other columns are kept; ``response_0``/``response_1`` are dropped
 (they are chosen and rejected). A recipe names it, ``data: {format: saferlhf, prefer: better}``; it is
 not detected, because which label picks the chosen response is a choice.
 """
@@ -75,4 +77,10 @@ class SaferLHF(Plugin):
                                 field=f"data (row {row}, is_response_{i}_safe)", fix="fix or drop that row")
             labels[name] = value
         kept = {c: v for c, v in record.items() if c not in ("response_0", "response_1")}
-        return {**kept, "chosen": record[f"response_{k}"], "rejected": record[f"response_{1 - k}"], **labels}
+        chosen, rejected = record[f"response_{k}"], record[f"response_{1 - k}"]
+        if all(isinstance(v, str) for v in (record.get("prompt"), chosen, rejected)):
+            # PKU-SafeRLHF's text: a question and two answers, read as one user turn and the assistant's reply, so
+            # the model's chat template separates them (as text they would be trained on glued together)
+            kept["prompt"] = [{"role": "user", "content": record["prompt"]}]
+            chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+        return {**kept, "chosen": chosen, "rejected": rejected, **labels}

@@ -106,6 +106,7 @@ def sandbox_problem(memory_mb: int = 512, max_processes: int = 32) -> str | None
 class VerifyCode(Verifier):
     name = "verify_code"
     description = "reward α when the completion's code passes the example's tests in a network-less sandbox"
+    gold_kinds = ("text", "list")  # the tests: a program's text, or a list of assert lines
 
     @dataclass
     class Options(Verifier.Options):

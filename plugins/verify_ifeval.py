@@ -358,6 +358,7 @@ def _prompt_text(prompt: Any) -> str:
 
 class VerifyIFEval(Verifier):
     name = "verify_ifeval"
+    gold_kinds = None  # instructions: a mapping, its JSON text, or the ids and kwargs columns (read by golds)
     description = ("reward α when the completion follows the prompt's IFEval instructions "
                    "(lm-eval's checkers, sandboxed time)")
     requires = {

@@ -228,3 +228,14 @@ def test_the_hooks_page_lists_every_stage_with_the_hooks_it_calls():
     for name, stage in STAGES.items():
         listed = re.findall(r"`(\w+)`", rows[name])
         assert sorted(listed) == sorted(h.removeprefix("posttrain_") for h in stage.hooks), name
+
+
+def test_a_plugin_whose_entry_point_failed_is_named_with_the_failure(cli, write_recipe, site):
+    """The recipe names the class's own name ('mismatch'), the package registers it as 'mismatch_ep': the error
+    says that entry point failed to load and why, not just 'unknown plugin'."""
+    make_distribution(site, "acme-one", "1.0", IMPOSTOR.format(name="mismatch"), {"mismatch_ep": "acme_one:Impostor"})
+    code, _, err = cli("validate", write_recipe(plugins={"mismatch": {}}))
+    assert code == 2 and "plugins.mismatch: unknown plugin 'mismatch'" in err
+    assert "the installed entry point 'mismatch_ep' (acme-one, acme_one:Impostor) failed to load" in err
+    assert "entry point is named 'mismatch_ep' but the plugin calls itself 'mismatch'" in err
+    assert "give the entry point and the class's `name` the same name" in err

@@ -65,8 +65,9 @@ def test_a_loss_breaking_the_contract_is_the_plugins_error(cli, write_recipe, tm
     code, _, err = cli("run", write_recipe(plugins={plugin: {}}, eval={"generate": 0}), "--output-dir", run)
     assert code == 2, err
     name = plugin.split(":")[1].replace("Loss", "_loss").lower()
-    assert f"plugins.{name}: plugin '{name}' returned {got}" in err
-    assert "from hook 'posttrain_preference_loss'; expected" in err and "PreferenceLoss" in err
+    assert f"plugins.{name}: plugin '{name}' must return" in err and f"; it returned {got}" in err
+    assert "from hook 'posttrain_preference_loss'; it returned" in err and "PreferenceLoss" in err
+    assert err.index("PreferenceLoss") < err.index(got)  # what was expected comes first
     if "Scalar" in plugin:
         assert "shape (8,)" in err  # one loss per pair of the batch
     assert "internal error" not in err
@@ -86,7 +87,7 @@ def test_reward_of_the_wrong_type_is_refused_naming_the_plugin():
         def posttrain_reward(self, completions):
             return ["good" for _ in completions]
 
-    with pytest.raises(UserError, match=r"plugin 'words' returned list\[2\]\('good'.* from hook 'posttrain_reward'"):
+    with pytest.raises(UserError, match=r"plugin 'words' must return .* from hook 'posttrain_reward'; it returned list\[2\]\('good'"):
         score(PluginSet([Words()]), ["p", "q"], ["x", "y"], {})
 
 
@@ -200,3 +201,25 @@ def test_the_screen_summary_shows_each_reward_sources_mean_when_there_are_severa
     one = {"answers": {"answer_accuracy": 0.5, "mean_reward": 0.5, "by_source": {"verify_gsm8k": 0.5}}}
     _print_metrics({"before": one, "after": one})
     assert "greedy answers," not in capsys.readouterr().out
+
+
+def test_a_transform_returning_rows_says_what_was_expected_first():
+    import datasets
+    from posttrain import Plugin, hookimpl
+    from posttrain.errors import UserError
+    from posttrain.registry import PluginSet
+
+    class Rows(Plugin):
+        name = "rows"
+
+        @hookimpl
+        def posttrain_transform_dataset(self, dataset):
+            return dataset.to_list()
+
+    data = datasets.Dataset.from_list([{"prompt": f"question {i} " * 20, "chosen": "a", "rejected": "b"}
+                                       for i in range(5)])
+    with pytest.raises(UserError) as caught:
+        PluginSet([Rows()]).chain("posttrain_transform_dataset", "dataset", data, split="train", stage="preference")
+    message = str(caught.value)
+    assert message.startswith("plugins.rows: plugin 'rows' must return a datasets.Dataset")
+    assert message.index("must return") < message.index("it returned list[5]") < message.index("question 0")

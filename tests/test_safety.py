@@ -56,8 +56,15 @@ def _source(tmp_path, fmt, rows=ROWS):
     return _write(tmp_path / f"pairs.{fmt}", rows, fmt)
 
 
+def _reply(value):
+    """An assistant reply's text: PKU-SafeRLHF's text answers are read as one assistant turn each."""
+    assert isinstance(value, list) and len(value) == 1 and value[0]["role"] == "assistant", value
+    return value[0]["content"]
+
+
 def _pairs(dataset):
-    return [(r["chosen"], r["rejected"], r["is_chosen_safe"], r["is_rejected_safe"]) for r in dataset]
+    return [(_reply(r["chosen"]), _reply(r["rejected"]), r["is_chosen_safe"], r["is_rejected_safe"])
+            for r in dataset]
 
 
 @pytest.mark.parametrize("prefer,expected", [("safer", BY_SAFER), ("better", BY_BETTER)])
@@ -68,8 +75,10 @@ def test_saferlhf_layout_maps_by_the_chosen_label(write_recipe, tmp_path, cli, p
     train, held, _ = load_splits(load_recipe(recipe_path))
     assert held is None and _pairs(train) == expected
     assert "response_0" not in train.column_names and "response_1" not in train.column_names
-    for kept in ("prompt", "is_response_0_safe", "is_response_1_safe", "better_response_id", "safer_response_id"):
+    for kept in ("is_response_0_safe", "is_response_1_safe", "better_response_id", "safer_response_id"):
         assert train[kept] == [r[kept] for r in ROWS]
+    # the question is a user turn, so the chat template separates it from the answer (not glued text)
+    assert train["prompt"] == [[{"role": "user", "content": r["prompt"]}] for r in ROWS]
     # validation sees the mapped columns: a plugin needing is_chosen_safe is satisfied
     recipe_path = write_recipe(data={"source": str(path), "options": {}, "format": "saferlhf", "prefer": prefer},
                                plugins={"dpo": {}, "filter_dual_unsafe": {}})
@@ -95,7 +104,8 @@ def test_columns_rename_before_and_after_the_layout(write_recipe, tmp_path, cli)
                                                          "columns": {"prompt": "question", "completion": "chosen"},
                                                          "eval": {"fraction": 0.0}}, plugins={}))
     train, _, _ = load_splits(recipe)
-    assert train["prompt"] == ["p0", "p1", "p2"] and train["completion"] == ["refuse", "short", "leak more"]
+    assert [p[0]["content"] for p in train["prompt"]] == ["p0", "p1", "p2"]
+    assert [_reply(c) for c in train["completion"]] == ["refuse", "short", "leak more"]
     assert train["is_chosen_safe"] == [True, True, False]
     code, _, err = cli("validate", write_recipe(stage="sft", plugins={}, data={
         "source": str(path), "options": {}, "format": "saferlhf", "columns": {"prompt": "question",

@@ -418,13 +418,14 @@ def test_rows_dropped_by_length_are_counted_and_all_dropped_is_an_error(cli, wri
     code, out, err = cli("run", recipe, "--output-dir", tmp_path / "run")
     assert code == 0, err
     assert "kept 10 of 18 train rows: 8 pairs longer than training.max_length = 40" in out
-    entry = next(e for e in json.loads((tmp_path / "run" / "summary.json").read_text())["data_transforms"]
-                 if e["plugin"] == "trl.RewardTrainer")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    entry = next(e for e in summary["data_transforms"] if e["plugin"] == "trl.RewardTrainer")
     assert (entry["split"], entry["rows_in"], entry["rows_out"]) == ("train", 18, 10)
+    assert summary["rows_cut_at_max_length"] == {"train": 0}  # dropped, never cut
     recipe = write_recipe(stage="reward_model", plugins={}, data=_data(source),
                           training={**TWO_STEPS, "max_length": 3})
-    code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run2")
-    assert code == 2 and "training.max_length" in err and "every train row was dropped" in err
+    code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run2")  # refused by validation (posttrain.lengths)
+    assert code == 2 and "training.max_length" in err and "every one of the 18 rows" in err
     assert not (tmp_path / "run2").exists()
 
 
@@ -571,3 +572,106 @@ def test_the_samples_an_iterative_error_points_to_exist(cli, tiny_model_dir, tmp
     assert path.is_file() and len(read_jsonl(path)) == 8
     code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")  # the same command again: not blocked
     assert code == 2 and "kept no pair" in err
+
+
+# -- a second pass: what validate can know, mixed columns, messages that point at the real cause --------------
+
+def test_a_column_mixing_text_and_numbers_is_read_as_text(cli, online_recipe, tmp_path):
+    rows = [{"prompt": "What is 50 + 4?", "ground_truth": "54"}, {"prompt": "What is 20 + 2?", "ground_truth": 22},
+            {"prompt": "What is 1 + 2?", "ground_truth": 3}, {"prompt": "What is 1 + 3?", "ground_truth": "4"}]
+    data = _data(_jsonl(tmp_path / "mixed.jsonl", rows))
+    recipe = online_recipe(plugins={"verify_gsm8k": {}, "group_relative": {}}, data=data)
+    out = _validated(cli, recipe)
+    assert "column 'ground_truth' holds text (first in row 1) and number (first in row 2); every value read as " \
+           "text" in out
+    train, _, log = load_splits(load_recipe(recipe))
+    assert train["ground_truth"] == ["54", "22", "3", "4"]
+    assert any("every value read as text" in entry["reason"] for entry in log)
+
+
+def test_a_column_mixing_answers_and_mappings_is_refused_naming_the_row(cli, online_recipe, tmp_path):
+    rows = [{"prompt": "a", "extra": "x"}, {"prompt": "b", "extra": {"k": 1}}]
+    code, _, err = cli("validate", online_recipe(data=_data(_jsonl(tmp_path / "bad.jsonl", rows))))
+    assert code == 2 and "(row 2, extra)" in err and "'extra' is a mapping where row 1's is a text" in err
+
+
+def test_a_verifier_reading_the_completion_column_online_is_refused(cli, online_recipe, tmp_path):
+    rows = [{"prompt": f"What is {i} + 1?", "completion": str(i + 1)} for i in range(8)]
+    recipe = online_recipe(plugins={"verify_gsm8k": {"column": "completion"}, "group_relative": {}},
+                           data=_data(_jsonl(tmp_path / "rows.jsonl", rows)))
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and "plugins.verify_gsm8k" in err
+    assert "passes prompt, completion, completion_ids to reward sources as their own arguments" in err
+
+
+def test_every_pair_identical_is_refused_by_validate(cli, write_recipe, tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(6)]
+    code, _, err = cli("validate", write_recipe(data=_data(_jsonl(tmp_path / "same.jsonl", rows))))
+    assert code == 2 and "every one of the 6 pairs" in err and "chosen == rejected" in err
+
+
+def test_a_split_a_data_folder_does_not_have_is_refused_by_validate(cli, write_recipe, tmp_path):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(4)]
+    _jsonl(folder / "train.jsonl", rows)
+    _jsonl(folder / "test.jsonl", rows)
+    code, _, err = cli("validate", write_recipe(data=_data(folder, split="validation")))
+    assert code == 2 and "data.split:" in err and "has the splits train, test" in err
+    _validated(cli, write_recipe(data=_data(folder, split="test")))
+
+
+def test_a_json_file_of_splits_is_read_by_split(cli, write_recipe, tmp_path):
+    rows = lambda tag: [{"prompt": f"{tag}{i}", "chosen": "a", "rejected": "b"} for i in range(4)]  # noqa: E731
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"train": rows("train"), "test": rows("test")}))
+    data = _data(path, eval={"split": "test", "fraction": 0.0})
+    _validated(cli, write_recipe(data=data))
+    train, held, _ = load_splits(load_recipe(write_recipe(data=data)))
+    assert train["prompt"] == ["train0", "train1", "train2", "train3"] and held["prompt"][0] == "test0"
+    code, _, err = cli("validate", write_recipe(data=_data(path, split="dev")))
+    assert code == 2 and "holds the splits train, test; there is no split 'dev'" in err
+
+
+@pytest.mark.parametrize("stage, columns, rows, words", [
+    ("sft", {"completion": "text"}, text_rows(4), "the data's own columns (text) already make the sft stage's layout"),
+    ("preference", {"prompt": "chosen"}, [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 4,
+     "data.columns maps prompt: chosen, which moves 'chosen' to 'prompt'"),
+    ("preference", {}, [{"completion": f"answer {i}", "label": i % 2 == 0} for i in range(4)],
+     "unpaired feedback (a completion marked good or bad) is trained by the kto stage"),
+])
+def test_a_missing_column_message_names_the_real_cause(cli, write_recipe, tmp_path, stage, columns, rows, words):
+    source = _jsonl(tmp_path / "rows.jsonl", rows)
+    code, _, err = cli("validate", write_recipe(stage=stage, plugins={} if stage == "sft" else {"dpo": {}},
+                                                data=_data(source, columns=columns)))
+    assert code == 2 and words in err, err
+
+
+def test_an_implicit_prompt_never_ends_inside_a_word_of_either_response(write_recipe, tmp_path):
+    rows = [{"chosen": "Answer: 30 + 35 = 65", "rejected": "Answer: 30 + 35 = 6 apples"},
+            {"chosen": "Answer: 30 + 35 = 6 apples", "rejected": "Answer: 30 + 35 = 65"}]
+    train, _, _ = load_splits(load_recipe(write_recipe(data=_data(_jsonl(tmp_path / "pairs.jsonl", rows)))))
+    assert train["prompt"] == ["Answer: 30 + 35 ="] * 2
+    assert train["chosen"] == [" 65", " 6 apples"] and train["rejected"] == [" 6 apples", " 65"]
+
+
+def test_a_verifier_gold_mapping_is_refused_and_a_dotted_path_reads_inside_it(cli, online_recipe, tmp_path):
+    from posttrain.rewards import load_plugin, score_completions
+
+    rows = [{"prompt": f"What is {i} + 1?", "reward_model": {"ground_truth": str(i + 1), "style": "rule"}}
+            for i in range(8)]
+    source = _jsonl(tmp_path / "verl.jsonl", rows)
+    code, _, err = cli("validate", online_recipe(plugins={"verify_gsm8k": {"column": "reward_model"},
+                                                          "group_relative": {}}, data=_data(source)))
+    assert code == 2 and "data.source (row 1)" in err and "'reward_model' is a mapping, not a gold answer" in err
+    assert "column: reward_model.ground_truth" in err
+    recipe = online_recipe(plugins={"verify_gsm8k": {"column": "reward_model.ground_truth"}, "group_relative": {}},
+                           data=_data(source))
+    _validated(cli, recipe)
+    plugin = load_plugin("verify_gsm8k", column="reward_model.ground_truth")
+    assert score_completions(plugin, ["It is 1.", "It is 3."],
+                             reward_model=[rows[0]["reward_model"], rows[1]["reward_model"]]) == [10.0, 0.0]
+    missing = _jsonl(tmp_path / "missing.jsonl", [{"prompt": "q", "reward_model": {"style": "rule"}}])
+    code, _, err = cli("validate", online_recipe(plugins={"verify_gsm8k": {"column": "reward_model.ground_truth"},
+                                                          "group_relative": {}}, data=_data(missing)))
+    assert code == 2 and "'reward_model' has no field ground_truth (its keys: style)" in err

@@ -35,10 +35,11 @@ class OnlineStage(Stage):
     }
     hooks = (
         "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
-        "posttrain_sample", "posttrain_reward", "posttrain_advantage_estimate", "posttrain_advantage_transform",
+        "posttrain_check_record", "posttrain_sample", "posttrain_reward", "posttrain_advantage_estimate", "posttrain_advantage_transform",
         "posttrain_critic", "posttrain_update_reference", "posttrain_transform_dataset",
     )
     required_hooks = ("posttrain_reward", "posttrain_advantage_estimate")
+    reward_arguments = ("prompt", "completion", "completion_ids")  # GRPOTrainer's own, not passed as columns
     has_reference = True
     pipeline_keys = ("reward_first_third", "reward_last_third")
     panels = (Panel("reward", "mean training reward (all sources, weighted)", ("reward",)),

@@ -32,7 +32,8 @@ PAIR_RENAMED = {
 }
 PAIR_HOOKS = (
     "posttrain_trl_config", "posttrain_callbacks", "posttrain_step_metrics", "posttrain_preference_loss",
-    "posttrain_loss_terms", "posttrain_reference_needed", "posttrain_required_columns", "posttrain_sample",
+    "posttrain_loss_terms", "posttrain_reference_needed", "posttrain_required_columns", "posttrain_check_record",
+    "posttrain_sample",
     "posttrain_reward", "posttrain_update_reference", "posttrain_transform_dataset", "posttrain_token_mask",
     "posttrain_data_collator", "posttrain_train_sampler",
 )

@@ -26,7 +26,8 @@ class RejectionSamplingStage(Stage):
     trainer = "none (sampling and scoring only)"
     config = None
     layouts = (("prompt",),)
-    hooks = ("posttrain_required_columns", "posttrain_transform_dataset", "posttrain_sample", "posttrain_reward")
+    hooks = ("posttrain_required_columns", "posttrain_check_record", "posttrain_transform_dataset", "posttrain_sample",
+             "posttrain_reward")
     required_hooks = ("posttrain_reward",)
     pipeline_keys = ("kept", "best_rewards")
     panels = (Panel("kept", "prompts kept (best sample at least min_score)", ("kept",), "summary"),

@@ -13,7 +13,7 @@ from ..models import load_frozen_model, resolve_model_path
 from ..registry import PluginSet
 from ..seams import reference_builder
 from ..validate import Plan
-from .loop import GuardedTrainer, finish_trainer, trainer_parts
+from .loop import GuardedTrainer, finish_trainer, token_lengths, trainer_parts
 
 HELDOUT_KEYS = {"loss": "loss", "rewards/chosen": "desirable_reward", "rewards/rejected": "undesirable_reward",
                 "rewards/margins": "reward_margin", "kl": "kl"}
@@ -62,8 +62,21 @@ def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
     p = trainer_parts(plan, run_dir, KTOConfig)
     reference = resolve_model_path(recipe.model.reference or recipe.model.name_or_path)
-    trainer = KTOStageTrainer(model=p.model, args=p.config, train_dataset=unpaired(p.train, recipe.seed),
-                              eval_dataset=unpaired(p.heldout, recipe.seed), processing_class=p.tokenizer,
+    train, heldout = unpaired(p.train, recipe.seed), unpaired(p.heldout, recipe.seed)
+    # pairs are two examples each from here: what TRL drops is counted against the examples it was given
+    plan.data_sizes = {"train": len(train), "eval": len(heldout) if heldout is not None else None}
+    trainer = KTOStageTrainer(model=p.model, args=p.config, train_dataset=train,
+                              eval_dataset=heldout, processing_class=p.tokenizer,
                               peft_config=p.peft_config, reference=lambda: load_frozen_model(recipe, reference, p.precision),
                               callbacks=p.callbacks, plugins=plan.plugins)
     return finish_trainer(trainer, p.precision), p.heldout  # the held-out prompts once each, for the greedy answers
+
+
+DROPPED = ("examples whose prompt alone fills training.max_length = {max_length} tokens (TRL's KTOTrainer drops "
+           "them)")
+
+
+def rows_cut(trainer, split: str, dataset) -> tuple[int, int, str]:
+    """The examples TRL's collator cuts at max_length: prompt + completion longer than it (its start kept)."""
+    lengths = token_lengths(dataset, "prompt_ids") + token_lengths(dataset, "completion_ids")
+    return int((lengths > trainer.args.max_length).sum()), len(dataset), "truncation_mode keep_start"

@@ -336,7 +336,7 @@ def load_data(plan: Plan):
     from ..data import load_splits
     from ..registry import required_columns
 
-    train, heldout, log = load_splits(plan.recipe, required_columns(plan.plugins, plan.recipe.stage))
+    train, heldout, log = load_splits(plan.recipe, required_columns(plan.plugins, plan.recipe.stage), plan.plugins)
     for entry in log:
         plan.data_log.append(entry)
         dropped = entry["rows_in"] - entry["rows_out"]
@@ -537,19 +537,29 @@ def _trim_metrics(run_dir: Path, upto_step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
+def _splits(trainer):
+    """The trainer's prepared splits that are one dataset with a length, by name (``train``, ``eval``)."""
+    for split, dataset in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+        if dataset is not None and hasattr(dataset, "__len__") and not isinstance(dataset, dict):
+            yield split, dataset
+
+
 def count_tokenisation_drops(module, plan: Plan, trainer) -> None:
     """Rows TRL's tokenisation dropped (pairs longer than max_length in a reward model, examples left with
     nothing to train on after truncation...), per split, printed and written to summary.json; a training split
-    left empty is an error (exit 2) naming training.max_length."""
-    if getattr(trainer.args, "packing", False):
-        return  # packed rows are not examples
+    left empty is an error (exit 2) naming training.max_length. A trainer module whose prepared rows are not its
+    examples (sft with packing) says how many examples it kept with ``rows_kept(trainer, split)``."""
+    kept = getattr(module, "rows_kept", None)
     max_length = getattr(trainer.args, "max_length", None)
     why = getattr(module, "DROPPED", "dropped by TRL's tokenisation at training.max_length = {max_length} tokens")
-    for split, dataset in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+    for split, dataset in _splits(trainer):
         before = plan.data_sizes.get(split)
-        if before is None or dataset is None or not hasattr(dataset, "__len__") or isinstance(dataset, dict):
+        after = kept(trainer, split) if kept is not None else None
+        if after is None and getattr(trainer.args, "packing", False):
+            continue  # packed rows are not examples
+        after = len(dataset) if after is None else after
+        if before is None:
             continue
-        after = len(dataset)
         if after >= before:
             continue
         reason = why.format(max_length=max_length)
@@ -562,12 +572,47 @@ def count_tokenisation_drops(module, plan: Plan, trainer) -> None:
                                 "longer one costs in memory")
 
 
+def token_lengths(dataset, column: str):
+    """The number of tokens in each row of a tokenised column (a numpy array), read from Arrow without building
+    Python lists."""
+    import pyarrow.compute as pc
+
+    table = dataset.select_columns([column]).with_format("arrow")[:]
+    return pc.list_value_length(table[column]).to_numpy(zero_copy_only=False)
+
+
+def count_truncation(module, plan: Plan, trainer) -> dict | None:
+    """Rows whose tokens TRL cuts at training.max_length (they train, on their first max_length tokens), per
+    split: one warning line each, an entry in summary.json's ``data_transforms`` (``rows_cut``) and the counts
+    returned for its ``rows_cut_at_max_length``. The trainer module counts them with ``rows_cut(trainer, split,
+    dataset) -> (rows cut, rows, how)``; None for a module without it (a trainer that does not truncate)."""
+    counter = getattr(module, "rows_cut", None)
+    if counter is None:
+        return None
+    max_length = getattr(trainer.args, "max_length", None)
+    counts = {}
+    for split, dataset in _splits(trainer):
+        counted = counter(trainer, split, dataset) if max_length is not None else (0, len(dataset), "")
+        if counted is None:
+            continue
+        cut, rows, how = counted
+        counts[split] = int(cut)
+        if not cut:
+            continue
+        reason = f"cut to training.max_length = {max_length} tokens ({how})"
+        plan.data_log.append({"plugin": plan.stage.trainer, "split": split, "rows_in": rows, "rows_out": rows,
+                              "rows_cut": int(cut), "reason": f"rows {reason}: their tokens past it are not trained on"})
+        print(f"posttrain: warning: {cut} of {rows} {split} rows {reason}", flush=True)
+    return counts
+
+
 def run_training(stage, module, plan: Plan, run_dir: Path, resume: bool) -> dict:
     """Build, evaluate, train, save, evaluate, summarise, with the trainer ``module`` of ``stage``. In a
     distributed launch every rank runs this (training and evaluation are collective); only the main process
     writes files. Returns the summary (also written to ``summary.json``)."""
     trainer, heldout = module.build_trainer(plan, run_dir)
     count_tokenisation_drops(module, plan, trainer)
+    rows_cut = count_truncation(module, plan, trainer)
     main = trainer.is_world_process_zero()
     before_path = run_dir / "eval_before.json"
     checkpoint = last_checkpoint(run_dir) if resume else None
@@ -604,6 +649,7 @@ def run_training(stage, module, plan: Plan, run_dir: Path, resume: bool) -> dict
         "last_logged": logs[-1] if logs else {},
         "heldout_examples": len(heldout) if heldout is not None else 0,
         "data_transforms": plan.data_log,
+        **({"rows_cut_at_max_length": rows_cut} if rows_cut is not None else {}),
         **module.summary_extras(trainer),
         "before": evaluation.result,
         "after": after,

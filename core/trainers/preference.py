@@ -23,7 +23,7 @@ from ..registry import PluginSet, contract_error, required_columns
 from ..seams import reference_builder, tokenize, triple_preference_collator
 from ..types import PreferenceLogps
 from ..validate import Plan
-from .loop import GuardedTrainer, ReferenceUpdateCallback, finish_trainer, trainer_parts
+from .loop import GuardedTrainer, ReferenceUpdateCallback, finish_trainer, token_lengths, trainer_parts
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it
@@ -281,3 +281,14 @@ def build_trainer(plan: Plan, run_dir: Path):
 
 DROPPED = ("pairs whose prompt alone fills training.max_length = {max_length} tokens (TRL's DPOTrainer drops "
            "them)")
+
+
+def rows_cut(trainer, split: str, dataset) -> tuple[int, int, str]:
+    """The pairs TRL's collator cuts at max_length: prompt + chosen or prompt + rejected (or prompt + the gold
+    response) longer than it."""
+    import numpy as np
+
+    responses = ["chosen_ids", "rejected_ids"] + (["reference_ids"] if "reference_ids" in dataset.column_names else [])
+    longest = np.maximum.reduce([token_lengths(dataset, c) for c in responses])
+    cut = int(((token_lengths(dataset, "prompt_ids") + longest) > trainer.args.max_length).sum())
+    return cut, len(dataset), f"truncation_mode {trainer.args.truncation_mode}"

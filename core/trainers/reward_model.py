@@ -95,3 +95,8 @@ def build_trainer(plan: Plan, run_dir: Path):
     return finish_trainer(trainer, p.precision), p.heldout
 
 DROPPED = "pairs longer than training.max_length = {max_length} tokens (TRL's RewardTrainer drops them)"
+
+
+def rows_cut(trainer, split: str, dataset) -> tuple[int, int, str]:
+    """No pair is cut: TRL's RewardTrainer drops the pairs longer than max_length (counted as dropped) instead."""
+    return 0, len(dataset), ""

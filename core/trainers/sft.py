@@ -70,15 +70,54 @@ class TokenMaskCollator:
 
 
 class SFTStageTrainer(GuardedTrainer, SFTTrainer):
-    """``trl.SFTTrainer`` whose token masks come from the enabled plugins (and which stops at the first
-    non-finite step, like every posttrain trainer)."""
+    """``trl.SFTTrainer`` whose token masks come from the enabled plugins, which counts the examples it cuts
+    at max_length (and which stops at the first non-finite step, like every posttrain trainer)."""
 
     def __init__(self, *args, plugins: PluginSet, stage: str = STAGE, **kwargs):
         self.plugins = plugins
         self.stage = stage
+        self.length_counts: dict[str, dict] = {}  # split -> {"kept", "cut", "how"}: see _prepare_dataset
         super().__init__(*args, **kwargs)
         if plugins.implementers("posttrain_token_mask"):
             self.data_collator = TokenMaskCollator(self.data_collator, plugins, self.processing_class)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """TRL's preparation, in two calls: the first tokenises and builds the labels without truncating (max_length
+        None, no packing, no shuffle), so the examples longer than max_length are counted from their tokens; the
+        second truncates (or packs) and shuffles the tokenised dataset as one call would (TRL skips tokenising a
+        dataset that has ``input_ids`` and building labels for one that has ``labels``).
+
+        Without packing TRL drops the examples truncation leaves with no trained token. With packing
+        (``packing_strategy: bfd``, TRL's default, which cuts each example at max_length) those examples are dropped
+        here before packing, the same way, instead of being packed as sequences with nothing to train on (a loss of
+        0). ``bfd_split`` and ``wrapped`` cut nothing: an example's overflow goes on in another packed sequence."""
+        from datasets import Dataset
+
+        max_length = args.max_length
+        if max_length is None or not isinstance(dataset, Dataset) or dataset_name in self.length_counts:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        saved = args.max_length, args.shuffle_dataset
+        args.max_length, args.shuffle_dataset = None, False
+        try:
+            tokenised = super()._prepare_dataset(dataset, processing_class, args, False, formatting_func, dataset_name)
+        finally:
+            args.max_length, args.shuffle_dataset = saved
+        strategy = args.packing_strategy if packing else None
+        keep_end = not packing and args.truncation_mode == "keep_end"
+        splits = strategy in ("bfd_split", "wrapped")  # an example's overflow goes on in another sequence
+        keep, cut = [], 0
+        for i, labels in enumerate(tokenised["labels"]):
+            window = labels[-max_length:] if keep_end else labels[:max_length]
+            if splits or any(label != -100 for label in window):
+                keep.append(i)
+                cut += not splits and len(labels) > max_length
+        if strategy == "bfd" and len(keep) < len(tokenised):
+            tokenised = tokenised.select(keep)
+        how = f"packing_strategy {strategy}" if packing else f"truncation_mode {args.truncation_mode}"
+        self.length_counts[dataset_name] = {"kept": len(keep), "cut": cut, "how": how}
+        if not keep:  # nothing to pack (TRL's packing fails on no rows); the run stops on it (count_tokenisation_drops)
+            return tokenised.select([])
+        return super()._prepare_dataset(tokenised, processing_class, args, packing, formatting_func, dataset_name)
 
 
 def heldout_metrics(plan: Plan, trainer, heldout) -> dict:
@@ -187,4 +226,15 @@ def build_trainer(plan: Plan, run_dir: Path):
 
 
 DROPPED = ("examples with no completion token left after truncation to training.max_length = {max_length} tokens "
-           "(TRL's SFTTrainer drops them)")
+           "(TRL's SFTTrainer drops them; with packing, posttrain does before packing)")
+
+
+def rows_kept(trainer, split: str) -> int | None:
+    """The examples of a split left after truncation (with packing, the prepared rows are packed sequences)."""
+    return getattr(trainer, "length_counts", {}).get(split, {}).get("kept")
+
+
+def rows_cut(trainer, split: str, dataset) -> tuple[int, int, str] | None:
+    """The examples cut at max_length (counted by ``SFTStageTrainer._prepare_dataset``), of those kept."""
+    counts = getattr(trainer, "length_counts", {}).get(split)
+    return None if counts is None else (counts["cut"], counts["kept"], counts["how"])
