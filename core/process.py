@@ -3,7 +3,8 @@
 torchrun, ``accelerate launch`` and the DeepSpeed launcher set ``RANK``, ``LOCAL_RANK`` and
 ``WORLD_SIZE``; without them this is the one process of a single-process run. Everything in posttrain
 that needs to know reads it here. The distributed state (accelerate's) is created on first use,
-before any trainer exists, so that it counts the launcher's processes whatever the device.
+before any trainer exists, so that it counts the launcher's processes whatever the device. What the
+main process alone decides reaches the others through :func:`on_main`, errors included.
 """
 
 from __future__ import annotations
@@ -99,6 +100,60 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+_object_group: dict = {}  # the process group on_main broadcasts over (gloo), once created
+
+
+def _broadcast_group():
+    """A gloo group for Python objects: the default group when it is gloo (CPU processes), else one gloo group
+    over the same processes, created once (every rank reaches on_main at the same points, as creating it asks)."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    if "group" not in _object_group:
+        _object_group["group"] = dist.new_group(backend="gloo")
+    return _object_group["group"]
+
+
+def on_main(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` run by the main process alone, its outcome shared by every process.
+
+    What rank 0 alone decides (the run directory: new, resumed, replaced, finished, a changed recipe; the merged
+    output; lm-eval's benchmarks) is agreed on here. Every process waits for rank 0 and returns what ``fn``
+    returned there, or raises the user error it raised: the same message, exit status 2, on every rank, and no
+    rank goes on alone into training to die on a closed connection. Any other exception is raised on rank 0 as
+    it is, and the other ranks stop with an error naming it. Without a process group ``fn`` simply runs."""
+    import torch.distributed as dist
+
+    from .errors import UserError
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn(*args, **kwargs)
+    outcome: list = [None]
+    error = None
+    if is_main():
+        try:
+            outcome[0] = ("value", fn(*args, **kwargs))
+        except UserError as e:
+            error, outcome[0] = e, ("user", (e.message, e.field, e.fix, e.keep_run_dir))
+        except BaseException as e:
+            error, outcome[0] = e, ("other", f"{type(e).__name__}: {e}")
+    group = _broadcast_group()
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    kind, payload = outcome[0]
+    if kind == "value":
+        return payload
+    dist.barrier(group=group)  # every rank holds the verdict before any of them exits
+    if error is not None:
+        raise error
+    if kind == "user":
+        message, field, fix, keep = payload
+        agreed = UserError(message, field=field, fix=fix)
+        agreed.keep_run_dir = keep
+        raise agreed
+    raise RuntimeError(f"the main process (rank 0) failed: {payload}")
 
 
 def close_process_group() -> None:

@@ -241,13 +241,87 @@ def load_recipe(path: str | Path, overrides: list[str] = (), removals: list[str]
 # -- run directories -------------------------------------------------------------------------------
 
 
-def _diff(a, b, prefix="") -> list[str]:
+# What a --resume may change. A resume continues the steps already trained; these keys only say how far the
+# run goes on (EXTENDING: never below the step its checkpoint reached) or what it saves, logs, evaluates and
+# reports on the way (OBSERVING). Any other difference (learning rate, batch sizes, plugins, data, model, seed,
+# the scheduler...) would change what was trained, and is refused.
+EXTENDING = ("training.max_steps", "training.num_train_epochs")
+OBSERVING = ("description", "training.save_steps", "training.save_strategy", "training.save_total_limit",
+             "training.logging_steps", "training.logging_strategy", "training.logging_first_step",
+             "training.report_to", "training.run_name", "training.eval_steps", "training.eval_strategy",
+             "training.eval_delay", "training.eval_on_start", "training.disable_tqdm", "training.log_level",
+             "training.push_to_hub", "training.hub_model_id", "training.hub_strategy", "training.hub_private_repo")
+RESUME_FIX = ("a resume may change only how long the run trains (training.max_steps, num_train_epochs) and what it "
+              "saves, logs and evaluates (see \"Stopping and resuming\" in docs/recipes.md)")
+
+
+def _changes(a, b, prefix="") -> list[tuple[str, object, object]]:
+    """Every leaf that differs between two recipes: (dotted path, old value, new value)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(set(a) | set(b), key=str):
-            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+            out += _changes(a.get(key), b.get(key), f"{prefix}{key}.")
         return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
+
+
+def _describe(changes) -> str:
+    return "; ".join(f"{path}: {old!r} -> {new!r}" for path, old, new in changes)
+
+
+def _may_change(path: str, extend: bool) -> bool:
+    """Whether a resume may change ``path``: an observing key, or (``extend``) a key that trains it longer."""
+    return path in OBSERVING or (extend and path in EXTENDING)
+
+
+def _length(plan: Plan) -> tuple[int, float]:
+    """How long the recipe trains: TRL's max_steps (-1: by epochs) and num_train_epochs, defaults filled in."""
+    from . import trl_fields
+
+    defaults = trl_fields.config_defaults(plan.recipe.kind.config) if plan.recipe.kind.trains else {}
+    value = lambda key: plan.trl_config.get(key, defaults.get(key))  # noqa: E731
+    max_steps, epochs = value("max_steps"), value("num_train_epochs")
+    return int(max_steps if max_steps is not None else -1), float(epochs if epochs is not None else 0.0)
+
+
+def _reached(run_dir: Path) -> tuple[Path | None, int, float]:
+    """The newest complete checkpoint of a run folder, with the step and epoch it reached ((None, 0, 0.0) without
+    one; incomplete ones are the trainer's to report when it resumes)."""
+    from .checkpoints import newest_complete, step_of
+
+    try:
+        checkpoint = newest_complete(run_dir, say=lambda _: None)
+    except UserError:
+        checkpoint = None
+    if checkpoint is None:
+        return None, 0, 0.0
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    return checkpoint, int(state.get("global_step") or step_of(checkpoint)), float(state.get("epoch") or 0.0)
+
+
+def _keep_earlier(path: Path, tag: str, *, move: bool = True) -> Path:
+    """Keep ``path`` (a recipe, a summary) as ``<stem>.<tag><suffix>``, never over an earlier one: moved aside, or
+    (``move=False``) copied, for a file that is replaced next and must never be missing."""
+    target = path.with_name(f"{path.stem}.{tag}{path.suffix}")
+    n = 2
+    while target.exists():
+        target = path.with_name(f"{path.stem}.{tag}.{n}{path.suffix}")
+        n += 1
+    if move:
+        path.replace(target)
+    else:
+        shutil.copy2(path, target)
+    return target
+
+
+def _write_recipe(path: Path, data: dict) -> None:
+    """Write a recipe file whole (a new file renamed over the old one)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
 
 
 def new_run_dir(run_dir: Path, recipe_data: dict, overwrite: bool) -> None:
@@ -273,30 +347,83 @@ def new_run_dir(run_dir: Path, recipe_data: dict, overwrite: bool) -> None:
 
 
 def prepare_run_dir(plan: Plan, run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """One stage's run directory: a new one, or the one to resume (the same recipe, not finished). Its
-    recipe.yaml holds the recipe with every key filled in and ``stages.NAME`` resolved to the folder it
-    stood for."""
+    """One stage's run directory: a new one, or the one to resume. Its recipe.yaml holds the recipe with every
+    key filled in and ``stages.NAME`` resolved to the folder it stood for.
+
+    A resume takes the recipe the run started with, or one that differs only in how long it trains or in what it
+    saves, logs and evaluates (EXTENDING, OBSERVING); it never goes below the step its newest checkpoint reached.
+    A finished run (summary.json) is resumed only to train it longer, from its newest checkpoint. The recipe the
+    run goes on with becomes recipe.yaml; the one it replaces is kept as ``recipe.until-step-N.yaml`` (and a
+    finished run's summary.json and eval.json as ``*.until-step-N.json``)."""
     resolved = stage_refs.resolved(plan.recipe.to_dict())
     recipe_file = run_dir / "recipe.yaml"
-    if resume:
-        if overwrite:
-            raise UserError("--resume and --overwrite contradict each other", field="--resume",
-                            fix="use --resume to continue the run, or --overwrite to start it again")
-        if not recipe_file.is_file():
-            raise UserError(f"there is no run to resume in '{run_dir}'", field="--resume",
-                            fix="drop --resume to start a new run, or point --output-dir at an earlier run")
-        if (run_dir / "summary.json").exists():
-            raise UserError(f"the run in '{run_dir}' already finished", field="--resume",
-                            fix="start a new run with another --output-dir")
-        saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
-        changes = _diff(saved, resolved)
-        if changes:
-            raise UserError("the recipe differs from the one the run started with: " + "; ".join(changes[:5]),
-                            field="--resume", fix="resume with the same recipe and --set values")
-        writable(run_dir)
-        (run_dir / "preempted.json").unlink(missing_ok=True)
+    if not resume:
+        new_run_dir(run_dir, resolved, overwrite)
         return
-    new_run_dir(run_dir, resolved, overwrite)
+    if overwrite:
+        raise UserError("--resume and --overwrite contradict each other", field="--resume",
+                        fix="use --resume to continue the run, or --overwrite to start it again")
+    if not recipe_file.is_file():
+        raise UserError(f"there is no run to resume in '{run_dir}'", field="--resume",
+                        fix="drop --resume to start a new run, or point --output-dir at an earlier run")
+    extend = plan.recipe.kind.extendable
+    saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+    changes = _changes(saved, resolved)
+    refused = [c for c in changes if not _may_change(c[0], extend)]
+    if refused:
+        raise UserError("the recipe differs from the one the run started with: " + _describe(refused[:5]),
+                        field="--resume", fix=f"resume with the same recipe and --set values; {RESUME_FIX}")
+    checkpoint, step, epoch = _reached(run_dir)
+    summary_file = run_dir / "summary.json"
+    finished = summary_file.exists()
+    if finished:
+        try:
+            step = max(step, int(json.loads(summary_file.read_text(encoding="utf-8")).get("global_step") or 0))
+        except (OSError, ValueError):
+            pass
+    if extend:
+        _check_length(plan, run_dir, checkpoint, step, epoch)
+    if finished:
+        max_steps, epochs = _length(plan) if extend else (-1, 0.0)
+        longer = extend and (max_steps > step if max_steps > 0 else epochs > epoch + 1e-6)
+        if not longer:
+            more = ("; to train it longer, --resume with a larger training.max_steps (or num_train_epochs)"
+                    if extend else "")
+            raise UserError(f"the run in '{run_dir}' already finished (step {step})", field="--resume",
+                            fix=f"start a new run with another --output-dir{more}")
+        if checkpoint is None:
+            raise UserError(f"the run in '{run_dir}' finished without a checkpoint to train it on from",
+                            field="--resume",
+                            fix="start the longer run anew (another --output-dir, or --overwrite); a run meant to be "
+                                "extended keeps its last checkpoint (training.save_strategy: steps)")
+    writable(run_dir)
+    if changes:
+        kept = _keep_earlier(recipe_file, f"until-step-{step}", move=False)
+        _write_recipe(recipe_file, resolved)
+        print(f"posttrain: --resume goes on with {_describe(changes)}; the earlier recipe is kept as {kept.name}",
+              flush=True)
+    if finished:
+        moved = [_keep_earlier(run_dir / name, f"until-step-{step}").name for name in ("summary.json", AFTER_FILE)
+                 if (run_dir / name).is_file()]
+        print(f"posttrain: training the finished run on from {checkpoint.name}; its results so far are kept as "
+              f"{', '.join(moved)}", flush=True)
+    (run_dir / "preempted.json").unlink(missing_ok=True)
+
+
+def _check_length(plan: Plan, run_dir: Path, checkpoint: Path | None, step: int, epoch: float) -> None:
+    """A resume never asks for fewer steps (or epochs) than the run already trained."""
+    max_steps, epochs = _length(plan)
+    where = f"its newest checkpoint is {checkpoint.name}" if checkpoint is not None else "its summary says so"
+    if max_steps > 0 and step > max_steps:
+        raise UserError(f"training.max_steps is {max_steps}, and the run in '{run_dir}' already trained {step} steps "
+                        f"({where})", field="training.max_steps",
+                        fix=f"resume with training.max_steps of {step} or more, or start a new run with another "
+                            "--output-dir (or --overwrite)")
+    if max_steps <= 0 and epoch > epochs + 1e-6:
+        raise UserError(f"training.num_train_epochs is {epochs:g}, and the run in '{run_dir}' already trained "
+                        f"{epoch:g} epochs ({where})", field="training.num_train_epochs",
+                        fix=f"resume with training.num_train_epochs of {epoch:g} or more, or start a new run with "
+                            "another --output-dir (or --overwrite)")
 
 
 def writable(run_dir: Path) -> None:
@@ -310,16 +437,23 @@ def writable(run_dir: Path) -> None:
                         fix="choose a folder you can write to, with free space") from None
 
 
-def _changed_stages(saved: dict, current: dict) -> list[str]:
-    """Names of the stages whose recipe differs (and '(pipeline)' when the top-level keys differ)."""
+def _changed_stages(saved: dict, current: dict, may_change=lambda stage, path: False) -> list[str]:
+    """The stages whose recipe differs in a way ``may_change(stage name, dotted path)`` does not allow, each with
+    its first changes ('(pipeline)' when the top-level keys differ, '(the list of stages)' when the stages do)."""
     out = []
-    top = {k: v for k, v in saved.items() if k != "stages"} != {k: v for k, v in current.items() if k != "stages"}
+    top = [c for c in _changes({k: v for k, v in saved.items() if k != "stages"},
+                               {k: v for k, v in current.items() if k != "stages"}) if c[0] not in OBSERVING]
     if top:
-        out.append("(pipeline)")
-    old = {s.get("name"): s for s in saved.get("stages", [])}
+        out.append(f"(pipeline) ({_describe(top[:3])})")
+    old = {s.get("name"): s for s in saved.get("stages", []) if isinstance(s, dict)}
     for s in current.get("stages", []):
-        if old.get(s.get("name")) != s:
-            out.append(s.get("name"))
+        name = s.get("name")
+        if name not in old:
+            out.append(f"{name} (a new stage)")
+            continue
+        refused = [c for c in _changes(old[name], s) if not may_change(name, c[0])]
+        if refused:
+            out.append(f"{name} ({_describe(refused[:3])})")
     if [s.get("name") for s in saved.get("stages", [])] != [s.get("name") for s in current.get("stages", [])]:
         out.append("(the list of stages)")
     return out
@@ -327,40 +461,55 @@ def _changed_stages(saved: dict, current: dict) -> list[str]:
 
 def prepare_pipeline_dir(pipeline: Pipeline, top: Path, *, resume: bool, overwrite: bool,
                          start_from: str | None) -> None:
+    """A pipeline's run directory: a new one, or the one to continue (``--resume``, ``--from STAGE``). A resume
+    allows the changes a stage's resume allows: what any stage saves, logs and evaluates, and how long a stage
+    that has not finished trains (a finished stage's output is what the stages after it started from: restart
+    it with ``--from``). ``--from`` allows, in the stages it keeps, only what they save, log and evaluate. The
+    recipe the pipeline goes on with becomes recipe.yaml; a different earlier one is kept as
+    ``recipe.earlier.yaml``."""
     recipe_file = top / "recipe.yaml"
-    if resume or start_from:
-        if overwrite:
-            raise UserError("--overwrite contradicts --resume/--from", field="--overwrite",
-                            fix="use --resume or --from to continue the pipeline, or --overwrite to start it again")
-        if not recipe_file.is_file():
-            raise UserError(f"there is no pipeline to continue in '{top}'", field="--from" if start_from else "--resume",
-                            fix="drop --resume/--from to start a new run, or point --output-dir at an earlier run")
-        saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
-        changed = _changed_stages(saved, pipeline.data)
-        if start_from:
-            first = pipeline.stage(start_from).index
-            earlier = {s.name for s in pipeline.stages[:first]}
-            bad = [c for c in changed if c in earlier or c.startswith("(")]
-            if bad:
-                raise UserError(f"--from {start_from} keeps the earlier stages' outputs, but the recipe changed "
-                                f"for: {', '.join(bad)}", field="--from",
-                                fix="change only the stages from the one you restart at, or start a new run")
-            for stage in pipeline.stages[first:]:
-                shutil.rmtree(top / stage.dir_name, ignore_errors=True)
-            (top / "summary.json").unlink(missing_ok=True)
-        else:
-            if (top / "summary.json").exists():
-                raise UserError(f"the pipeline in '{top}' already finished", field="--resume",
-                                fix="start a new run with another --output-dir, or restart a stage with --from NAME")
-            if changed:
-                raise UserError(f"the recipe differs from the one the pipeline started with (stages: "
-                                f"{', '.join(changed)})", field="--resume",
-                                fix="resume with the same recipe, or restart from the first changed stage with "
-                                    "--from NAME")
-        recipe_file.write_text(yaml.safe_dump(pipeline.data, sort_keys=False), encoding="utf-8")
-        (top / "preempted.json").unlink(missing_ok=True)
+    if not (resume or start_from):
+        new_run_dir(top, pipeline.data, overwrite)
         return
-    new_run_dir(top, pipeline.data, overwrite)
+    if overwrite:
+        raise UserError("--overwrite contradicts --resume/--from", field="--overwrite",
+                        fix="use --resume or --from to continue the pipeline, or --overwrite to start it again")
+    if not recipe_file.is_file():
+        raise UserError(f"there is no pipeline to continue in '{top}'", field="--from" if start_from else "--resume",
+                        fix="drop --resume/--from to start a new run, or point --output-dir at an earlier run")
+    writable(top)
+    saved = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+    if start_from:
+        first = pipeline.stage(start_from).index
+        earlier = {s.name for s in pipeline.stages[:first]}
+        changed = _changed_stages(saved, pipeline.data, lambda stage, path: path in OBSERVING)
+        bad = [c for c in changed if c.split(" ")[0] in earlier or c.startswith("(")]
+        if bad:
+            raise UserError(f"--from {start_from} keeps the earlier stages' outputs, but the recipe changed "
+                            f"for: {', '.join(bad)}", field="--from",
+                            fix="change only the stages from the one you restart at, or start a new run")
+        for stage in pipeline.stages[first:]:
+            shutil.rmtree(top / stage.dir_name, ignore_errors=True)
+        (top / "summary.json").unlink(missing_ok=True)
+    else:
+        if (top / "summary.json").exists():
+            raise UserError(f"the pipeline in '{top}' already finished", field="--resume",
+                            fix="start a new run with another --output-dir, or restart a stage with --from NAME")
+        open_stages = {s.name for s in pipeline.stages
+                       if s.stage.extendable and not (top / s.dir_name / "summary.json").exists()}
+        changed = _changed_stages(saved, pipeline.data,
+                                  lambda stage, path: _may_change(path, stage in open_stages))
+        if changed:
+            raise UserError(f"the recipe differs from the one the pipeline started with (stages: "
+                            f"{', '.join(changed)})", field="--resume",
+                            fix="resume with the same recipe, or restart from the first changed stage with "
+                                f"--from NAME; {RESUME_FIX}, in a stage that has not finished")
+    if _changes(saved, pipeline.data):
+        kept = _keep_earlier(recipe_file, "earlier", move=False)
+        print(f"posttrain: the pipeline goes on with the changed recipe; the earlier one is kept as {kept.name}",
+              flush=True)
+    _write_recipe(recipe_file, pipeline.data)
+    (top / "preempted.json").unlink(missing_ok=True)
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -439,21 +588,23 @@ AFTER_FILE = "eval.json"  # lm-eval's results for the stage's output (what `post
 
 
 def _benchmark(recipe: Recipe, model: str, path: Path) -> dict:
-    """lm-eval's record for ``model`` as the recipe's eval.lm_eval asks, kept in ``path`` (reused when there)."""
+    """lm-eval's record for ``model`` as the recipe's eval.lm_eval asks, kept in ``path`` (reused when there).
+    lm-eval runs in the main process; the others wait for its record (or its error)."""
+    return process.on_main(_benchmark_here, recipe, model, path)
+
+
+def _benchmark_here(recipe: Recipe, model: str, path: Path) -> dict:
     from . import benchmarks
 
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))
     options = recipe.eval.lm_eval
-    record = {}
-    if process.is_main():  # lm-eval runs in one process; the others wait
-        record = benchmarks.evaluate(benchmarks.target_of(model), options.tasks, limit=options.limit,
-                                     include_path=options.include_path, num_fewshot=options.num_fewshot,
-                                     batch_size=options.batch_size, apply_chat_template=options.apply_chat_template,
-                                     dtype=recipe.model.dtype, seed=recipe.seed)
-        path.write_text(json.dumps(record, indent=2), encoding="utf-8")
-        print(f"posttrain: benchmarks of {record['model']}:\n{benchmarks.table(record)}", flush=True)
-    process.barrier()
+    record = benchmarks.evaluate(benchmarks.target_of(model), options.tasks, limit=options.limit,
+                                 include_path=options.include_path, num_fewshot=options.num_fewshot,
+                                 batch_size=options.batch_size, apply_chat_template=options.apply_chat_template,
+                                 dtype=recipe.model.dtype, seed=recipe.seed)
+    path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(f"posttrain: benchmarks of {record['model']}:\n{benchmarks.table(record)}", flush=True)
     return record
 
 
@@ -477,6 +628,14 @@ def _benchmarks_after(stage: PipelineStage, stage_dir: Path, result: StageResult
         (stage_dir / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str), encoding="utf-8")
 
 
+def _prepare_stage_dir(plan: Plan, stage_dir: Path) -> bool:
+    """A pipeline stage's run directory: the one an earlier session started (resumed), or a new one. Returns
+    whether it continues an earlier session."""
+    continuing = (stage_dir / "recipe.yaml").is_file()
+    prepare_run_dir(plan, stage_dir, resume=continuing, overwrite=False)
+    return continuing
+
+
 def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = False, overwrite: bool = False,
                  start_from: str | None = None) -> tuple[Path, dict]:
     """Run the stages in order; a pipeline's finished stages (summary and output present) are skipped."""
@@ -491,14 +650,13 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
                             fix="use --resume to continue a one-stage run")
         stage = pipeline.stages[0]
         plan = stage.plan
-        if main:  # the other ranks of a distributed launch leave the run directory to rank 0
-            prepare_run_dir(plan, top, resume=resume, overwrite=overwrite)
+        # rank 0 prepares the run directory; under a distributed launch every rank gets its verdict
+        process.on_main(prepare_run_dir, plan, top, resume=resume, overwrite=overwrite)
         result = _run_stage(stage, top, resume)
         _benchmarks_after(stage, top, result, stage.stage.output(top, stage.recipe))
         process.close_process_group()
         return top, result.summary
-    if main:
-        prepare_pipeline_dir(pipeline, top, resume=resume, overwrite=overwrite, start_from=start_from)
+    process.on_main(prepare_pipeline_dir, pipeline, top, resume=resume, overwrite=overwrite, start_from=start_from)
     stages_summary = []
     started = time.time()
     for stage in pipeline.stages:
@@ -512,21 +670,19 @@ def run_pipeline(pipeline: Pipeline, output_dir: str | None, *, resume: bool = F
             stages_summary.append(_stage_summary(stage, stage_dir, summary, output, timing.get("seconds")))
             continue
         print(f"posttrain: stage {stage.dir_name} ({stage.recipe.stage})", flush=True)
-        continuing = (stage_dir / "recipe.yaml").is_file() and not (stage_dir / "summary.json").exists()
         t0 = time.time()
         if (stage_dir / "summary.json").exists():  # trained, but stopped before its merged output was written
             result = StageResult(json.loads((stage_dir / "summary.json").read_text()), model=None)
         else:
-            if main:
-                prepare_run_dir(plan, stage_dir, resume=continuing, overwrite=False)
+            continuing = process.on_main(_prepare_stage_dir, plan, stage_dir)
             try:
                 result = _run_stage(stage, stage_dir, continuing)
             except UserError as e:
                 raise _prefixed(e, f"stages[{stage.index}]") from None
-        if main and stage.recipe.model.lora is not None and kind.trains:
+        if stage.recipe.model.lora is not None and kind.trains:
             from .trainers.merge import export_merged
 
-            export_merged(plan, stage_dir, pipeline.merged_dtype)
+            process.on_main(export_merged, plan, stage_dir, pipeline.merged_dtype)
         process.barrier()  # under a distributed launch, the other ranks wait for rank 0's merged output
         seconds = round(time.time() - t0, 1)
         if main:

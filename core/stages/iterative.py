@@ -60,6 +60,7 @@ class IterativeStage(Stage):
     hooks = (*PAIR_HOOKS, "posttrain_select_pair")
     required_hooks = ("posttrain_preference_loss", "posttrain_reward")
     pipeline_keys = ("rounds",)
+    resumes_longer = False  # training.max_steps and num_train_epochs are each round's: a resume keeps them
     panels = (Panel("loss", "training loss (DPO, rounds one after another)", ("loss",)),
               Panel("sample_reward", "mean reward of the round's samples", ("sample_mean_reward",), "rounds"),
               Panel("pairs", "pairs kept per round", ("pairs",), "rounds"),
