@@ -42,6 +42,21 @@ class PluginHookError(UserError):
         )
 
 
+class RewardFunctionError(PluginHookError):
+    """A reward function named in a recipe by import path (``module:function``) raised."""
+
+    def __init__(self, name: str, path: str, error: BaseException):
+        self.plugin = name
+        self.hook = "posttrain_reward"
+        self.error = error
+        self.path = path
+        UserError.__init__(
+            self, f"reward function '{name}' ({path}) failed: {type(error).__name__}: {error}",
+            field=f"plugins.{path}",
+            fix=f"fix the function or remove '{path}' from the recipe; set POSTTRAIN_DEBUG=1 for the traceback",
+        )
+
+
 def did_you_mean(name: str, choices) -> str:
     """' (did you mean 'x'?)' for the closest choice, or an empty string."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3, cutoff=0.6)

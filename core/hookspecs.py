@@ -228,13 +228,23 @@ def posttrain_sample(
 
 
 @hookspec
-def posttrain_reward(prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]]) -> list[float | None] | None:
+def posttrain_reward(
+    prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]],
+    completion_ids: list[list[int]] | None, truncated: list[bool] | None
+) -> list[float | None] | None:
     """Score completions.
 
     ``prompts[i]`` produced ``completions[i]``; ``columns`` maps every dataset column name to
-    its values for the same examples (gold answers, constraint ids, labels...). Return one
-    score per completion: a float, or ``None`` to abstain for that example. Return ``None``
-    instead of a list to abstain for the whole batch.
+    its values for the same examples (gold answers, constraint ids, labels...).
+    ``completion_ids[i]`` are the token ids of ``completions[i]`` as generated, a list of ints: up
+    to and including the EOS token that ended it, or up to the length limit
+    (``max_completion_length`` online, ``max_new_tokens`` elsewhere) where it was cut there.
+    ``truncated[i]`` is True for a completion cut at the length limit (its ids do not end with EOS),
+    as TRL counts ``completions/clipped_ratio``. A sampler plugin's texts are tokenised (no special
+    tokens added) and end with EOS unless they reach the limit. Both are ``None`` where completions
+    come from outside a run (``posttrain.score``). Return one score per completion: a float, or
+    ``None`` to abstain for that example. Return ``None`` instead of a list to abstain for the
+    whole batch.
 
     Combine: *all results*, as a weighted sum per example: each source's scores are multiplied
     by its ``weight`` option (1.0 when the plugin has none) and summed over the sources that

@@ -208,13 +208,25 @@ def clear_cache() -> None:
 
 
 def _import_path(path: str) -> PluginInfo:
-    """A plugin named in a recipe by import path, ``package.module:ClassName``."""
+    """A plugin named in a recipe by import path, ``package.module:ClassName``, or a reward function,
+    ``package.module:function`` (wrapped in a plugin class, see :mod:`posttrain.reward_function`)."""
     module_name, _, attr = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise UserError(f"cannot load plugin '{path}': {type(e).__name__}: {e}", field=f"plugins.{path}",
-                        fix="check the import path (module.path:ClassName) and that the module is importable") from None
+                        fix="check the import path (module.path:ClassName, or module.path:function for a reward "
+                            "function) and that the module is importable") from None
+    if callable(cls) and not isinstance(cls, type):
+        from .reward_function import function_plugin
+
+        cls = function_plugin(cls, path)
+        return PluginInfo(cls.name, cls, "-", "(import path)", path, check_plugin_class(cls))
+    if not isinstance(cls, type):
+        kind = type(cls).__name__
+        raise UserError(f"'{path}' is neither a posttrain.Plugin subclass nor a function: it is "
+                        f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}", field=f"plugins.{path}",
+                        fix="name a plugin class (module.path:ClassName) or a reward function (module.path:function)")
     try:
         hooks = check_plugin_class(cls)
     except ValueError as e:
@@ -230,7 +242,7 @@ def _class_fix(reason: str) -> str:
     if "matches no hook" in reason or "does not provide" in reason:
         return "give the method a hook's name and arguments (docs/hooks.md lists them)"
     if "not a subclass" in reason or "has no `name`" in reason:
-        return "subclass posttrain.Plugin and give the class a `name`"
+        return "subclass posttrain.Plugin and give the class a `name` (or name a reward function, module.path:function)"
     if reason.startswith("needs "):
         return reason.split(": ", 1)[-1]
     if "entry point is named" in reason:
@@ -507,6 +519,7 @@ def build_plugin_set(section: dict | None, stage: Stage) -> PluginSet:
     stage never calls, the hooks the stage needs, and what each plugin needs from the others."""
     section = section or {}
     plugins = []
+    keys: dict[str, str] = {}  # plugin name -> the recipe key that enabled it
     for name, raw in section.items():
         info = find_plugin(str(name))
         if "posttrain_format_record" in hook_methods(info.cls):
@@ -520,6 +533,12 @@ def build_plugin_set(section: dict | None, stage: Stage) -> PluginSet:
                             f"not to {stage.name}", field=f"plugins.{name}",
                             fix=f"remove '{name}' from this recipe (or stage), or use it where it applies ({suits})")
         options = info.cls.parse_options(raw, where=f"plugins.{name}")
+        if info.cls.name in keys:  # e.g. two reward functions of one name from two modules
+            raise UserError(f"'{keys[info.cls.name]}' and '{name}' are both named '{info.cls.name}', and a run tells "
+                            "its plugins and reward sources apart by name", field=f"plugins.{name}",
+                            fix="enable only one of them, or rename one (a reward function's name is its __name__, "
+                                "logged as rewards/<name>/mean)")
+        keys[info.cls.name] = name
         plugins.append(info.cls(options))
     for hook in hookspecs.SINGLE_OWNER_HOOKS:
         owners = [p.name for p in plugins if hook in hook_methods(type(p))]

@@ -27,10 +27,14 @@ def source_weight(plugins: PluginSet, name: str) -> float:
     return plugins.by_name[name].reward_weight()
 
 
-def source_scores(plugins: PluginSet, name: str, prompts: list, completions: list, columns: dict) -> list | None:
-    """One source's scores: a float or None (abstained) per completion, or None if it abstains on the batch."""
+def source_scores(plugins: PluginSet, name: str, prompts: list, completions: list, columns: dict,
+                  completion_ids: list | None = None, truncated: list | None = None) -> list | None:
+    """One source's scores: a float or None (abstained) per completion, or None if it abstains on the batch.
+    ``completion_ids`` and ``truncated``: each completion's token ids and whether it was cut at the length
+    limit (None where unknown)."""
     n = len(completions)
-    scores = plugins.call_one(name, "posttrain_reward", prompts=prompts, completions=completions, columns=columns)
+    scores = plugins.call_one(name, "posttrain_reward", prompts=prompts, completions=completions, columns=columns,
+                              completion_ids=completion_ids, truncated=truncated)
     if scores is None:
         return None
     if len(scores) != n:
@@ -42,12 +46,13 @@ def source_scores(plugins: PluginSet, name: str, prompts: list, completions: lis
     return [None if s is None else float(s) for s in scores]
 
 
-def score(plugins: PluginSet, prompts: list, completions: list, columns: dict) -> Rewards:
+def score(plugins: PluginSet, prompts: list, completions: list, columns: dict, completion_ids: list | None = None,
+          truncated: list | None = None) -> Rewards:
     """Weighted sum of every enabled reward source, per example, as the hook's contract says."""
     total: list = [None] * len(completions)
     by_source = {}
     for name in plugins.implementers("posttrain_reward"):
-        scores = source_scores(plugins, name, prompts, completions, columns)
+        scores = source_scores(plugins, name, prompts, completions, columns, completion_ids, truncated)
         if scores is None:
             continue
         weight = source_weight(plugins, name)
@@ -62,23 +67,35 @@ class RewardSource:
     """A reward plugin as a TRL reward function: ``fn(prompts, completions, completion_ids, **columns)``.
 
     TRL passes every dataset column (repeated per completion) as a keyword, plus a few of its own
-    (trainer state, logging callbacks), which are not dataset columns and are left out. Its name
-    is the plugin's, so TRL logs ``rewards/<plugin>/mean`` and ``/std``."""
+    (trainer state, logging callbacks), which are not dataset columns: they are left out of the
+    hook's ``columns`` and handed on to reward functions named in the recipe
+    (:func:`posttrain.reward_function.trl_keywords`). A completion is truncated when its ids do not end with
+    one of ``stop_ids`` (TRL's EOS tokens and the padding token, as TRL counts clipped completions; set by the
+    trainer once it knows them). Its name is the plugin's, so TRL logs ``rewards/<plugin>/mean`` and
+    ``/std``."""
 
-    _TRL_KEYWORDS = ("trainer_state", "log_extra", "log_metric", "environments")
-
-    def __init__(self, plugins: PluginSet, name: str):
+    def __init__(self, plugins: PluginSet, name: str, stop_ids=None):
         self.plugins, self.__name__ = plugins, name
+        self.stop_ids = None if stop_ids is None else set(stop_ids)
 
     def __call__(self, prompts, completions, completion_ids=None, **columns):
-        for key in self._TRL_KEYWORDS:
-            columns.pop(key, None)
-        scores = source_scores(self.plugins, self.__name__, prompts, completions, columns)
+        from .reward_function import TRL_KEYWORDS, trl_keywords
+
+        trl = {key: columns.pop(key) for key in TRL_KEYWORDS if key in columns}
+        truncated = None
+        if completion_ids is not None:
+            completion_ids = [[int(i) for i in ids] for ids in completion_ids]
+            if self.stop_ids is not None:
+                truncated = [bool(ids) and ids[-1] not in self.stop_ids for ids in completion_ids]
+        with trl_keywords(**trl):
+            scores = source_scores(self.plugins, self.__name__, prompts, completions, columns, completion_ids,
+                                   truncated)
         return [None] * len(completions) if scores is None else scores
 
 
 def load_plugin(name: str, **options: Any) -> Plugin:
-    """The installed plugin ``name`` (or ``module.path:ClassName``) built with ``options``, which are
+    """The installed plugin ``name`` (or ``module.path:ClassName``, or a reward function's
+    ``module.path:function``) built with ``options``, which are
     checked as a recipe's ``plugins.<name>`` section is (UserError naming the option otherwise)."""
     info = find_plugin(str(name))
     return info.cls(info.cls.parse_options(options, where=f"plugins.{name}"))
@@ -88,9 +105,10 @@ def score_completions(plugin: Plugin | str, completions: Sequence, prompts: Sequ
                       **columns: Sequence) -> list[float | None]:
     """One reward plugin's scores of ``completions``: a float per completion, None where it abstains.
 
-    ``plugin`` is a plugin instance or the name of an installed one (built with its default
-    options). ``columns`` are the dataset columns the plugin reads, one value per completion (e.g.
-    ``ground_truth=["42"]``); ``prompts`` default to empty ones. The scores are the plugin's own,
+    ``plugin`` is a plugin instance, the name of an installed one, or the import path of a plugin class
+    or of a reward function (built with its default options). ``columns`` are the dataset columns the
+    plugin reads, one value per completion (e.g. ``ground_truth=["42"]``); ``prompts`` default to empty
+    ones. The scores are the plugin's own,
     unweighted, as a run logs them under the plugin's name; a plugin that abstains on the whole
     batch gives None for every completion.
     """

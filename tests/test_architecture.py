@@ -19,7 +19,8 @@ LAYERS = [
     # 1: recipes, validation and what they stand on (data, models, plugins' registry, reward and sampling helpers)
     {"process", "stage_refs", "recipe", "trl_fields", "registry", "builtin", "builtin.arithmetic",
      "builtin.instructions", "builtin.reasoning_gym", "builtin.safety", "data", "models", "classifier", "reference",
-     "rewards", "sampling", "worker", "verifier", "validate", "lengths", "pairs", "seams", "checkpoints", "benchmarks"},
+     "rewards", "reward_function", "sampling", "worker", "verifier", "validate", "lengths", "pairs", "seams",
+     "checkpoints", "benchmarks"},
     # 2: the trainers (torch, TRL), imported only when a stage runs
     {"trainers"} | {f"trainers.{p.stem}" for p in (CORE / "trainers").glob("*.py") if p.stem != "__init__"},
     # 3: the stages: one declaration per stage, each with its run

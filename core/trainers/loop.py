@@ -28,7 +28,7 @@ from transformers.trainer_callback import ProgressCallback
 from ..errors import UserError
 from ..types import Transformed
 from ..rewards import score
-from ..sampling import derive_seed, sample
+from ..sampling import derive_seed, sample_completions
 from ..models import Precision, cast_trained_weights
 from ..process import world_size
 from ..validate import Plan
@@ -414,9 +414,11 @@ def _text(prompt) -> str:
 
 def answer_metrics(plan: Plan, trainer, heldout) -> dict | None:
     """Greedy answers to held-out prompts, scored by the enabled reward plugins (the trainer's model)."""
+    from ..reward_function import trl_keywords
+
     if not plan.recipe.eval.generate or heldout is None:
         return None
-    with generation_model(trainer) as model:
+    with generation_model(trainer) as model, trl_keywords(trainer_state=trainer.state):
         return greedy_answers(plan, model, trainer.processing_class, heldout, trainer.accelerator.autocast())
 
 
@@ -449,10 +451,12 @@ def greedy_answers(plan: Plan, model, tokenizer, heldout, autocast) -> dict | No
     prompts = list(subset["prompt"])  # a list, as in every other call of posttrain_sample (not a datasets Column)
     generation = {"max_new_tokens": plan.recipe.eval.max_new_tokens, "do_sample": False}
     with autocast:
-        completions = [c[0] for c in sample(plan.plugins, model, tokenizer, prompts, 1, generation,
-                                            seed=derive_seed(plan.recipe.seed, "heldout"))]
+        samples = sample_completions(plan.plugins, model, tokenizer, prompts, 1, generation,
+                                     seed=derive_seed(plan.recipe.seed, "heldout"))
+    completions = [c[0] for c in samples.texts]
     columns = {c: subset[c] for c in subset.column_names}
-    rewards = score(plan.plugins, prompts, completions, columns)
+    rewards = score(plan.plugins, prompts, completions, columns, [i[0] for i in samples.ids],
+                    [t[0] for t in samples.truncated])
     scored = [r for r in rewards.total if r is not None]
     if not scored:
         return None

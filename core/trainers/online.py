@@ -8,9 +8,9 @@ adapter-disabled model, or the ``ref`` adapter when one exists), the clipped pol
 variants (``loss_type``), the KL penalty (``beta``), multiple iterations per batch, checkpointing,
 logging. What is ours, through four small overrides:
 
-- reward sources: each enabled ``posttrain_reward`` plugin is one of TRL's reward functions, with
-  its ``weight`` as TRL's reward weight (so TRL logs each source's mean and std, and a source
-  returning None abstains);
+- reward sources: each enabled ``posttrain_reward`` plugin (a reward function named in the recipe
+  included) is one of TRL's reward functions, with its ``weight`` as TRL's reward weight (so TRL logs
+  each source's mean and std, and a source returning None abstains);
 - advantages: TRL computes advantages inline in ``_generate_and_score_completions`` (there is no
   narrower override point). We let it, then replace them with the output of the
   ``posttrain_advantage_estimate`` owner passed through the ``posttrain_advantage_transform``
@@ -121,8 +121,11 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         self.samples_from_plugin = bool(plugins.implementers("posttrain_sample"))
         self._scored = None
         self._rollout_prompts: list = []
+        reward_funcs = [RewardSource(plugins, name) for name in sources]
         with reference_builder("grpo_trainer", reference):
-            super().__init__(*args, reward_funcs=[RewardSource(plugins, name) for name in sources], **kwargs)
+            super().__init__(*args, reward_funcs=reward_funcs, **kwargs)
+        for source in reward_funcs:  # a completion not ending with one of these was cut (TRL's clipped_ratio)
+            source.stop_ids = {*self.eos_token_ids, self._tokenizer.pad_token_id}
         if plugins.implementers("posttrain_update_reference"):
             self.add_callback(ReferenceUpdateCallback(self))
         self.critic = plugins.call("posttrain_critic", stage=stage)  # set up by finish_trainer (needs precision)

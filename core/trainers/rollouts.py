@@ -13,7 +13,7 @@ import torch
 
 from ..process import distributed_state
 from ..rewards import score
-from ..sampling import derive_seed, sample
+from ..sampling import derive_seed, sample_completions
 from ..validate import Plan
 
 
@@ -70,11 +70,13 @@ def _sample_and_score(plan: Plan, model, tokenizer, rows: list[dict], autocast, 
         chunk = rows[start:start + s.batch_size]
         prompts = [r["prompt"] for r in chunk]
         with autocast():
-            samples = sample(plan.plugins, model, tokenizer, prompts, s.samples, generation,
-                             seed=derive_seed(seed, "batch", start))
-        flat = [text for group in samples for text in group]
+            samples = sample_completions(plan.plugins, model, tokenizer, prompts, s.samples, generation,
+                                         seed=derive_seed(seed, "batch", start))
+        flat = [text for group in samples.texts for text in group]
         columns = {key: [r[key] for r in chunk for _ in range(s.samples)] for key in chunk[0]}
-        rewards = score(plan.plugins, [p for p in prompts for _ in range(s.samples)], flat, columns)
+        rewards = score(plan.plugins, [p for p in prompts for _ in range(s.samples)], flat, columns,
+                        [ids for group in samples.ids for ids in group],
+                        [cut for group in samples.truncated for cut in group])
         for i, row in enumerate(chunk):
             span = slice(i * s.samples, (i + 1) * s.samples)
             out.append({"row": row, "completions": flat[span], "rewards": rewards.total[span],
