@@ -9,8 +9,8 @@ BIN := $(VENV)/bin
 # The default is the CPU build that this project is tested with.
 TORCH_SPEC ?= torch==2.13.0
 # Optional parts installed with posttrain. On a GPU machine add `gpu` (Liger kernels):
-#   make setup TORCH_SPEC="torch==2.6.0" EXTRAS=test,demo,deepspeed,verifiers,reasoning,gpu
-EXTRAS ?= test,demo,deepspeed,verifiers,reasoning
+#   make setup TORCH_SPEC="torch==2.6.0" EXTRAS=test,demo,deepspeed,verifiers,reasoning,tensorboard,gpu
+EXTRAS ?= test,demo,deepspeed,verifiers,reasoning,tensorboard
 STAMP := $(VENV)/.posttrain-installed
 RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 

@@ -25,6 +25,10 @@ OVERRIDDEN = {
         "_load_optimizer_and_scheduler",  # OnlineTrainer: the critic's state restored on --resume
         "_get_train_sampler",  # PreferenceTrainer: posttrain_train_sampler
         "_run_epoch",  # GuardedTrainer: not started when a resumed run has no step left (no extra step)
+        "init_hf_repo",  # GuardedTrainer: a hub repository that cannot be created does not stop training
+        "_push_from_checkpoint",  # GuardedTrainer: a checkpoint's failed upload is said, training goes on
+        "push_to_hub",  # GuardedTrainer: the final upload's failure recorded (hub_upload), the model kept
+        "evaluate",  # OnlineTrainer: evaluation during training is the greedy held-out answers, scored
     ),
     "trl.DPOTrainer": (
         "_compute_loss",  # PreferenceTrainer: the loss, masks, metrics from hooks (TRL computes every loss here)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,90 @@ def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
         if key in recipe.training and recipe.training[key] != value:
             raise UserError(f"the recipe sets {key}={recipe.training[key]!r} but an enabled plugin sets {value!r}",
                             field=f"training.{key}", fix=f"remove training.{key} or change the plugin's options")
-    return {**contributed, **recipe.training}
+    values = {**contributed, **recipe.training}
+    check_trackers(values.get("report_to"))
+    check_hub(values)
+    check_evaluation(recipe, values)
+    return values
+
+
+# The trackers transformers reports to (``training.report_to``): name -> (the modules it needs, every one of
+# them; the first name per entry of alternatives), and how to install them. What transformers' own availability
+# checks (transformers.integrations) look for, read with find_spec so that no tracker (nor torch) is imported.
+TRACKERS = {
+    "tensorboard": ((("tensorboard", "tensorboardX"),), "pip install 'posttrain[tensorboard]' (TensorBoard)"),
+    "wandb": ((("wandb",),), "pip install wandb"),
+    "mlflow": ((("mlflow",),), "pip install mlflow"),
+    "comet_ml": ((("comet_ml",),), "pip install comet-ml"),
+    "clearml": ((("clearml",),), "pip install clearml"),
+    "trackio": ((("trackio",),), "pip install trackio"),
+    "swanlab": ((("swanlab",),), "pip install swanlab"),
+    "dvclive": ((("dvclive",),), "pip install dvclive"),
+    "neptune": ((("neptune", "neptune-client"),), "pip install neptune"),
+    "codecarbon": ((("codecarbon",),), "pip install codecarbon"),
+    "dagshub": ((("dagshub",), ("mlflow",)), "pip install dagshub mlflow"),
+    "azure_ml": ((("azureml.core.run",),), "pip install azureml-sdk"),
+    "flyte": ((("flytekit",),), "pip install flytekit"),
+    "kubeflow": ((), ""),  # no package: transformers reports to it inside a Kubeflow TrainJob
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a dotted name whose parent package is missing
+        return False
+
+
+def check_trackers(report_to) -> None:
+    """Every tracker of ``training.report_to`` is one transformers knows, and its package is installed."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if len(names) > 1 and {"none", "all"} & set(names):
+        raise UserError(f"{'none' if 'none' in names else 'all'} stands alone in report_to (transformers refuses it "
+                        f"in a list: {names})", field="training.report_to",
+                        fix="give none, all (every installed tracker), or a list of trackers")
+    for name in names:
+        if name in ("none", "all"):  # all: the trackers that are installed
+            continue
+        if name not in TRACKERS:
+            raise UserError(f"transformers reports to no tracker called {name!r}{did_you_mean(name, TRACKERS)}",
+                            field="training.report_to",
+                            fix=f"use none, all (every installed tracker) or some of: {', '.join(TRACKERS)}")
+        needs, install = TRACKERS[name]
+        for alternatives in needs:
+            if not any(_installed(module) for module in alternatives):
+                raise UserError(f"report_to names {name}, whose package ({alternatives[0]}) is not installed",
+                                field="training.report_to",
+                                fix=f"{install}, or remove {name} from training.report_to")
+        if name == "kubeflow" and not os.environ.get("KUBEFLOW_TRAINER_SERVER_URL"):
+            raise UserError("report_to names kubeflow outside a Kubeflow TrainJob (KUBEFLOW_TRAINER_SERVER_URL is "
+                            "not set)", field="training.report_to",
+                            fix="remove kubeflow (transformers adds it by itself inside a TrainJob)")
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set (to a value huggingface_hub reads as true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_hub(values: dict) -> None:
+    if values.get("push_to_hub") and hub_offline():
+        raise UserError("push_to_hub needs the hub; HF_HUB_OFFLINE is set", field="training.push_to_hub",
+                        fix="unset HF_HUB_OFFLINE (and log in: `hf auth login` or HF_TOKEN), or remove "
+                            "training.push_to_hub (the model is in the run directory's final/)")
+
+
+def check_evaluation(recipe: Recipe, values: dict) -> None:
+    """Evaluation during training (``eval_strategy``, ``eval_on_start``) evaluates the held-out data."""
+    strategy = values.get("eval_strategy")
+    ev = recipe.data.eval
+    if (strategy in (None, "no") and not values.get("eval_on_start")) or ev.source or ev.split or ev.fraction > 0:
+        return
+    key = "eval_on_start" if strategy in (None, "no") else "eval_strategy"
+    raise UserError(f"{key} evaluates the held-out data during training, and this recipe holds none out",
+                    field="data.eval",
+                    fix=f"hold some out (data.eval.fraction: 0.1, or a data.eval source/split), or remove "
+                        f"training.{key}")
 
 
 def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stages: list[str] = ()) -> Plan:

@@ -415,3 +415,34 @@ def test_reasoning_gym_tasks_are_a_built_in_source(cli, online_recipe, tmp_path)
     code, _, err = cli("validate", online_recipe(data={"source": "builtin:reasoning_gym",
                                                        "options": {"task": "chain_summ"}}))
     assert code == 2 and "chain_sum" in err and "data.options" in err
+
+
+# -- evaluation during training ------------------------------------------------------------------
+
+
+def test_eval_strategy_steps_answers_the_heldout_prompts_every_eval_steps(cli, online_recipe, tmp_path):
+    """`eval_strategy: steps` in the online stage: every eval_steps steps the greedy answers to
+    eval.generate held-out prompts are scored by the reward sources and logged at that step (what the
+    final held-out summary measures, as it goes), and `posttrain compare` draws them."""
+    from posttrain.compare import load_runs, panels_for
+
+    recipe = online_recipe(plugins={"online_plugins:DigitShare": {"weight": 0.5}, "verify_gsm8k": {},
+                                    **GROUP_PLUS_NORM},
+                           training={"max_steps": 4, "eval_strategy": "steps", "eval_steps": 2},
+                           eval={"generate": 3, "max_new_tokens": 4, "before": False})
+    summary, metrics, _ = _run(cli, recipe, tmp_path / "run")
+    evals = [m for m in metrics if "eval_reward" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    for m in evals:
+        assert 0.0 <= m["eval_answer_accuracy"] <= 1.0
+        assert 0.0 <= m["eval_rewards/digit_share/mean"] <= 1.0 and 0.0 <= m["eval_rewards/verify_gsm8k/mean"] <= 1.0
+        assert m["eval_reward"] == pytest.approx(0.5 * m["eval_rewards/digit_share/mean"]
+                                                 + m["eval_rewards/verify_gsm8k/mean"], abs=1e-6)
+        assert "reward" not in m and "loss" not in m  # a line of its own, apart from the training numbers
+    # the last one is the final model's answers, as the summary's
+    assert summary["after"]["answers"]["n"] == 3
+    assert evals[-1]["eval_answer_accuracy"] == pytest.approx(summary["after"]["answers"]["answer_accuracy"])
+    assert [p["step"] for p in summary["reward_curve"]] == [1, 2, 3, 4]
+    names = [d.name for d in panels_for(load_runs(tmp_path / "run"))]
+    assert {"online/eval_reward", "online/eval_answer_accuracy", "online/eval_reward_by_source/eval_rewards/"
+            "digit_share/mean"} <= set(names), names

@@ -50,7 +50,13 @@ class OnlineStage(Stage):
               Panel("value_loss", "critic: value loss", ("critic/value_loss",)),
               Panel("explained_variance", "critic: explained variance of the returns (1 = perfect)",
                     ("critic/explained_variance",)),
-              Panel("value_clipped", "critic: clipped share of the value loss", ("critic/clipped_share",)))
+              Panel("value_clipped", "critic: clipped share of the value loss", ("critic/clipped_share",)),
+              # evaluation during training (eval_strategy): greedy answers to the held-out prompts
+              Panel("eval_answer_accuracy", "greedy answer accuracy (held out, during training)",
+                    ("eval_answer_accuracy",)),
+              Panel("eval_reward", "greedy answers' mean reward (held out, during training)", ("eval_reward",)),
+              Panel("eval_reward_by_source", "greedy answers' reward (held out, during training): {key}",
+                    ("eval_rewards/*/mean",), split=True))
 
     def defaults(self) -> dict:
         from ..trl_fields import config_defaults
@@ -92,6 +98,12 @@ class OnlineStage(Stage):
                 f"(training.beta is {beta})", field="training.beta",
                 fix="set training.beta > 0 (e.g. 0.05, Tülu 3's RLVR value), or remove the plugin")
         check_generation_engine(trl_config, plugins)
+        evaluates = trl_config.get("eval_strategy") not in (None, "no") or trl_config.get("eval_on_start")
+        if evaluates and recipe.eval.generate < 1:
+            raise UserError("evaluation during training (eval_strategy, eval_on_start) answers eval.generate held-out "
+                            "prompts greedily, and eval.generate is 0", field="eval.generate",
+                            fix="set eval.generate to the number of held-out prompts to answer (e.g. 64), or remove "
+                                "training.eval_strategy")
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
         per_device = int(cfg.get("per_device_train_batch_size") or 8)

@@ -89,11 +89,44 @@ def build_config(config_cls, plan: Plan, run_dir: Path, precision: Precision, st
     if plan.trl_config.get("use_liger_kernel") and not torch.cuda.is_available():
         raise UserError("Liger's kernels are Triton GPU kernels: use_liger_kernel needs a CUDA GPU",
                         field="training.use_liger_kernel", fix="remove it on a machine without a GPU")
+    values = trl_values(plan, precision, stage_defaults)
+    tracker_environment(values.get("report_to"), run_dir)
     try:
-        return config_cls(output_dir=str(run_dir), seed=plan.recipe.seed, **trl_values(plan, precision, stage_defaults))
+        return config_cls(output_dir=str(run_dir), seed=plan.recipe.seed, **values)
     except ValueError as e:
         raise UserError(f"TRL refuses these settings: {e}", field="training",
                         fix=f"change the training values it names ({config_cls.__name__}; see docs/recipes.md)") from None
+
+
+_WANDB_DIR_SET = False  # whether WANDB_DIR is ours (the run directory of the stage being built)
+
+
+def tracker_environment(report_to, run_dir: Path) -> None:
+    """What the trackers of ``report_to`` read from the environment, set for the run. Weights & Biases: its
+    files go to the run directory (WANDB_DIR, unless set), and when WANDB_MODE is unset it runs offline where it
+    could not sync, that is with HF_HUB_OFFLINE set or without WANDB_API_KEY (a line says so, and how to sync
+    the offline run later); WANDB_MODE=online (after ``wandb login``) syncs as it goes."""
+    import importlib.util
+    import os
+
+    global _WANDB_DIR_SET
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    wandb = "wandb" in names or ("all" in names and importlib.util.find_spec("wandb") is not None)
+    if not wandb:
+        return
+    if _WANDB_DIR_SET or "WANDB_DIR" not in os.environ:
+        os.environ["WANDB_DIR"] = str(run_dir)
+        _WANDB_DIR_SET = True
+    if os.environ.get("WANDB_MODE"):
+        return
+    from ..validate import hub_offline
+
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else "WANDB_API_KEY is not set" \
+        if not os.environ.get("WANDB_API_KEY") else None
+    if why is not None:
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"posttrain: W&B runs offline ({why}): its run is written under {run_dir / 'wandb'}; upload it with "
+              "`wandb sync DIR`, or set WANDB_MODE=online to sync as it goes", flush=True)
 
 
 class NonFiniteTraining(UserError):
@@ -219,6 +252,42 @@ class GuardedTrainer:
                                  "training.save_steps / set training.save_total_limit), then run again with "
                                  "--resume") from None
 
+    # -- the hub (push_to_hub): an upload that fails never ends the run --------------------------
+
+    def init_hf_repo(self, token=None, private=None) -> None:
+        """transformers creates the hub repository when the trainer is built: if the hub cannot be reached,
+        training goes on (the upload is tried again at the end)."""
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except hub_errors() as e:
+            self.hub_model_id = None
+            print(f"posttrain: warning: the hub repository could not be created ({_short(e)}); training goes on "
+                  "and the upload is tried again at the end", flush=True)
+
+    def _push_from_checkpoint(self, checkpoint_folder) -> None:
+        """A checkpoint's upload (hub_strategy): skipped without a hub repository; a failure is said, not raised."""
+        if getattr(self, "hub_model_id", None) is None:
+            return
+        try:
+            super()._push_from_checkpoint(checkpoint_folder)
+        except hub_errors() as e:
+            print(f"posttrain: warning: uploading {Path(checkpoint_folder).name} to the hub failed ({_short(e)}); "
+                  "training goes on", flush=True)
+
+    def push_to_hub(self, *args, **kwargs):
+        """The upload at the end (transformers pushes when the final model is saved): a failure, creating the
+        repository included, is recorded in ``hub_upload`` (run_training says it); the model stays in the run
+        directory."""
+        try:
+            if getattr(self, "hub_model_id", None) is None:  # not created when the trainer was built
+                super().init_hf_repo(token=kwargs.get("token"), private=kwargs.get("private"))
+            result = super().push_to_hub(*args, **kwargs)
+        except hub_errors() as e:
+            self.hub_upload = {"uploaded": False, "repo": self.args.hub_model_id, "error": _short(e)}
+            return None
+        self.hub_upload = {"uploaded": True, "repo": getattr(self, "hub_model_id", None)}
+        return result
+
     def _finite_guard(self) -> FiniteGuard:
         if getattr(self, "_posttrain_finite", None) is None:
             self._posttrain_finite = FiniteGuard()
@@ -264,6 +333,26 @@ class GuardedTrainer:
             return super().create_model_card(*args, **kwargs)
         finally:
             self._name, self._paper = saved
+
+
+def hub_errors() -> tuple:
+    """What the hub client raises when an upload cannot happen: its own errors (OSError: HTTP errors, offline
+    mode, no token) and its HTTP library's (a refused connection, a timeout), whichever library it uses."""
+    import sys
+
+    from huggingface_hub import HfApi  # noqa: F401  (loads the HTTP library the hub client uses)
+
+    errors = [OSError]
+    for name in ("httpx", "httpx2", "requests"):
+        error = getattr(sys.modules.get(name), "HTTPError", None)
+        if isinstance(error, type) and issubclass(error, Exception):
+            errors.append(error)
+    return tuple(errors)
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}"
 
 
 class MetricsWriter(TrainerCallback):
@@ -637,7 +726,10 @@ def run_training(stage, module, plan: Plan, run_dir: Path, resume: bool) -> dict
     raise_if_stopped(trainer, stage.name, run_dir)
     train_seconds = time.time() - started
     final_dir = run_dir / "final"
-    trainer.save_model(str(final_dir))
+    trainer.save_model(str(final_dir))  # with push_to_hub, transformers uploads here (GuardedTrainer.push_to_hub)
+    upload = getattr(trainer, "hub_upload", None) if trainer.args.push_to_hub else None
+    if upload is not None and not upload["uploaded"]:
+        upload["kept"] = str(final_dir)
 
     after = evaluate(module, plan, trainer, heldout)
     logs = [h for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
@@ -659,9 +751,13 @@ def run_training(stage, module, plan: Plan, run_dir: Path, resume: bool) -> dict
         "after": after,
         "final_model": str(final_dir),
         **({"final_model_from": FROM_SHARDS} if _zero_stage(trainer) == 3 else {}),
+        **({"hub_upload": upload} if upload is not None else {}),
     }
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if upload is not None and not upload["uploaded"]:
+            print(f"posttrain: the upload to the hub failed ({upload['error']}); the model is kept in {final_dir}: "
+                  f"upload it later with `hf upload {upload['repo'] or 'REPO_ID'} {final_dir}`", flush=True)
     return summary
 
 

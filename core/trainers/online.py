@@ -23,9 +23,10 @@ logging. What is ours, through four small overrides:
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
@@ -36,7 +37,7 @@ from ..seams import grpo_logger_name, reference_builder
 from ..rewards import RewardSource, source_weight
 from ..types import Advantages, Rollouts
 from ..validate import Plan
-from .loop import GuardedTrainer, ReferenceUpdateCallback, build_config, finish_trainer, trainer_parts
+from .loop import GuardedTrainer, ReferenceUpdateCallback, answer_metrics, build_config, finish_trainer, trainer_parts
 
 
 class _NoAbstentionWarning(logging.Filter):
@@ -115,6 +116,7 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         callable returning the model (posttrain loads it in the compute dtype); ``False`` leaves it to TRL."""
         self.plugins = plugins
         self.stage = stage
+        self.plan: Plan | None = None  # set by build_trainer: what evaluate() answers and scores with
         sources = plugins.implementers("posttrain_reward")
         config = kwargs["args"]
         config.reward_weights = [source_weight(plugins, name) for name in sources]
@@ -136,6 +138,30 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
     def setup_critic(self) -> None:
         if self.critic is not None:
             self.critic.setup(self)
+
+    # -- evaluation during training -----------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """posttrain's evaluation of the policy, where transformers evaluates (``eval_strategy``, ``eval_steps``,
+        ``eval_delay``, ``eval_on_start``): the greedy answers to ``eval.generate`` held-out prompts
+        (``eval.max_new_tokens`` each), scored by the reward sources, as the run's held-out summary scores them,
+        instead of TRL's evaluation (sampled groups of every held-out prompt, and the loss). One line of
+        metrics.jsonl at the step: ``eval_reward`` (the mean weighted total), ``eval_answer_accuracy`` (the share
+        of answers with a positive total), ``eval_rewards/<source>/mean``, ``eval_runtime``; trackers show them
+        as ``eval/...``. Returned as transformers returns its metrics (``metric_for_best_model`` may name them)."""
+        started = time.time()
+        heldout = self.eval_dataset if eval_dataset is None else eval_dataset
+        answers = answer_metrics(self.plan, self, heldout) if self.plan is not None else None
+        metrics = {}
+        if answers is not None:
+            metrics[f"{metric_key_prefix}_reward"] = answers["mean_reward"]
+            metrics[f"{metric_key_prefix}_answer_accuracy"] = answers["answer_accuracy"]
+            metrics.update({f"{metric_key_prefix}_rewards/{name}/mean": value
+                            for name, value in answers["by_source"].items()})
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - started, 4)
+        Trainer.log(self, dict(metrics))  # not GRPOTrainer.log: it would add (and clear) the training metrics
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # -- rewards and advantages ---------------------------------------------------------------
 
@@ -379,10 +405,12 @@ def build_trainer(plan: Plan, run_dir: Path):
     recipe = plan.recipe
     p = trainer_parts(plan, run_dir, config=lambda precision: online_config(plan, run_dir, precision))
     reference = resolve_model_path(recipe.model.reference or recipe.model.name_or_path)
-    trainer = OnlineTrainer(model=p.model, args=p.config, train_dataset=p.train, processing_class=p.tokenizer,
-                            peft_config=p.peft_config,
+    # the held-out prompts are the eval_dataset: evaluate() answers them (eval_strategy, eval_on_start)
+    trainer = OnlineTrainer(model=p.model, args=p.config, train_dataset=p.train, eval_dataset=p.heldout,
+                            processing_class=p.tokenizer, peft_config=p.peft_config,
                             reference=lambda: load_frozen_model(recipe, reference, p.precision),
                             callbacks=p.callbacks, plugins=plan.plugins, stage=STAGE)
+    trainer.plan = plan
     trainer = finish_trainer(trainer, p.precision)
     trainer.setup_critic()
     return trainer, p.heldout
@@ -396,14 +424,17 @@ def online_config(plan: Plan, run_dir: Path, precision):
     from ..trl_fields import config_defaults
     from ..validate import online_batch
 
+    defaults = ONLINE_DEFAULTS
+    if plan.trl_config.get("num_generations_eval") is None:
+        # GRPOConfig checks the eval batch against the groups of TRL's sampled evaluation, which the online
+        # stage replaces (OnlineTrainer.evaluate answers each held-out prompt once, greedily)
+        defaults = {**ONLINE_DEFAULTS, "num_generations_eval": 1}
     single = plan.trl_config.get("num_generations") == 1
     if not single:
-        return build_config(GRPOConfig, plan, run_dir, precision, ONLINE_DEFAULTS)
+        return build_config(GRPOConfig, plan, run_dir, precision, defaults)
     batch = online_batch(plan.trl_config, config_defaults(plan.stage.config))["generation_batch"]
     group = next(d for d in range(2, batch + 1) if batch % d == 0)
     values = {**plan.trl_config, "num_generations": group}
-    if plan.trl_config.get("num_generations_eval") is None:
-        values["num_generations_eval"] = group
-    config = build_config(GRPOConfig, Plan(plan.recipe, plan.plugins, values), run_dir, precision, ONLINE_DEFAULTS)
+    config = build_config(GRPOConfig, Plan(plan.recipe, plan.plugins, values), run_dir, precision, defaults)
     config.num_generations = 1
     return config
