@@ -46,12 +46,21 @@ def _describe_plan(plan, indent: str = "  ") -> None:
     lora = f", LoRA r={r.model.lora.r}" if r.model.lora else ", full fine-tuning"
     quant = f", {r.model.quantization.bits}-bit base" if r.model.quantization else ""
     print(f"{indent}model:    {r.model.name_or_path}{lora}{quant}")
-    print(f"{indent}data:     {r.data.source} (held out: "
-          f"{r.data.eval.source or r.data.eval.split or f'{r.data.eval.fraction:.0%} of the training data'})")
+    held = r.data.eval.source or r.data.eval.split or f"{r.data.eval.fraction:.0%} of the training data"
+    if isinstance(r.data.source, list):
+        from .data import training_sources
+
+        print(f"{indent}data:     {len(r.data.source)} sources, concatenated (held out: {held})")
+        for src in training_sources(r.data):
+            print(f"{indent}  {src.where}: {src.describe()}")
+    else:
+        print(f"{indent}data:     {r.data.source} (held out: {held})")
     for p in plan.plugins.plugins:
         print(f"{indent}plugin:   {p.name} {vars(p.options) if hasattr(p.options, '__dict__') else ''}")
     if plan.trl_config:
         print(f"{indent}training: " + ", ".join(f"{k}={v}" for k, v in plan.trl_config.items()))
+    if plan.prompt_form is not None and (plan.prompt_form.chat or plan.prompt_form.system):
+        print(f"{indent}prompts:  {plan.prompt_form.describe()}")
     for note in plan.data_notes:
         print(f"{indent}data:     {note}")
 

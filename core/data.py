@@ -19,6 +19,11 @@ read in full, row by row, and the first bad row (missing or null fields, bytes t
 that is not JSON, a column that mixes text and conversations, a conversation that does not end on the
 assistant) is refused naming the row, the field and the fix. ``load_splits`` builds the ``datasets.Dataset``
 objects for a run, reads them the same way and checks them again (a hub dataset is first seen there).
+
+A split may be sliced (``train[:5%]``, ``train[10:20]``: :class:`SplitSlice`, read as ``datasets`` reads it), and
+``data.source`` may be a list of sources, each with keys of its own (:class:`Source`): each is checked and read on
+its own, its ``fraction`` or ``count`` of rows sampled with the recipe's seed (:func:`sample_rows`), then the rows
+are concatenated in order (:func:`check_mix`, :func:`read_mix`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import ast
 import csv
 import io
 import json
-from collections.abc import Iterator
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +107,7 @@ def _saved_files(path: Path, split: str | None, where: str = "data.source") -> l
                         fix="hold out a fraction of it (data.eval.fraction), or save a DatasetDict with that split")
     files = sorted(path.glob("*.arrow"))
     if not files:
-        raise UserError(f"'{path}' holds no .arrow file", field="data.source",
+        raise UserError(f"'{path}' holds no .arrow file", field=where,
                         fix="point at a folder written by Dataset.save_to_disk")
     return files
 
@@ -137,7 +145,94 @@ def _is_split_mapping(data) -> bool:
 
 
 def _split_field(where: str) -> str:
+    if _is_entry(where):
+        return f"{where}.split"
     return {"data.source": "data.split", "data.eval.source": "data.eval.split"}.get(where, where)
+
+
+def _is_entry(where: str) -> bool:
+    """``where`` names an entry of a list of sources (``data.source[1]``), which has keys of its own."""
+    return where.startswith("data.source[")
+
+
+def _key_field(where: str, key: str) -> str:
+    """The recipe key (columns, options, subset...) that reads the source ``where`` names: an entry's own, else
+    the data section's."""
+    return f"{where}.{key}" if _is_entry(where) else f"data.{key}"
+
+
+# -- splits and their slices ------------------------------------------------------------------------------
+
+_SLICE = re.compile(r"^(?P<name>\w+(?:\.\w+)*)\[(?:(?P<start>-?[\d_]+)(?P<start_pct>%)?)?:"
+                    r"(?:(?P<stop>-?[\d_]+)(?P<stop_pct>%)?)?\]$")
+
+
+@dataclass(frozen=True)
+class SplitSlice:
+    """A split and the part of it that is read: ``train[:5%]``, ``train[10:20]``, ``test[-100:]``, in the grammar
+    of ``datasets.ReadInstruction`` (bounds in rows, or in percent of the split's rows when either has a %)."""
+
+    name: str
+    start: int | None = None
+    stop: int | None = None
+    percent: bool = False
+
+    @property
+    def whole(self) -> bool:
+        return self.start is None and self.stop is None
+
+    @property
+    def needs_length(self) -> bool:
+        """Whether the bounds depend on how many rows the split has (a percentage, a bound from the end)."""
+        return self.percent or any(b is not None and b < 0 for b in (self.start, self.stop))
+
+    def bounds(self, rows: int) -> tuple[int, int]:
+        """The rows [start, stop) of a split of ``rows`` rows, as ``datasets`` computes them: a percentage rounded
+        to the closest row (Python's round), a negative bound counted from the end, both kept within the split."""
+        def at(bound: int | None, default: int) -> int:
+            if bound is None:
+                return default
+            if self.percent:
+                bound = int(round(bound * rows / 100.0))
+            if bound < 0:
+                bound = max(rows + bound, 0)
+            return min(bound, rows)
+
+        return at(self.start, 0), at(self.stop, rows)
+
+
+def parse_split(split: str | None, where: str) -> SplitSlice | None:
+    """A split as its name and slice (None for None); a split without ``[`` is a name, as it is."""
+    if split is None:
+        return None
+    if "[" not in split and "+" not in split:
+        return SplitSlice(split)
+    match = _SLICE.match(split.strip())
+    if match is None:
+        raise UserError(f"cannot read the split '{split}' as a split and a slice of it", field=_split_field(where),
+                        fix="write a split name and an optional slice, as datasets does: train, train[:5%], "
+                            "train[10%:20%], train[10:20], test[:1000] (a union of splits, `+`, and a rounding, "
+                            "`(pct1_dropremainder)`, are read for hub datasets only: give several sources instead)")
+    number = lambda key: int(match[key]) if match[key] is not None else None  # noqa: E731
+    return SplitSlice(match["name"], number("start"), number("stop"), bool(match["start_pct"] or match["stop_pct"]))
+
+
+def _in_slice(records: Callable[[], Iterator[tuple[int, dict]]], part: SplitSlice | None
+              ) -> Iterator[tuple[int, dict]]:
+    """The (row, record) pairs of ``records()`` within the slice ``part`` (every one without a slice), row numbers
+    kept (they count the source's rows); ``records()`` is read twice when the bounds need the split's length."""
+    if part is None or part.whole:
+        yield from records()
+        return
+    if part.needs_length:
+        start, stop = part.bounds(sum(1 for _ in records()))
+    else:
+        start, stop = part.start or 0, part.stop
+    for i, pair in enumerate(records()):
+        if stop is not None and i >= stop:
+            return
+        if i >= start:
+            yield pair
 
 
 def file_splits(path: Path) -> list[str] | None:
@@ -279,7 +374,8 @@ def format_options(data) -> dict:
 
 
 def format_plugin(name: str | None, options: dict | None, where: str = "data.format"):
-    """The data-format plugin a recipe names (with ``options``), or None."""
+    """The data-format plugin a recipe (``where``: ``data.format``, or an entry's ``data.source[i].format``) names
+    (with ``options``), or None."""
     if name is None:
         return None
     from .registry import find_plugin, hook_methods
@@ -291,7 +387,7 @@ def format_plugin(name: str | None, options: dict | None, where: str = "data.for
         formats = [n for n, i in discover()[0].items() if "posttrain_format_record" in i.hooks]
         raise UserError(f"plugin '{name}' is not a data format (it does not implement posttrain_format_record)",
                         field=where, fix=f"data formats: {', '.join(formats)}")
-    return info.cls(info.cls.parse_options(options or {}, where="data.format_options"))
+    return info.cls(info.cls.parse_options(options or {}, where=f"{where}_options"))
 
 
 def detect_format(columns: list[str], record: dict):
@@ -390,6 +486,38 @@ def _renamed_record(record: dict, mapping: dict[str, str]) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class PromptForm:
+    """How a run's prompts reach the model: ``chat``, a text prompt becomes a user turn (rendered with the chat
+    template); ``system``, a system message put before every conversation that has none. ``builtin_chat`` is for
+    built-in data, whose own ``conversational`` option decides under ``prompt_format: auto``."""
+
+    chat: bool = False
+    system: str | None = None
+    builtin_chat: bool = False
+
+    def describe(self) -> str:
+        form = "text prompts as a user turn of the chat template" if self.chat else "text prompts as they are"
+        return form + (f", after the system prompt {self.system[:60]!r}" if self.system else "")
+
+
+def prompt_form(recipe, has_template: bool | None) -> PromptForm:
+    """The form a recipe's prompts take (``data.prompt_format``, ``data.system_prompt``). ``auto`` is chat in the
+    stages that train on their own samples when the model has a chat template (``has_template``: None when that
+    cannot be known here, taken as yes); a built-in dataset keeps the form its ``conversational`` option gives."""
+    data = recipe.data
+    if data.prompt_format == "auto":
+        chat = bool(getattr(recipe.kind, "generates", False)) and has_template is not False
+        return PromptForm(chat, data.system_prompt, builtin_chat=False)
+    chat = data.prompt_format == "chat"
+    return PromptForm(chat, data.system_prompt, builtin_chat=chat)
+
+
+def _with_system(messages: list, system: str) -> list:
+    return messages if messages and messages[0].get("role") == "system" else \
+        [{"role": "system", "content": system}, *messages]
+
+
 class Reader:
     """How one source's records become the stage's (see the module's docstring), with the repairs counted."""
 
@@ -399,10 +527,18 @@ class Reader:
              "prompt_removed_from_responses": "rows whose responses repeated the prompt: the prompt removed from "
                                               "them",
              "prompt_text_as_user_turn": "text prompts of conversational responses read as a user turn",
-             "response_text_as_assistant_turn": "text responses to a conversation read as an assistant turn"}
+             "response_text_as_assistant_turn": "text responses to a conversation read as an assistant turn",
+             "prompt_as_user_turn": "text prompts read as a user turn (data.prompt_format)",
+             "system_prompt_added": "conversations given the system prompt (data.system_prompt)",
+             "conversation_split": "conversations read as a prompt (every turn before the last) and a completion "
+                                   "(the last reply)"}
 
-    def __init__(self, stage: Stage, columns: dict[str, str], fmt=None, where: str = "data.source"):
+    def __init__(self, stage: Stage, columns: dict[str, str], fmt=None, where: str = "data.source",
+                 form: PromptForm | None = None, builtin: bool = False):
         self.stage, self.fmt, self.where = stage, fmt, where
+        self.form = form or PromptForm()
+        self.chat = self.form.builtin_chat if builtin else self.form.chat
+        self.split_conversations = False  # a stage reading prompt/completion given `messages` (kto, LLaMA-Factory's)
         layout = set(getattr(type(fmt), "layout", ()) or ()) if fmt is not None else set()
         self.before = {ours: theirs for ours, theirs in columns.items() if ours in layout}
         self.after = {ours: theirs for ours, theirs in columns.items() if ours not in layout}
@@ -413,7 +549,7 @@ class Reader:
             if theirs not in names:
                 raise UserError(f"column mapping {ours}: {theirs} names a column the data does not have"
                                 f"{did_you_mean(theirs, names)}; it has: {', '.join(names)}",
-                                field=f"data.columns.{ours}", fix="map to one of the data's columns")
+                                field=_key_field(self.where, f"columns.{ours}"), fix="map to one of the data's columns")
 
     def _wants_prompt(self) -> bool:
         return any("prompt" in layout for layout in self.stage.layouts)
@@ -440,6 +576,12 @@ class Reader:
         names = _renamed_names(names, self.after)
         if "prompt" not in names and sum(r in names for r in RESPONSES) >= 2 and self._wants_prompt():
             names.append("prompt")  # the start the two responses share
+        layouts = [set(layout) for layout in self.stage.layouts]
+        if "messages" in names and not {"prompt", "completion"} & set(names) \
+                and any({"prompt", "completion"} <= layout for layout in layouts) \
+                and not any("messages" in layout for layout in layouts):
+            self.split_conversations = True
+            names = [n for n in names if n != "messages"] + ["prompt", "completion"]
         return names
 
     def record(self, raw: dict, row: int) -> dict:
@@ -462,6 +604,15 @@ class Reader:
                 raise contract_error(self.fmt.name, "posttrain_format_record", record, "the record as a dict")
             record = dict(record)
         record = _renamed_record(record, self.after)
+        if self.split_conversations and _kind(record.get("messages")) == "messages":
+            messages = record.pop("messages")
+            if not messages or messages[-1].get("role") != "assistant":
+                raise UserError(f"row {row}: the conversation ends on a {messages[-1].get('role') if messages else 'no'} "
+                                "turn; its last message is the completion, and must be the assistant's reply",
+                                field=f"{self.where} (row {row}, messages)",
+                                fix="end every conversation on the assistant's reply, or drop that row")
+            record["prompt"], record["completion"] = messages[:-1], messages[-1:]
+            self.counts["conversation_split"] += 1
         for column in TEXT_COLUMNS:
             value = record.get(column)
             if isinstance(value, str):
@@ -481,6 +632,9 @@ class Reader:
             elif isinstance(first, str) and isinstance(second, str):
                 record["prompt"] = ""  # nothing shared: pairs without a prompt (a reward model needs none)
         prompt = record.get("prompt")
+        if isinstance(prompt, str) and self.chat:
+            record["prompt"] = prompt = [{"role": "user", "content": prompt}]
+            self.counts["prompt_as_user_turn"] += 1
         if isinstance(prompt, str) and prompt and any(_kind(record.get(r)) == "messages" for r in responses):
             record["prompt"] = prompt = [{"role": "user", "content": prompt}]  # UltraFeedback's layout
             self.counts["prompt_text_as_user_turn"] += 1
@@ -497,6 +651,17 @@ class Reader:
                     record[r] = shorter
                     repaired = True
             self.counts["prompt_removed_from_responses"] += repaired
+        if self.form.system:
+            column = "prompt" if _kind(record.get("prompt")) == "messages" else \
+                "messages" if _kind(record.get("messages")) == "messages" else None
+            if column is None:
+                raise UserError(f"row {row}: data.system_prompt is a message of a conversation, and this row's prompt "
+                                "is text, kept as text", field=f"{self.where} (row {row})",
+                                fix="set data.prompt_format: chat (a text prompt becomes a user turn after the system "
+                                    "prompt), or remove data.system_prompt")
+            if column is not None and record[column] != _with_system(record[column], self.form.system):
+                record[column] = _with_system(record[column], self.form.system)
+                self.counts["system_prompt_added"] += 1
         return record
 
     def notes(self) -> list[str]:
@@ -512,8 +677,9 @@ def _layout_for(stage: Stage, names: list[str]) -> tuple:
 
 
 def check_columns(names: list[str], stage: Stage, where: str, required: dict[str, str] | None = None,
-                  source_names: list[str] | None = None) -> tuple:
-    """The stage's layout the columns make (and the plugins' required columns), or a user error."""
+                  source_names: list[str] | None = None, at: str = "data.source") -> tuple:
+    """The stage's layout the columns make (and the plugins' required columns), or a user error naming the
+    columns key of the source ``at``."""
     layout = _layout_for(stage, names)
     needs = {name: f"the {stage.name} stage" for name in layout}
     needs.update({name: f"plugin '{plugin}'" for name, plugin in (required or {}).items()})
@@ -525,7 +691,8 @@ def check_columns(names: list[str], stage: Stage, where: str, required: dict[str
                        if others and needed in layout else "")
         shown = source_names if source_names is not None else names
         raise UserError(f"{who} needs a '{needed}' column{alternative}; {where} has: {', '.join(shown)}",
-                        field=f"data.columns.{needed}", fix=f"map it, e.g. `columns: {{{needed}: <your column>}}`")
+                        field=_key_field(at, f"columns.{needed}"),
+                        fix=f"map it, e.g. `columns: {{{needed}: <your column>}}`")
     return layout
 
 
@@ -540,26 +707,27 @@ def _formats_reading(reader: Reader, names: list[str], required) -> list[str]:
             continue
         try:
             other = Reader(reader.stage, columns, info.cls(info.cls.Options()), reader.where)
-            check_columns(other.columns(names), reader.stage, reader.where, required, names)
+            check_columns(other.columns(names), reader.stage, reader.where, required, names, reader.where)
         except Exception:  # noqa: BLE001 - a format that cannot read these columns
             continue
         out.append(name)
     return out
 
 
-def _mapping_hint(needed: str, mapping: dict[str, str], source_names: list[str], stage: Stage) -> tuple | None:
-    """Why a needed column is missing when the data holds it, and the fix: ``data.columns`` moved it to another
-    name (a column is read once), the data's own columns already make one of the stage's layouts, or the rows
-    are unpaired feedback (a ``label``) meant for the kto stage."""
+def _mapping_hint(needed: str, mapping: dict[str, str], source_names: list[str], stage: Stage,
+                  key: str = "data.columns") -> tuple | None:
+    """Why a needed column is missing when the data holds it, and the fix: ``data.columns`` (``key``) moved it to
+    another name (a column is read once), the data's own columns already make one of the stage's layouts, or the
+    rows are unpaired feedback (a ``label``) meant for the kto stage."""
     for ours, theirs in mapping.items():
         if theirs == needed and ours != needed:
-            return (f"data.columns maps {ours}: {theirs}, which moves '{theirs}' to '{ours}' (a column is read once, "
-                    f"so no '{needed}' is left)", f"remove data.columns.{ours}, or map {ours} to another column")
+            return (f"{key} maps {ours}: {theirs}, which moves '{theirs}' to '{ours}' (a column is read once, "
+                    f"so no '{needed}' is left)", f"remove {key}.{ours}, or map {ours} to another column")
     if mapping:
         for layout in stage.layouts:
             if set(layout) <= set(source_names):
                 return (f"the data's own columns ({', '.join(layout)}) already make the {stage.name} stage's layout, "
-                        "and data.columns takes one of them away", "remove data.columns")
+                        f"and {key} takes one of them away", f"remove {key}")
     if "label" in source_names and stage.name != "kto" and any(r in source_names for r in ("completion", "messages")):
         return ("the rows have a 'label': unpaired feedback (a completion marked good or bad) is trained by the kto "
                 "stage", "set `stage: kto`, or give pairs (prompt, chosen, rejected) to this stage")
@@ -570,9 +738,10 @@ def _checked_columns(reader: Reader, names: list[str], stage: Stage, source: str
     """check_columns on what the reader makes of the source's columns; when they do not fit and no format is
     in use, the fix names the installed formats that would read them."""
     try:
-        return check_columns(reader.columns(names), stage, source, required, names)
+        return check_columns(reader.columns(names), stage, source, required, names, reader.where)
     except UserError as e:
-        hint = _mapping_hint(e.field.removeprefix("data.columns."), {**reader.before, **reader.after}, names, stage)
+        key = _key_field(reader.where, "columns")
+        hint = _mapping_hint(e.field.removeprefix(f"{key}."), {**reader.before, **reader.after}, names, stage, key)
         if hint:
             e.message = f"{e.message}; {hint[0]}"
             e.fix = hint[1]
@@ -581,7 +750,7 @@ def _checked_columns(reader: Reader, names: list[str], stage: Stage, source: str
         formats = _formats_reading(reader, names, required) if fmt is None else []
         if formats:
             e.fix = f"{e.fix}; or, if the data is in that layout, set " + " or ".join(
-                f"data.format: {name}" for name in formats)
+                f"{_key_field(reader.where, 'format')}: {name}" for name in formats)
             e.args = (e.render(),)
         raise
 
@@ -719,13 +888,36 @@ def _split_for(source: str, split: str | None, where: str) -> None:
 
 def check_source(source: str, *, columns: dict, options: dict, stage: Stage, where: str,
                  required: dict[str, str] | None = None, format: str | None = None,  # noqa: A002 - the recipe key
-                 format_options: dict | None = None, split: str | None = None, plugins=None) -> list[str]:
-    """Validate a data source without loading a model: its columns, and for a local source every row (the
-    enabled ``plugins``' ``posttrain_check_record`` included). ``required``: extra column -> plugin needing it.
-    Returns notes to show (repairs, detected format)."""
+                 format_options: dict | None = None, split: str | None = None, plugins=None,
+                 form: PromptForm | None = None, subset: str | None = None) -> list[str]:
+    """Validate a data source without loading a model: its columns, and for a local source every row of its split
+    (or of the split's slice; the enabled ``plugins``' ``posttrain_check_record`` included). ``required``: extra
+    column -> plugin needing it. Returns notes to show (repairs, detected format)."""
+    return _check_source(source, columns=columns, options=options, stage=stage, where=where, required=required,
+                         format=format, format_options=format_options, split=split, plugins=plugins, form=form,
+                         subset=subset)[0]
+
+
+def _hub_split_name(split: str | None) -> str:
+    """The first split a split string for ``load_dataset`` names (``train`` of ``train[:5%]+test``)."""
+    return re.split(r"[\[+(]", split or "train", maxsplit=1)[0].strip()
+
+
+def _check_source(source: str, *, columns: dict, options: dict, stage: Stage, where: str,
+                  required: dict[str, str] | None, format: str | None,  # noqa: A002 - the recipe key
+                  format_options: dict | None, split: str | None, plugins, form: PromptForm | None,
+                  subset: str | None) -> tuple[list[str], tuple | None]:
+    """check_source's notes, and what it found of a local or built-in source's rows, for a mix's checks across
+    its sources: (its layout, its RowChecker or None for a built-in one); None for a hub dataset."""
     kind = source_kind(source)
     notes: list[str] = []
-    fmt = format_plugin(format, format_options)
+    fmt = format_plugin(format, format_options, _key_field(where, "format"))
+    if subset is not None and kind != "dataset":
+        raise UserError(f"subset: {subset} names a configuration of a hub dataset, and '{source}' is a local source",
+                        field=_key_field(where, "subset"), fix="remove subset (it applies to hub datasets and data "
+                                                               "folders whose README.md defines configurations)")
+    part = parse_split(split, where) if kind != "dataset" else None
+    split = part.name if part is not None else split
     if kind == "builtin":
         name = source.split(":", 1)[1]
         gen = BUILTIN_DATASETS.get(name)
@@ -733,21 +925,24 @@ def check_source(source: str, *, columns: dict, options: dict, stage: Stage, whe
             raise UserError(f"unknown built-in dataset '{name}'{did_you_mean(name, BUILTIN_DATASETS)}",
                             field=where, fix=f"built-in datasets: {', '.join(BUILTIN_DATASETS)}")
         _split_for(source, split, where)
-        opts = parse_options(gen.options, options, where="data.options", owner=f"built-in dataset '{name}'")
+        opts = parse_options(gen.options, options, where=_key_field(where, "options"),
+                             owner=f"built-in dataset '{name}'")
         names = gen.columns(opts)
-        _checked_columns(Reader(stage, columns, fmt, where), names, stage, source, required, fmt)
-        return notes
+        layout = _checked_columns(Reader(stage, columns, fmt, where, form, builtin=True), names, stage, source,
+                                  required, fmt)
+        return notes, (layout, None)
     if kind == "dataset":
         if options:
-            raise UserError("data.options only applies to built-in datasets", field="data.options",
-                            fix="remove data.options")
+            raise UserError(f"{_key_field(where, 'options')} only applies to built-in datasets",
+                            field=_key_field(where, "options"), fix=f"remove {_key_field(where, 'options')}")
         path = Path(source).expanduser()
-        splits = folder_splits(path) if path.is_dir() else None
-        if splits is not None and (split or "train") not in splits:
+        splits = folder_splits(path) if path.is_dir() and subset is None else None
+        name = _hub_split_name(split)
+        if splits is not None and name not in splits:
             raise UserError(f"the data folder '{source}' has the splits {', '.join(splits)} (by its files' names); "
-                            f"there is no split '{split or 'train'}'{did_you_mean(split or 'train', splits)}",
+                            f"there is no split '{name}'{did_you_mean(name, splits)}",
                             field=_split_field(where), fix=f"set {_split_field(where)} to one of: {', '.join(splits)}")
-        return notes  # a hub dataset or a folder of data files: read when the run loads it
+        return notes, None  # a hub dataset or a folder of data files: read when the run loads it
     path = Path(source).expanduser()
     if kind == "file":
         if not path.is_file():
@@ -759,22 +954,179 @@ def check_source(source: str, *, columns: dict, options: dict, stage: Stage, whe
                             fix=f"use one of {', '.join(FILE_FORMATS)}")
         _split_for(source, split, where)
     if options:
-        raise UserError("data.options only applies to built-in datasets", field="data.options", fix="remove data.options")
+        raise UserError(f"{_key_field(where, 'options')} only applies to built-in datasets",
+                        field=_key_field(where, "options"), fix=f"remove {_key_field(where, 'options')}")
     names = source_columns(path, where, split)
     first = next(iter(read_records(path, where, split)), (1, {}))[1]
     if fmt is None:
         fmt = detect_format(names, first)
         if fmt is not None:
-            notes.append(f"{source}: read as format {fmt.name} (detected; set data.format to choose another)")
-    reader = Reader(stage, columns, fmt, where)
+            notes.append(f"{source}: read as format {fmt.name} (detected; set "
+                         f"{_key_field(where, 'format')} to choose another)")
+    reader = Reader(stage, columns, fmt, where, form)
     layout = _checked_columns(reader, names, stage, source, required, fmt)
     checker = RowChecker(stage, layout, required, where, plugins)
-    for row, raw in read_records(path, where, split):
+    for row, raw in _in_slice(lambda: read_records(path, where, split), part):
         checker.check(reader.record(raw, row), row)
     check_pairs_differ(checker, source, where)
     notes += [f"{source}: {note}" for note in reader.notes()] + checker.notes(source)
     if checker.identical:
         notes.append(f"{source}: {checker.identical} pair(s) with chosen == rejected will be dropped (they teach nothing)")
+    return notes, (layout, checker)
+
+
+# -- several sources ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source of a stage's data and the keys that read it: ``data.source`` with the data section's keys, or
+    an entry of a list of sources (``where``: ``data.source[i]``) with its own."""
+
+    source: str
+    split: str | None
+    subset: str | None
+    columns: dict
+    format: str | None
+    format_options: dict
+    options: dict
+    where: str
+    fraction: float | None = None
+    count: int | None = None
+
+    def describe(self) -> str:
+        """The source as one line: where it is, its split and subset, the share of it used."""
+        parts = [f"split {self.split or 'train'}"] + ([f"subset {self.subset}"] if self.subset else [])
+        if self.fraction is not None:
+            parts.append(f"fraction {self.fraction:g}")
+        if self.count is not None:
+            parts.append(f"count {self.count}")
+        return f"{self.source} ({', '.join(parts)})"
+
+
+def training_sources(data) -> list[Source]:
+    """The sources of a recipe's training data (its ``data`` section), in order; an entry's ``fraction`` and
+    ``count`` checked."""
+    if not isinstance(data.source, list):
+        return [Source(data.source, data.split, data.subset, data.columns, data.format, format_options(data),
+                       data.options, "data.source")]
+    out = []
+    for i, entry in enumerate(data.source):
+        where = f"data.source[{i}]"
+        if entry.format_options and entry.format is None:
+            raise UserError("format_options applies to a named data format", field=f"{where}.format_options",
+                            fix=f"set {where}.format, or remove {where}.format_options")
+        if entry.fraction is not None and entry.count is not None:
+            raise UserError("fraction and count both say how many rows to use", field=f"{where}.count",
+                            fix="keep one of them")
+        if entry.fraction is not None and entry.fraction <= 0:
+            raise UserError(f"must be above 0, got {entry.fraction}", field=f"{where}.fraction",
+                            fix="use e.g. 0.5 for half its rows, 2 for two copies (or remove the entry)")
+        if entry.count is not None and entry.count < 1:
+            raise UserError(f"must be at least 1, got {entry.count}", field=f"{where}.count",
+                            fix="give the number of rows to use (or remove the entry)")
+        out.append(Source(entry.source, entry.split, entry.subset, entry.columns, entry.format, entry.format_options,
+                          entry.options, where, entry.fraction, entry.count))
+    return out
+
+
+def eval_source(data) -> Source | None:
+    """The held-out data's source when it is read from a source or a split (None for a fraction of the training
+    data): ``data.eval.source``, read with the data section's columns and format (with a list of sources, as it
+    is: in the stage's columns, its format detected), or ``data.eval.split`` of the single ``data.source``."""
+    ev = data.eval
+    mix = isinstance(data.source, list)
+    if ev.source:
+        if mix:
+            return Source(ev.source, ev.split, None, {}, None, {}, {}, "data.eval.source")
+        return Source(ev.source, ev.split, None, data.columns, data.format, format_options(data), {},
+                      "data.eval.source")
+    if ev.split and not mix:
+        return Source(data.source, ev.split, data.subset, data.columns, data.format, format_options(data),
+                      data.options, "data.eval.split")
+    return None
+
+
+def sample_rows(rows: int, fraction: float | None, count: int | None, seed: int) -> list[int]:
+    """The indices of the rows a source's ``fraction`` or ``count`` uses, of its ``rows``: ``count``, or
+    ``fraction`` x rows rounded to the closest row; up to ``rows`` of them, ``random.Random(seed).sample`` of the
+    row indices, in the source's order; more, whole copies of every row (as open-instruct's mixer upsamples), then a
+    sample of the rest drawn the same way. Every row without either."""
+    if fraction is None and count is None:
+        return list(range(rows))
+    wanted = count if count is not None else int(round(fraction * rows))
+    copies, rest = divmod(wanted, rows) if rows else (0, 0)
+    return list(range(rows)) * copies + sorted(random.Random(seed).sample(range(rows), rest))
+
+
+def _check_mix(parts: list[tuple[Source, tuple | None]], stage: Stage) -> list[str]:
+    """The sources of a mix make one layout of the stage's columns, and a column holds one kind of value in all of
+    them (text or conversations; scalars of several kinds are read as text, returned). ``parts``: each source with
+    (its layout, its RowChecker or None), or None where its rows are not known yet."""
+    known = [(src, info) for src, info in parts if info is not None]
+    if not known:
+        return []
+    first, (layout, _) = known[0]
+    for src, (other, _) in known[1:]:
+        if other != layout:
+            raise UserError(f"{src.where} ({src.source}) is read as the {stage.name} stage's columns "
+                            f"{', '.join(other)}, and {first.where} ({first.source}) as {', '.join(layout)}: the rows "
+                            "of a mix are of one layout", field=src.where,
+                            fix=f"map its columns ({src.where}.columns) or give it a format so that it makes "
+                                f"{', '.join(layout)}, or train it in a stage of its own")
+    texts: dict[str, tuple[str, Source]] = {}
+    values: dict[str, dict[str, Source]] = {}
+    for src, (_, checker) in known:
+        if checker is None:
+            continue
+        for name, (kind, _row) in checker.kinds.items():
+            seen = texts.setdefault(name, (kind, src))
+            if seen[0] != kind:
+                raise UserError(f"'{name}' is {kind} in {src.where} ({src.source}) and {seen[0]} in "
+                                f"{seen[1].where} ({seen[1].source}): a column of a mix holds either text or "
+                                "conversations", field=src.where,
+                                fix="write every source's column the same way (all text, or all message lists; "
+                                    "data.prompt_format: chat makes text prompts a user turn)")
+        for name, kinds in checker.value_kinds.items():
+            for kind in kinds:
+                values.setdefault(name, {}).setdefault(kind, src)
+    as_text = []
+    for name, kinds in values.items():
+        if len(kinds) < 2:
+            continue
+        if any(kind not in SCALARS for kind in kinds):
+            (a, sa), (b, sb) = list(kinds.items())[:2]
+            raise UserError(f"'{name}' holds a {a} in {sa.where} ({sa.source}) and a {b} in {sb.where} "
+                            f"({sb.source}): a column holds one kind of value", field=sb.where,
+                            fix=f"write the column the same way in every source, or rename one "
+                                f"({sb.where}.columns)")
+        as_text.append(name)
+    return as_text
+
+
+def check_mix(data, *, stage: Stage, required: dict[str, str] | None = None, plugins=None,
+              form: PromptForm | None = None) -> list[str]:
+    """Validate a list of sources without loading a model: each on its own (check_source, errors naming
+    ``data.source[i]``), then the mix (one layout, one kind of value per column). Returns notes to show."""
+    notes: list[str] = []
+    parts = []
+    for src in training_sources(data):
+        if is_ref(src.source):  # an earlier stage's dataset is checked when it exists
+            if src.subset is not None:
+                raise UserError(f"subset: {src.subset} names a configuration of a hub dataset, and '{src.source}' is "
+                                "a pipeline stage's dataset", field=f"{src.where}.subset", fix="remove subset")
+            parse_split(src.split, src.where)
+            parts.append((src, None))
+            continue
+        found, info = _check_source(src.source, columns=src.columns, options=src.options, stage=stage,
+                                    where=src.where, required=required, format=src.format,
+                                    format_options=src.format_options, split=src.split, plugins=plugins, form=form,
+                                    subset=src.subset)
+        notes += found
+        parts.append((src, info))
+    for name in _check_mix(parts, stage):
+        notes.append(f"column '{name}' holds text in some sources and numbers or booleans in others; every value "
+                     "read as text")
     return notes
 
 
@@ -782,52 +1134,80 @@ def check_source(source: str, *, columns: dict, options: dict, stage: Stage, whe
 
 
 def _source_records(source: str, split: str | None, options: dict, where: str) -> tuple[list[str], list[dict]]:
-    """A source's column names and records, as they are (before any format or renames)."""
+    """A source's column names and records, as they are (before any format or renames); a slice of a local
+    split (``train[:5%]``) applied."""
+    names, records, _ = _source_rows(source, split, options, where)
+    return names, records
+
+
+def _source_rows(source: str, split: str | None, options: dict, where: str,
+                 subset: str | None = None) -> tuple[list[str], list[dict], int]:
+    """_source_records, and the number of the first record's row in the source (1, or where its slice starts).
+    A hub dataset (or a data folder) is read by ``datasets.load_dataset(source, subset, split=split)``, which
+    reads the slice itself."""
     if is_ref(source):  # the dataset an earlier stage of the pipeline wrote
         source = dataset_path(source)
     kind = source_kind(source)
+    part = parse_split(split, where) if kind != "dataset" else None
+    split = part.name if part is not None else split
     if kind == "builtin":
         gen = BUILTIN_DATASETS[source.split(":", 1)[1]]
-        opts = parse_options(gen.options, options, where="data.options", owner=source)
+        opts = parse_options(gen.options, options, where=_key_field(where, "options"), owner=source)
         records = list(gen.fn(opts))
-        return (list(records[0]) if records else gen.columns(opts)), records
+        names = list(records[0]) if records else gen.columns(opts)
+        start, stop = part.bounds(len(records)) if part is not None else (0, len(records))
+        return names, records[start:stop], start + 1
     if kind in ("file", "saved"):
         path = Path(source).expanduser()
         if kind == "file":
             _split_for(source, split, where)
         split = split if kind == "saved" or file_splits(path) is not None else None
         names = source_columns(path, where, split)
-        return names, [record for _, record in read_records(path, where, split)]
+        pairs = list(_in_slice(lambda: read_records(path, where, split), part))
+        return names, [record for _, record in pairs], pairs[0][0] if pairs else 1
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split or "train")
+        dataset = datasets.load_dataset(source, subset, split=split or "train")
     except Exception as e:  # offline, private, misspelt, no such split...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"cannot load dataset '{source}' (split {split or 'train'}): {type(e).__name__}: {first_line}",
-                        field=where, fix="check the id/folder and the split, or point at a local data file") from None
-    return list(dataset.column_names), list(dataset)
+        of = f"split {split or 'train'}" + (f", subset {subset}" if subset is not None else "")
+        raise UserError(f"cannot load dataset '{source}' ({of}): {type(e).__name__}: {first_line}",
+                        field=where, fix="check the id/folder, the split and the subset, or point at a local data "
+                                         "file") from None
+    return list(dataset.column_names), list(dataset), 1
 
 
-def read_split(recipe, source: str, split: str | None, options: dict, where: str, fmt,
-               required: dict[str, str] | None, name: str, plugins=None) -> tuple[Any, list[dict]]:
-    """One split of a recipe's data as a ``datasets.Dataset`` in the stage's columns, every record read and
-    checked; and what was repaired or dropped (entries for summary.json's ``data_transforms``)."""
-    import datasets
+@dataclass
+class _Read:
+    """One source's rows in the stage's columns, read and checked, and what was found on the way."""
 
-    stage = recipe.kind
-    names, records = _source_records(source, split, options, where)
+    rows: list[dict]
+    columns: list[str]  # the stage's columns the reader makes of the source's (for an empty dataset)
+    layout: tuple
+    checker: RowChecker
+    rows_read: int  # before any was dropped
+    log: list[dict]
+
+
+def _read_source(recipe, src: Source, fmt, required: dict[str, str] | None, name: str, plugins=None,
+                 form: PromptForm | None = None) -> _Read:
+    """Every record of one source read as the stage's and checked; pairs whose two responses are the same
+    dropped (logged for summary.json's ``data_transforms``)."""
+    stage, source, where = recipe.kind, src.source, src.where
+    names, records, first_row = _source_rows(source, src.split, src.options, where, src.subset)
     log: list[dict] = []
     if fmt is None and records:
         fmt = detect_format(names, records[0])
         if fmt is not None:
             log.append({"plugin": f"data format {fmt.name}", "split": name, "rows_in": len(records),
-                        "rows_out": len(records), "reason": "detected; set data.format to choose another"})
-    reader = Reader(stage, recipe.data.columns, fmt, where)
+                        "rows_out": len(records),
+                        "reason": f"detected; set {_key_field(where, 'format')} to choose another"})
+    reader = Reader(stage, src.columns, fmt, where, form, builtin=source.startswith("builtin:"))
     layout = _checked_columns(reader, names, stage, where, required, fmt)
     checker = RowChecker(stage, layout, required, where, plugins)
     rows = []
-    for i, raw in enumerate(records, start=1):
+    for i, raw in enumerate(records, start=first_row):
         record = reader.record(raw, i)
         checker.check(record, i)
         rows.append(record)
@@ -836,30 +1216,96 @@ def read_split(recipe, source: str, split: str | None, options: dict, where: str
     for note in reader.notes() + [n.split(": ", 1)[1] for n in checker.notes(source)]:
         log.append({"plugin": "posttrain (data)", "split": name, "rows_in": len(rows), "rows_out": len(rows),
                     "reason": note})
+    read = len(rows)
     if checker.identical:
-        before = len(rows)
         rows = [r for r in rows if r.get("chosen") != r.get("rejected")]
-        log.append({"plugin": "posttrain (data)", "split": name, "rows_in": before, "rows_out": len(rows),
+        log.append({"plugin": "posttrain (data)", "split": name, "rows_in": read, "rows_out": len(rows),
                     "reason": "pairs with chosen == rejected dropped (they teach nothing)"})
+    return _Read(rows, reader.columns(names), layout, checker, read, log)
+
+
+def _as_dataset(read: _Read) -> tuple[Any, list[dict]]:
+    import datasets
+
+    if not read.rows:
+        return datasets.Dataset.from_dict({c: [] for c in read.columns}), read.log
+    return datasets.Dataset.from_list(read.rows), read.log
+
+
+def _source_entry(src: Source, read: _Read, used: int) -> dict:
+    """A source's entry in summary.json's ``data_sources``."""
+    return {"source": src.source, "split": src.split or "train", "subset": src.subset, "rows_read": read.rows_read,
+            "rows_used": used}
+
+
+def source_counts(entry: dict) -> str:
+    """A ``data_sources`` entry as one line: the source, its split and subset, its rows used and read."""
+    subset = f", subset {entry['subset']}" if entry.get("subset") else ""
+    return (f"{entry['source']} (split {entry['split']}{subset}): {entry['rows_used']} rows used of "
+            f"{entry['rows_read']} read")
+
+
+def read_mix(recipe, required: dict[str, str] | None = None, plugins=None, form: PromptForm | None = None,
+             sources: list | None = None) -> tuple[Any, list[dict]]:
+    """The training data of a list of sources as one ``datasets.Dataset``: each source read and checked on its
+    own (errors name ``data.source[i]``), its ``fraction`` or ``count`` of rows sampled (``sample_rows``, seeded
+    with the recipe's seed plus the entry's index), the rows concatenated in the order given; a column some
+    sources lack is null in their rows. ``sources`` receives each source's row counts."""
+    import datasets
+
+    parts, reads, log = [], [], []
+    for i, src in enumerate(training_sources(recipe.data)):
+        fmt = format_plugin(src.format, src.format_options, f"{src.where}.format")
+        read = _read_source(recipe, src, fmt, required, "train", plugins, form)
+        if (src.fraction is not None or src.count is not None) and not read.rows:
+            share = "fraction" if src.count is None else "count"
+            raise UserError(f"{src.where} ({src.source}) has no rows to take a {share} of", field=src.where,
+                            fix="point it at some rows, or remove the entry")
+        read.rows = [read.rows[j] for j in sample_rows(len(read.rows), src.fraction, src.count, recipe.seed + i)]
+        for entry in read.log:
+            entry["reason"] = f"{src.where}: {entry['reason']}"
+        parts.append((src, (read.layout, read.checker)))
+        reads.append(read)
+        log += read.log
+        if sources is not None:
+            sources.append(_source_entry(src, read, len(read.rows)))
+    text = _check_mix(parts, recipe.kind)
+    columns = list(dict.fromkeys([c for read in reads for c in read.columns] +
+                                 [c for read in reads for row in read.rows for c in row]))
+    rows = [{c: row.get(c) for c in columns} for read in reads for row in read.rows]
+    as_text(rows, text)
+    for name in text:
+        log.append({"plugin": "posttrain (data)", "split": "train", "rows_in": len(rows), "rows_out": len(rows),
+                    "reason": f"column '{name}' holds text in some sources and numbers or booleans in others; every "
+                              "value read as text"})
     if not rows:
-        return datasets.Dataset.from_dict({c: [] for c in reader.columns(names)}), log
+        return datasets.Dataset.from_dict({c: [] for c in columns}), log
     return datasets.Dataset.from_list(rows), log
 
 
-def load_splits(recipe, required: dict[str, str] | None = None, plugins=None) -> tuple[Any, Any, list[dict]]:
+def load_splits(recipe, required: dict[str, str] | None = None, plugins=None,
+                form: PromptForm | None = None, sources: list | None = None) -> tuple[Any, Any, list[dict]]:
     """The training and held-out datasets of a recipe, read as the stage's records and checked (by the enabled
     ``plugins`` too); and what was repaired or dropped on the way (entries for summary.json's
-    ``data_transforms``)."""
+    ``data_transforms``). ``sources``, when given, receives each training source's row counts (summary.json's
+    ``data_sources``: the rows read from its split or slice, and the rows it gives the data before
+    ``data.eval.fraction`` holds some out)."""
     data = recipe.data
-    fmt = format_plugin(data.format, format_options(data))
-    train, log = read_split(recipe, data.source, data.split, data.options, "data.source", fmt, required, "train",
-                            plugins)
+    if isinstance(data.source, list):
+        train, log = read_mix(recipe, required, plugins, form, sources)
+    else:
+        src = training_sources(data)[0]
+        read = _read_source(recipe, src, format_plugin(data.format, format_options(data)), required, "train",
+                            plugins, form)
+        if sources is not None:
+            sources.append(_source_entry(src, read, len(read.rows)))
+        train, log = _as_dataset(read)
     held = None
     ev = data.eval
-    if ev.source or ev.split:
-        where = "data.eval.source" if ev.source else "data.eval.split"
-        held, held_log = read_split(recipe, ev.source or data.source, ev.split,
-                                    data.options if not ev.source else {}, where, fmt, required, "eval", plugins)
+    held_src = eval_source(data)
+    if held_src is not None:
+        fmt = format_plugin(held_src.format, held_src.format_options)
+        held, held_log = _as_dataset(_read_source(recipe, held_src, fmt, required, "eval", plugins, form))
         log += held_log
     elif ev.fraction > 0:
         parts = train.train_test_split(test_size=ev.fraction, seed=recipe.seed)

@@ -7,6 +7,7 @@ internal error (status 1, with a traceback).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 
 
@@ -26,6 +27,44 @@ class UserError(Exception):
         if self.fix:
             text += f"\n  fix: {self.fix}"
         return text
+
+
+class UserErrors(UserError):
+    """Several independent problems of one recipe, found in one pass (``posttrain validate`` reports them all at
+    once); each keeps its own field and fix."""
+
+    def __init__(self, errors: list[UserError]):
+        self.errors = [inner for e in errors for inner in (e.errors if isinstance(e, UserErrors) else [e])]
+        first = self.errors[0]
+        super().__init__(first.message, field=first.field, fix=first.fix)
+        self.keep_run_dir = any(e.keep_run_dir for e in self.errors)
+
+    def render(self) -> str:
+        if len(self.errors) == 1:
+            return self.errors[0].render()
+        return f"{len(self.errors)} problems:\n" + "\n".join(
+            f"  {i}. " + e.render().replace("\n", "\n     ") for i, e in enumerate(self.errors, start=1))
+
+
+class Problems:
+    """The user errors of independent checks, collected so that one pass reports every one of them:
+    ``with problems.check(): ...`` for each check, then :meth:`raise_any`."""
+
+    def __init__(self):
+        self.errors: list[UserError] = []
+
+    @contextlib.contextmanager
+    def check(self):
+        try:
+            yield
+        except UserError as e:
+            self.errors.append(e)
+
+    def raise_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise UserErrors(self.errors)
 
 
 class PluginHookError(UserError):

@@ -113,6 +113,17 @@ class LocalTokenizer:
         self._template = None
 
     @classmethod
+    def for_model(cls, model) -> LocalTokenizer | None:
+        """The tokenizer a recipe's model section uses (``tokenizer``, else the model's; ``chat_template`` in
+        place of its own when given), or None where there is no local ``tokenizer.json``."""
+        tok = cls.load(model.tokenizer or model.name_or_path)
+        if tok is not None and model.chat_template is not None:
+            from .recipe import chat_template_text
+
+            tok.template_text = chat_template_text(model.chat_template)
+        return tok
+
+    @classmethod
     def load(cls, name_or_path: str) -> LocalTokenizer | None:
         """The tokenizer of a local model folder with a ``tokenizer.json``; None where there is none."""
         folder = model_folder(name_or_path)
@@ -322,26 +333,28 @@ def _setting(plan, key: str):
 
 
 def _sources(recipe):
-    """(source, split, options, where) of every split validation reads rows from."""
-    data = recipe.data
-    yield data.source, data.split, data.options, "data.source"
-    ev = data.eval
-    if ev.source:
-        yield ev.source, ev.split, {}, "data.eval.source"
-    elif ev.split:
-        yield data.source, ev.split, data.options, "data.eval.split"
+    """Every source validation reads rows from (``posttrain.data.Source``): each training source (each entry of a
+    list of sources, its rows of its split or slice, before its fraction or count), and the held-out one."""
+    from .data import eval_source, training_sources
+
+    yield from training_sources(recipe.data)
+    held = eval_source(recipe.data)
+    if held is not None:
+        yield held
 
 
-def _records(recipe, source: str, split, options: dict, where: str) -> list[dict]:
+def _records(recipe, src) -> list[dict]:
     """A local or built-in source's rows as the stage reads them (columns mapped, format applied, repairs made);
     validation has already checked them."""
-    from .data import Reader, _source_records, detect_format, format_options, format_plugin
+    from .data import Reader, _source_records, detect_format, format_plugin, prompt_form
+    from .models import has_chat_template
 
-    names, raw = _source_records(source, split, options, where)
-    fmt = format_plugin(recipe.data.format, format_options(recipe.data))
+    names, raw = _source_records(src.source, src.split, src.options, src.where)
+    fmt = format_plugin(src.format, src.format_options)
     if fmt is None and raw:
         fmt = detect_format(names, raw[0])
-    reader = Reader(recipe.kind, recipe.data.columns, fmt, where)
+    reader = Reader(recipe.kind, src.columns, fmt, src.where, prompt_form(recipe, has_chat_template(recipe.model)),
+                    builtin=src.source.startswith("builtin:"))
     reader.columns(names)
     return [reader.record(r, i) for i, r in enumerate(raw, start=1)]
 
@@ -387,14 +400,15 @@ def check_lengths(plan) -> list[str]:
     limit = _setting(plan, "max_length")
     if not isinstance(limit, int) or isinstance(limit, bool):
         return []
-    tok = LocalTokenizer.load(recipe.model.name_or_path)
+    tok = LocalTokenizer.for_model(recipe.model)
     if tok is None:
         return []
     notes = []
-    for source, split, options, where in _sources(recipe):
+    for src in _sources(recipe):
+        source = src.source
         if is_ref(source) or source_kind(source) == "dataset":
             continue
-        records = _records(recipe, source, split, options, where)
+        records = _records(recipe, src)
         rule = _rule(plan, tok, records)
         if rule is None:
             continue

@@ -7,6 +7,7 @@ import the heavy libraries when called.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -75,6 +76,37 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith("builtin:"):
         return str(builtin_model_path(name_or_path.split(":", 1)[1]))
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith(("~",)) else name_or_path
+
+
+def local_chat_template(name_or_path: str) -> str | None:
+    """The chat template of a local model folder (or a built-in model already converted), read without loading a
+    tokenizer; "" when it has none; None when it cannot be read here (a hub id, a pipeline stage's output)."""
+
+    if name_or_path.startswith("builtin:"):
+        name = name_or_path.split(":", 1)[1]
+        folder = cache_dir() / "models" / name if name in BUILTIN_MODELS else None
+    else:
+        folder = Path(name_or_path).expanduser()
+    if folder is None or not folder.is_dir():
+        return None
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, list):  # named templates
+            template = " ".join(str(t.get("template", "")) for t in template)
+        return template if isinstance(template, str) else ""
+    return None
+
+
+def has_chat_template(model) -> bool | None:
+    """Whether a recipe's model section renders conversations with a chat template (``chat_template``, else the
+    tokenizer's own); None when that cannot be known without loading the tokenizer (a hub id)."""
+    if model.chat_template is not None:
+        return True
+    text = local_chat_template(model.tokenizer or model.name_or_path)
+    return None if text is None else bool(text.strip())
 
 
 @dataclass(frozen=True)
@@ -163,14 +195,28 @@ def _load_error(path: str, error: Exception) -> UserError:
 
 
 def load_tokenizer(recipe, path: str):
+    """The tokenizer a stage uses: ``model.tokenizer`` or the model's own (``path``), with ``model.chat_template``
+    and ``model.pad_token`` when the recipe gives them (else its own pad token, or its end-of-sequence token)."""
     from transformers import AutoTokenizer
 
+    from .recipe import chat_template_text
+
+    m = recipe.model
+    source = resolve_model_path(m.tokenizer) if m.tokenizer else path
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(source, revision=None if m.tokenizer else m.revision,
+                                            trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise _load_error(path, e) from None
-    if tok.pad_token is None:
+        raise _load_error(source, e) from None
+    if m.chat_template is not None:
+        tok.chat_template = chat_template_text(m.chat_template)
+    if m.pad_token is not None:
+        if tok.convert_tokens_to_ids(m.pad_token) in (None, tok.unk_token_id):
+            raise UserError(f"'{m.pad_token}' is not a token of the tokenizer's vocabulary", field="model.pad_token",
+                            fix="name a token the tokenizer has (its special tokens: "
+                                f"{', '.join(map(str, tok.all_special_tokens))}), or remove model.pad_token")
+        tok.pad_token = m.pad_token
+    elif tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 

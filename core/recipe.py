@@ -17,7 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from .errors import UserError, did_you_mean
+from .errors import Problems, UserError, did_you_mean
 from .plugin import check_type
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -64,6 +64,15 @@ class ModelSection:
         "adapter disabled: no second copy; naming another model loads one).", default=None)
     trust_remote_code: bool = _help("Run model code shipped with the checkpoint. Off unless you trust it.",
                                     default=False)
+    tokenizer: Union[str, None] = _help(
+        "The tokenizer to use when it is not the model's own: a folder, hub id or builtin: name (null: the model's).",
+        default=None)
+    chat_template: Union[str, None] = _help(
+        "The chat template every stage renders conversations with: inline Jinja, or the path of a .jinja file "
+        "(relative to the recipe). It is saved with the trained model. null: the tokenizer's own.", default=None)
+    pad_token: Union[str, None] = _help(
+        "The padding token (a token of the vocabulary, e.g. '<pad>'). null: the tokenizer's own, "
+        "else its end-of-sequence token.", default=None)
     attn_implementation: Union[str, None] = _help("e.g. 'sdpa', 'eager', 'flash_attention_2'.", default=None)
     lora: Union[LoraSection, None] = _help("Train a LoRA adapter instead of all weights (null: full fine-tuning).",
                                            default=None)
@@ -80,9 +89,39 @@ class EvalDataSection:
 
 
 @dataclass
+class SourceEntry:
+    source: str = _help("'builtin:NAME', a local file, a dataset folder, a hub dataset id or stages.NAME (the forms "
+                        "of a single data.source).")
+    split: str = _help("Split to read, with an optional slice: train, test[:1000], train[:5%], train[10:20].",
+                       default="train")
+    subset: Union[str, None] = _help("A hub dataset's configuration (subset) name, e.g. main (load_dataset's second "
+                                     "argument); not for local sources.", default=None)
+    columns: dict[str, str] = _help("Rename this source's columns: {our_name: their_name}.", default_factory=dict)
+    format: Union[str, None] = _help("This source's data format (as data.format; null: detected).", default=None)
+    format_options: dict[str, Any] = _help("Options of this source's data format.", default_factory=dict)
+    options: dict[str, Any] = _help("Options of a built-in generator (e.g. n, seed).", default_factory=dict)
+    fraction: Union[float, None] = _help(
+        "Use this fraction of the source's rows (sampled with the recipe's seed); above 1, whole copies then a sample "
+        "of the rest (upsampling). null: every row.", default=None)
+    count: Union[int, None] = _help(
+        "Use this many of the source's rows (sampled with the recipe's seed); above its rows, whole copies then a "
+        "sample of the rest. Not with fraction. null: every row.", default=None)
+
+
+# The data-level keys a list of sources takes in each of its entries instead (their defaults: not set).
+PER_SOURCE_KEYS = {"split": "train", "subset": None, "columns": {}, "format": None, "format_options": {},
+                   "options": {}, "prefer": None}
+
+
+@dataclass
 class DataSection:
-    source: str = _help("'builtin:NAME', a local .jsonl/.json/.parquet/.csv file, a dataset folder, or a hub dataset id.")
-    split: str = _help("Split to train on.", default="train")
+    source: Union[str, list[SourceEntry]] = _help(
+        "'builtin:NAME', a local .jsonl/.json/.parquet/.csv file, a dataset folder, or a hub dataset id; or a list of "
+        "sources (each a mapping of the keys below), whose rows are concatenated in the order given.")
+    split: str = _help("Split to train on, with an optional slice: train[:5%], train[10:20], test[:1000].",
+                       default="train")
+    subset: Union[str, None] = _help("A hub dataset's configuration (subset) name, e.g. main (load_dataset's second "
+                                     "argument); not for local sources.", default=None)
     columns: dict[str, str] = _help("Rename columns: {our_name: their_name}, e.g. {prompt: question}.",
                                     default_factory=dict)
     options: dict[str, Any] = _help("Options of a built-in generator (e.g. n, seed).", default_factory=dict)
@@ -97,7 +136,43 @@ class DataSection:
         "With format: saferlhf, the label that picks the chosen response: safer_response_id or better_response_id "
         "(the same as format_options.prefer).", default=None)
     max_examples: Union[int, None] = _help("Keep at most this many training examples.", default=None)
+    system_prompt: Union[str, None] = _help(
+        "A system message put before every conversation's first turn (a conversation that starts with a system "
+        "message keeps its own). It applies to conversations: with text prompts, set prompt_format: chat.",
+        default=None)
+    prompt_format: Literal["auto", "chat", "raw"] = _help(
+        "How a text prompt reaches the model. 'chat': as a user turn (after system_prompt), rendered with the chat "
+        "template. 'raw': the text as it is. 'auto': chat in the stages that train on their own samples (online, "
+        "iterative, rejection_sampling) when the model has a chat template, raw elsewhere; a built-in dataset's own "
+        "`conversational` option decides for its rows.", default="auto")
+    max_prompt_length: Union[int, None] = _help(
+        "Generating stages (online, iterative, rejection_sampling): the most tokens a prompt may have once rendered; "
+        "longer prompts are cut or dropped (prompt_truncation), and counted. null: no limit.", default=None)
+    prompt_truncation: Literal["left", "drop"] = _help(
+        "A prompt over max_prompt_length: 'left' keeps its last tokens (a conversation loses the start of its first "
+        "non-system turn), 'drop' leaves the row out.", default="left")
     eval: EvalDataSection = _help("Held-out data.", default_factory=EvalDataSection)
+
+    @staticmethod
+    def check_raw(raw: dict, where: str) -> None:
+        """A list of sources takes split, subset, columns, format, format_options and options in each entry: set at
+        the data level too, they are refused (an entry's own would be ambiguous); so is ``eval.split`` without
+        ``eval.source`` (a split of which source?)."""
+        if not isinstance(raw.get("source"), list):
+            return
+        for key, default in PER_SOURCE_KEYS.items():
+            if key in raw and raw[key] != default:
+                what = "format_options: {prefer: ...}" if key == "prefer" else f"{key}: ..."
+                raise UserError(f"with a list of sources, {key} is given in each entry of {where}.source",
+                                field=f"{where}.{key}",
+                                fix=f"move it into the entries that need it (`- {{source: ..., {what}}}`), and remove "
+                                    f"{where}.{key}")
+        ev = raw.get("eval")
+        if isinstance(ev, dict) and ev.get("split") is not None and ev.get("source") is None:
+            raise UserError("with a list of sources, eval.split names no source to take that split of",
+                            field=f"{where}.eval.split",
+                            fix=f"give the held-out source too ({where}.eval.source: ..., {where}.eval.split: "
+                                f"{ev['split']}), or hold out a fraction of the mix ({where}.eval.fraction)")
 
 
 @dataclass
@@ -199,8 +274,17 @@ def _is_section(tp) -> type | None:
     return None
 
 
+def _list_of_sections(tp) -> type | None:
+    """The dataclass of a ``list[Section]`` arm of a field's type (``data.source``'s entries), or None."""
+    for arm in (get_args(tp) if get_origin(tp) is Union else (tp,)):
+        if get_origin(arm) is list and get_args(arm) and dataclasses.is_dataclass(get_args(arm)[0]):
+            return get_args(arm)[0]
+    return None
+
+
 def from_data(cls: type, raw: Any, where: str) -> Any:
-    """Build a schema dataclass from YAML data, strictly."""
+    """Build a schema dataclass from YAML data, strictly. Every key is checked, and every problem found is
+    reported at once (:class:`posttrain.errors.UserErrors`), nested sections' included."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -209,29 +293,48 @@ def from_data(cls: type, raw: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if not _internal(f)}
     hints = typing.get_type_hints(cls)
     prefix = f"{where}." if where else ""
+    problems = Problems()
     for key in raw:
         if key not in fields:
-            raise UserError(f"unknown key '{key}'{did_you_mean(key, fields)}", field=f"{prefix}{key}",
-                            fix=f"valid keys here: {', '.join(fields)} (see docs/recipes.md)")
+            with problems.check():
+                raise UserError(f"unknown key '{key}'{did_you_mean(key, fields)}", field=f"{prefix}{key}",
+                                fix=f"valid keys here: {', '.join(fields)} (see docs/recipes.md)")
+    if hasattr(cls, "check_raw"):
+        with problems.check():
+            cls.check_raw(raw, where)
     values = {}
     for name, f in fields.items():
         path = f"{prefix}{name}"
         if name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise UserError("this key is required", field=path, fix=f"add `{name}:` to the recipe")
+                with problems.check():
+                    raise UserError("this key is required", field=path, fix=f"add `{name}:` to the recipe")
             continue
-        value, tp = raw[name], hints[name]
-        section = _is_section(tp)
-        if section is not None:
-            if value is None and type(None) in get_args(tp):
-                values[name] = None
-            elif value is True and type(None) in get_args(tp):  # `lora: true` means the defaults
-                values[name] = section()
-            else:
-                values[name] = from_data(section, value, path)
-        else:
-            values[name] = check_type(value, tp, field=path)
+        with problems.check():
+            values[name] = _field_value(raw[name], hints[name], name, path)
+    problems.raise_any()
     return cls(**values)
+
+
+def _field_value(value: Any, tp: Any, name: str, path: str) -> Any:
+    section = _is_section(tp)
+    entries = _list_of_sections(tp)
+    if entries is not None and isinstance(value, list):
+        if not value:
+            raise UserError("an empty list", field=path, fix=f"give at least one entry, or a single {name}")
+        problems, out = Problems(), []
+        for i, item in enumerate(value):
+            with problems.check():
+                out.append(from_data(entries, {"source": item} if isinstance(item, str) else item, f"{path}[{i}]"))
+        problems.raise_any()
+        return out
+    if section is not None:
+        if value is None and type(None) in get_args(tp):
+            return None
+        if value is True and type(None) in get_args(tp):  # `lora: true` means the defaults
+            return section()
+        return from_data(section, value, path)
+    return check_type(value, tp, field=path)
 
 
 def _child(node, part: str, option: str, key: str):
@@ -283,13 +386,43 @@ def apply_override(data: dict, assignment: str) -> None:
 
 # Recipe keys that hold a file or folder path (in a one-stage recipe, and in each entry of `stages`).
 PATH_KEYS = (("training", "deepspeed"), ("data", "source"), ("data", "eval", "source"), ("model", "name_or_path"),
-             ("model", "reference"), ("eval", "lm_eval", "include_path"))
+             ("model", "reference"), ("model", "tokenizer"), ("model", "chat_template"), ("eval", "lm_eval", "include_path"))
+
+
+def is_inline_template(value: str) -> bool:
+    """A chat template written in the recipe itself (Jinja), not the path of a file."""
+    return "{%" in value or "{{" in value or "\n" in value
+
+
+def chat_template_text(value: str, field: str = "model.chat_template") -> str:
+    """The text of a recipe's ``chat_template``: inline Jinja as it is, else the file it names (UTF-8)."""
+    if is_inline_template(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"chat template file '{value}' does not exist (and the value is not Jinja: it has no {{% or "
+                        "{{)", field=field, fix="give the path of a .jinja file (relative to the recipe), or write the "
+                                                "template inline")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read chat template file '{value}': {e}", field=field,
+                        fix="give a UTF-8 text file") from None
 
 
 def resolve_relative_paths(data: dict, folder: Path) -> dict:
     """The recipe's own relative paths (a DeepSpeed config, a data file, a model folder) read against the
     folder of the recipe file, when that is where the file is; others are left as written (relative to
     where posttrain runs). A recipe and the files it names can then travel together."""
+    def fix_one(node: dict, key: str) -> None:
+        value = node.get(key)
+        if not isinstance(value, str) or not value or value.startswith(("builtin:", "stages.", "/", "~")) \
+                or is_inline_template(value):
+            return
+        candidate = folder / value
+        if candidate.exists():
+            node[key] = str(candidate.resolve())
+
     def fix(section: dict) -> None:
         for keys in PATH_KEYS:
             node = section
@@ -297,12 +430,16 @@ def resolve_relative_paths(data: dict, folder: Path) -> dict:
                 node = node.get(key) if isinstance(node, dict) else None
             if not isinstance(node, dict):
                 continue
-            value = node.get(keys[-1])
-            if not isinstance(value, str) or not value or value.startswith(("builtin:", "stages.", "/", "~")):
+            if isinstance(node.get(keys[-1]), list):  # a list of data sources: each entry's own
+                entries = node[keys[-1]]
+                for i, entry in enumerate(entries):
+                    if isinstance(entry, str):
+                        entries[i] = {"source": entry}
+                        entry = entries[i]
+                    if isinstance(entry, dict):
+                        fix_one(entry, "source")
                 continue
-            candidate = folder / value
-            if candidate.exists():
-                node[keys[-1]] = str(candidate.resolve())
+            fix_one(node, keys[-1])
 
     fix(data)
     for stage in data.get("stages") or []:
@@ -342,7 +479,10 @@ def schema_keys(cls: type = Recipe, prefix: str = "") -> list[tuple[str, str, st
             continue
         path = f"{prefix}{f.name}"
         section = _is_section(hints[f.name])
+        entries = _list_of_sections(hints[f.name])
         out.append((path, "section" if section else type_name(hints[f.name]), f.metadata.get("help", "")))
         if section:
             out.extend(schema_keys(section, path + "."))
+        if entries:
+            out.extend(schema_keys(entries, path + "[]."))
     return out

@@ -36,7 +36,7 @@ import yaml
 
 from . import process, stage_refs
 from .checkpoints import replaceable, restore_set_aside, set_aside
-from .errors import UserError, did_you_mean
+from .errors import Problems, UserError, UserErrors, did_you_mean
 from .recipe import Recipe, from_data, load_recipe_data
 from .stage import Stage, StageResult
 from .stages import STAGES, get_stage, owner_of_key
@@ -116,6 +116,8 @@ class Pipeline:
 
 def _prefixed(error: UserError, prefix: str) -> UserError:
     """The same error with its field placed inside ``prefix`` (``stages[1].`` + ``plugins.dpo.beta``)."""
+    if isinstance(error, UserErrors):
+        return UserErrors([_prefixed(e, prefix) for e in error.errors])
     field_ = error.field
     if field_ and not field_.startswith(("--", "stages[")) and field_ != "recipe":
         field_ = f"{prefix}.{field_}"
@@ -213,6 +215,7 @@ def validate_pipeline(pipeline: Pipeline) -> Pipeline:
     """Validate every stage once, before anything loads; a pipeline's errors name the stage
     (``stages[1].plugins...``)."""
     names = [s.name for s in pipeline.stages]
+    problems = Problems()  # every stage is checked; their problems are reported together
     for stage in pipeline.stages:
         if pipeline.single:
             stage.plan = validate(stage.recipe)
@@ -220,7 +223,8 @@ def validate_pipeline(pipeline: Pipeline) -> Pipeline:
         try:
             stage.plan = validate(stage.recipe, earlier_stages=names[:stage.index], later_stages=names[stage.index:])
         except UserError as e:
-            raise _prefixed(e, f"stages[{stage.index}]") from None
+            problems.errors.append(_prefixed(e, f"stages[{stage.index}]"))
+    problems.raise_any()
     return pipeline
 
 

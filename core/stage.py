@@ -148,11 +148,9 @@ class Stage:
     # whether `--resume` may train it longer (a larger training.max_steps or num_train_epochs): true of a stage
     # that trains one TRL run from its checkpoints
     resumes_longer: ClassVar[bool] = True
-    # whether `--resume` may train it longer (a larger training.max_steps or num_train_epochs): true of a stage
-    # that trains one TRL run from its checkpoints
-    resumes_longer: ClassVar[bool] = True
     # dataset columns its trainer hands reward sources as arguments of their own, never in ``columns``
     reward_arguments: ClassVar[tuple] = ()
+    generates: ClassVar[bool] = False  # it trains on the policy's own samples of its prompts (data.prompt_format)
 
     @dataclass
     class Options:
@@ -163,11 +161,6 @@ class Stage:
     @property
     def trains(self) -> bool:
         return self.config is not None
-
-    @property
-    def extendable(self) -> bool:
-        """Whether ``--resume`` may change how long it trains (``resumes_longer``, and it trains)."""
-        return self.trains and self.resumes_longer
 
     @property
     def extendable(self) -> bool:

@@ -69,13 +69,18 @@ def references(value, path: str):
             yield from references(item, f"{path}[{i}]")
 
 
+# Where a data source is in recipe data (a list of sources' entries are under data.source.source here: ``resolved``
+# walks a list without its indices).
+DATA_SOURCES = ("data.source", "data.eval.source", "data.source.source")
+
+
 def resolved(data: dict) -> dict:
     """Recipe data with every ``stages.NAME`` replaced by what it stands for now: a data source by the
     dataset that stage wrote, anything else by its model folder (what a stage's own recipe.yaml records,
     so that its run directory says which model it started from)."""
     def walk(value, path):
         if is_ref(value):
-            return dataset_path(value) if path in ("data.source", "data.eval.source") else model_path(value)
+            return dataset_path(value) if path in DATA_SOURCES else model_path(value)
         if isinstance(value, dict):
             return {k: walk(v, f"{path}.{k}" if path else k) for k, v in value.items()}
         if isinstance(value, list):

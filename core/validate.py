@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import trl_fields
-from .data import check_source, format_options
-from .errors import UserError, did_you_mean
-from .models import BUILTIN_MODELS
+from .data import PromptForm, check_mix, check_source, format_options, prompt_form
+from .errors import Problems, UserError, did_you_mean
+from .models import BUILTIN_MODELS, has_chat_template
 from .process import world_size
-from .recipe import Recipe
+from .recipe import Recipe, chat_template_text
 from .registry import PluginSet, build_plugin_set, required_columns
 from .stage import Stage
 from .stage_refs import STAGE_REF, references
@@ -34,6 +34,8 @@ class Plan:
     data_log: list = field(default_factory=list)  # what the dataset transforms kept and dropped, for summary.json
     data_notes: list = field(default_factory=list)  # what validation found in the data: repairs, detected formats
     data_sizes: dict = field(default_factory=dict)  # rows per split given to the trainer, to count what TRL drops
+    prompt_form: PromptForm | None = None  # how prompts reach the model (decided again when the run loads the data)
+    data_sources: list = field(default_factory=list)  # each training source's rows read and used, for summary.json
 
     @property
     def stage(self) -> Stage:
@@ -48,7 +50,10 @@ class Plan:
 def check_stage_references(recipe: Recipe, earlier: list[str] | None, later: list[str] = ()) -> None:
     """``stages.NAME`` may name an earlier stage of the same pipeline, wherever a model path goes."""
     data = recipe.to_dict()
-    sources = {"source": data["data"]["source"], "eval": {"source": data["data"]["eval"]["source"]}}
+    source = data["data"]["source"]
+    if isinstance(source, list):  # a list of sources: each entry's
+        source = [{"source": entry["source"]} for entry in source]
+    sources = {"source": source, "eval": {"source": data["data"]["eval"]["source"]}}
     for path, name in references({"model": data["model"], "plugins": data["plugins"], "data": sources}, ""):
         if earlier is None:
             raise UserError(f"'stages.{name}' refers to a pipeline stage, but this recipe has no stages",
@@ -95,9 +100,67 @@ def check_reward_columns(stage: Stage, plugins: PluginSet, required: dict[str, s
                                 f"{{ground_truth: {column}}}}}` and the plugin's default column)")
 
 
+def check_chat_template(value: str) -> None:
+    """A recipe's chat template: readable, and Jinja that compiles (a syntax error named by its line)."""
+    import jinja2
+
+    text = chat_template_text(value)
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"the chat template is not valid Jinja: {e.message} (line {e.lineno})",
+                        field="model.chat_template", fix="fix the template (it is rendered as transformers renders "
+                                                         "chat templates: jinja2)") from None
+
+
+def _check_tokenizer_source(source: str) -> None:
+    if source.startswith(STAGE_REF):
+        return
+    if source.startswith("builtin:"):
+        _check_model_source(source, "model.tokenizer")
+    elif source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+        if not path.is_dir() or not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                                               "tokenizer.model", "vocab.json")):
+            raise UserError(f"'{source}' is not a tokenizer folder (no tokenizer.json or tokenizer_config.json)",
+                            field="model.tokenizer", fix="point at a folder written by save_pretrained, a hub id, or "
+                                                          "a builtin: name")
+
+
+def check_prompt_options(recipe: Recipe, form: PromptForm) -> None:
+    """``data.system_prompt``, ``prompt_format`` and ``max_prompt_length`` against the stage and the model."""
+    data, stage = recipe.data, recipe.kind
+    if data.prompt_format == "chat" and has_chat_template(recipe.model) is False:
+        raise UserError("prompt_format: chat renders prompts with the chat template, and this model's tokenizer has "
+                        "none", field="data.prompt_format",
+                        fix="give one with model.chat_template (inline Jinja or a .jinja file), or use "
+                            "prompt_format: raw")
+    if data.system_prompt is not None and data.prompt_format == "raw":
+        raise UserError("a system prompt is a message of a conversation, and prompt_format: raw keeps text prompts "
+                        "as text", field="data.system_prompt",
+                        fix="use prompt_format: chat (text prompts become a user turn after the system prompt), or "
+                            "remove data.system_prompt")
+    if data.system_prompt is not None and not form.chat and has_chat_template(recipe.model) is False:
+        raise UserError("a system prompt is rendered by the chat template, and this model's tokenizer has none",
+                        field="data.system_prompt", fix="give one with model.chat_template, or remove "
+                                                        "data.system_prompt")
+    if data.max_prompt_length is not None:
+        if not stage.generates:
+            raise UserError(f"max_prompt_length applies to the stages that generate from prompts (online, iterative, "
+                            f"rejection_sampling); the {stage.name} stage truncates at training.max_length",
+                            field="data.max_prompt_length", fix="remove it (set training.max_length instead)")
+        if data.max_prompt_length < 1:
+            raise UserError(f"must be at least 1, got {data.max_prompt_length}", field="data.max_prompt_length",
+                            fix="give the most tokens a rendered prompt may have, e.g. 512")
+
+
 def check_model(recipe: Recipe) -> None:
     model = recipe.model
     _check_model_source(model.name_or_path, "model.name_or_path")
+    if model.tokenizer is not None:
+        _check_tokenizer_source(model.tokenizer)
+    if model.chat_template is not None:
+        check_chat_template(model.chat_template)
     if model.reference is not None:
         _check_model_source(model.reference, "model.reference")
         if not recipe.kind.has_reference:
@@ -119,29 +182,44 @@ def check_training(recipe: Recipe, plugins: PluginSet) -> dict:
                             field=f"training.{next(iter(recipe.training))}", fix="remove the training section")
         return {}
     fields = trl_fields.config_fields(kind.config)
+    problems = Problems()  # every key is checked: all their problems are reported at once
+    for key, value in recipe.training.items():
+        with problems.check():
+            _check_training_key(kind, fields, key, value)
+    problems.raise_any()
+    return _checked_training(recipe, plugins, fields)
+
+
+def _check_training_key(kind: Stage, fields: dict, key: str, value) -> None:
+    """One key of the recipe's ``training`` section against the stage's TRL config."""
     cls_name = kind.config.name
     managed, renamed = kind.managed, kind.renamed
-    for key, value in recipe.training.items():
-        if key in managed:
-            raise UserError(f"'{key}' is not set here: {managed[key]}", field=f"training.{key}",
-                            fix=f"remove training.{key}")
-        if key not in fields and key in renamed:
-            raise UserError(f"{cls_name} has no field '{key}'", field=f"training.{key}", fix=renamed[key])
-        if key not in fields:
-            raise UserError(f"{cls_name} has no field '{key}'{did_you_mean(key, fields)}", field=f"training.{key}",
-                            fix=f"use a {cls_name} field (see TRL's documentation of {cls_name})")
-        if key == "deepspeed" and isinstance(value, str) and not Path(value).expanduser().is_file():
-            raise UserError(f"DeepSpeed config file '{value}' does not exist", field="training.deepspeed",
-                            fix="give the path of a DeepSpeed JSON file (relative to where you run posttrain) "
-                                "or write the config inline as a mapping")
-        if not trl_fields.value_matches(fields[key], value):
-            raise UserError(f"expected {fields[key]}, got {value!r}", field=f"training.{key}",
-                            fix=f"give training.{key} a value of type {fields[key]}")
+    if key in managed:
+        raise UserError(f"'{key}' is not set here: {managed[key]}", field=f"training.{key}",
+                        fix=f"remove training.{key}")
+    if key not in fields and key in renamed:
+        raise UserError(f"{cls_name} has no field '{key}'", field=f"training.{key}", fix=renamed[key])
+    if key not in fields:
+        raise UserError(f"{cls_name} has no field '{key}'{did_you_mean(key, fields)}", field=f"training.{key}",
+                        fix=f"use a {cls_name} field (see TRL's documentation of {cls_name})")
+    if key == "deepspeed" and isinstance(value, str) and not Path(value).expanduser().is_file():
+        raise UserError(f"DeepSpeed config file '{value}' does not exist", field="training.deepspeed",
+                        fix="give the path of a DeepSpeed JSON file (relative to where you run posttrain) "
+                            "or write the config inline as a mapping")
+    if not trl_fields.value_matches(fields[key], value):
+        raise UserError(f"expected {fields[key]}, got {value!r}", field=f"training.{key}",
+                        fix=f"give training.{key} a value of type {fields[key]}")
+
+
+def _checked_training(recipe: Recipe, plugins: PluginSet | None, fields: dict) -> dict:
+    """The TRL values of a recipe whose keys each passed: the plugins' contributions merged in, and the checks
+    that read several of them."""
+    cls_name = recipe.kind.config.name
     if recipe.training.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         raise UserError("use_liger_kernel needs the liger-kernel package", field="training.use_liger_kernel",
                         fix="pip install 'posttrain[gpu]' (liger-kernel) on a CUDA machine, or remove the key")
     contributed = plugins.merged("posttrain_trl_config", "TRL config field",
-                                 stage=recipe.stage, recipe=recipe.to_dict())
+                                 stage=recipe.stage, recipe=recipe.to_dict()) if plugins is not None else {}
     for key, value in contributed.items():
         if key not in fields:
             raise UserError(f"a plugin sets unknown {cls_name} field '{key}'", field="plugins",
@@ -239,36 +317,67 @@ def validate(recipe: Recipe, earlier_stages: list[str] | None = None, later_stag
     """Every check of a one-stage recipe (or of one stage of a pipeline: ``earlier_stages`` are the names
     ``stages.NAME`` may refer to; None outside a pipeline). ``recipe.kind`` is its stage."""
     stage = recipe.kind
-    plugins = build_plugin_set(recipe.plugins, stage)
-    check_stage_references(recipe, earlier_stages, later_stages)
-    check_model(recipe)
+    problems = Problems()  # independent checks: every problem they find is reported at once
+    plugins = None
+    with problems.check():
+        plugins = build_plugin_set(recipe.plugins, stage)
+    with problems.check():
+        check_stage_references(recipe, earlier_stages, later_stages)
+    with problems.check():
+        check_model(recipe)
     data = recipe.data
-    required = required_columns(plugins, recipe.stage)
-    check_reward_columns(stage, plugins, required)
-    fmt_options = format_options(data)
-    notes: list[str] = []
-    common = dict(columns=data.columns, stage=stage, required=required, format=data.format,
-                  format_options=fmt_options, plugins=plugins)
-    if not data.source.startswith(STAGE_REF):  # an earlier stage's dataset is checked when it exists
-        notes += check_source(data.source, options=data.options, where="data.source", split=data.split, **common)
-    ev = data.eval
-    if ev.source and not ev.source.startswith(STAGE_REF):
-        notes += check_source(ev.source, options={}, where="data.eval.source", split=ev.split, **common)
-    elif ev.split and not data.source.startswith(STAGE_REF):
-        notes += check_source(data.source, options=data.options, where="data.eval.split", split=ev.split, **common)
-    if not 0 <= ev.fraction < 1:
-        raise UserError(f"must be in [0, 1), got {ev.fraction}", field="data.eval.fraction",
-                        fix="use e.g. 0.1 to hold out 10% of the training data, or 0 for no held-out set")
-    if recipe.eval.generate < 0 or recipe.eval.max_new_tokens < 1:
-        raise UserError("eval.generate must be >= 0 and eval.max_new_tokens >= 1", field="eval",
-                        fix="use e.g. generate: 64, max_new_tokens: 32")
-    plan = Plan(recipe, plugins, check_training(recipe, plugins), data_notes=list(dict.fromkeys(notes)))
+    form = prompt_form(recipe, has_chat_template(recipe.model))
+    with problems.check():
+        check_prompt_options(recipe, form)
+    with problems.check():
+        if not 0 <= data.eval.fraction < 1:
+            raise UserError(f"must be in [0, 1), got {data.eval.fraction}", field="data.eval.fraction",
+                            fix="use e.g. 0.1 to hold out 10% of the training data, or 0 for no held-out set")
+    with problems.check():
+        if recipe.eval.generate < 0 or recipe.eval.max_new_tokens < 1:
+            raise UserError("eval.generate must be >= 0 and eval.max_new_tokens >= 1", field="eval",
+                            fix="use e.g. generate: 64, max_new_tokens: 32")
+    trl_config = {}
+    with problems.check():
+        trl_config = check_training(recipe, plugins)
+    if plugins is None:  # the data checks need the plugins' columns
+        problems.raise_any()
+    with problems.check():
+        notes = check_data(recipe, plugins, form)
+    problems.raise_any()
+    plan = Plan(recipe, plugins, trl_config, data_notes=list(dict.fromkeys(notes)), prompt_form=form)
     check_engine(plan)
     stage.check(plan)
     from . import lengths
 
     plan.data_notes += lengths.check_lengths(plan)  # the rows TRL would drop at training.max_length
     return plan
+
+
+def check_data(recipe: Recipe, plugins: PluginSet, form: PromptForm) -> list[str]:
+    """The data sources, every row of a local one: notes on what was found and repaired, or a user error."""
+    stage, data = recipe.kind, recipe.data
+    required = required_columns(plugins, recipe.stage)
+    check_reward_columns(stage, plugins, required)
+    fmt_options = format_options(data)
+    notes: list[str] = []
+    common = dict(columns=data.columns, stage=stage, required=required, format=data.format,
+                  format_options=fmt_options, plugins=plugins, form=form)
+    mix = isinstance(data.source, list)
+    if mix:
+        notes += check_mix(data, stage=stage, required=required, plugins=plugins, form=form)
+    elif not data.source.startswith(STAGE_REF):  # an earlier stage's dataset is checked when it exists
+        notes += check_source(data.source, options=data.options, where="data.source", split=data.split,
+                              subset=data.subset, **common)
+    ev = data.eval
+    if ev.source and not ev.source.startswith(STAGE_REF):
+        if mix:  # read as it is: the columns and format are each entry's
+            common.update(columns={}, format=None, format_options={})
+        notes += check_source(ev.source, options={}, where="data.eval.source", split=ev.split, **common)
+    elif ev.split and not mix and not data.source.startswith(STAGE_REF):
+        notes += check_source(data.source, options=data.options, where="data.eval.split", split=ev.split,
+                              subset=data.subset, **common)
+    return notes
 
 
 ZERO_STAGES = (0, 1, 2, 3)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+from ..errors import UserError
 from ..stage import MemoryFacts, Panel, Stage, StageResult
 from .preference import LOSS_MANAGED, PAIR_HOOKS, PAIR_RENAMED, PreferenceStage
 
@@ -52,6 +53,7 @@ class IterativeStage(Stage):
     trainer = "trl.DPOTrainer"
     config = PreferenceStage.config
     layouts = (("prompt",),)
+    generates = True
     default_plugins = {"dpo": {}}
     managed = {**LOSS_MANAGED,
                "precompute_ref_log_probs": "each round trains on new pairs, and the reference may move between "
@@ -76,6 +78,16 @@ class IterativeStage(Stage):
         def validate(self):
             if self.rounds < 1:
                 raise ValueError(f"rounds must be at least 1, got {self.rounds}")
+
+    def check(self, plan) -> None:
+        """Each round's DPO trains on that round's pairs, which have no held-out split: the held-out prompts are
+        answered after every round instead (``rounds`` in summary.json)."""
+        cfg = plan.trl_config
+        for key in ("eval_strategy", "eval_on_start"):
+            if cfg.get(key) not in (None, False, "no"):
+                raise UserError(f"the iterative stage does not evaluate during a round's training: the held-out "
+                                f"prompts are answered greedily after every round", field=f"training.{key}",
+                                fix=f"remove training.{key} (each round's answers are in summary.json's rounds)")
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
         facts = PreferenceStage.memory(self, cfg, plugins, recipe, prompt_length=prompt_length,

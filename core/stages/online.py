@@ -20,6 +20,7 @@ class OnlineStage(Stage):
     trainer = "trl.GRPOTrainer"
     config = trl_config("trl", "trainer/grpo_config.py", "GRPOConfig")
     layouts = (("prompt",),)
+    generates = True
     managed = {
         "scale_rewards": "advantages are plugins: enable advantage_norm (scope: group or batch) to scale them",
         "multi_objective_aggregation": "reward sources combine as a weighted sum (their `weight` options); shape "
@@ -30,8 +31,8 @@ class OnlineStage(Stage):
     renamed = {
         **COMMON_RENAMED,
         "max_length": "use max_completion_length (the generated part; GRPO does not truncate prompts)",
-        "max_prompt_length": "GRPOTrainer does not truncate prompts: keep them short, or drop long ones with a "
-                             "posttrain_transform_dataset plugin",
+        "max_prompt_length": "use data.max_prompt_length (prompts cut on the left or dropped, counted; GRPOTrainer "
+                             "itself does not truncate prompts)",
     }
     hooks = (
         "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",

@@ -26,6 +26,7 @@ class RejectionSamplingStage(Stage):
     trainer = "none (sampling and scoring only)"
     config = None
     layouts = (("prompt",),)
+    generates = True
     hooks = ("posttrain_required_columns", "posttrain_check_record", "posttrain_transform_dataset", "posttrain_sample",
              "posttrain_reward")
     required_hooks = ("posttrain_reward",)

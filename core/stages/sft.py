@@ -3,7 +3,6 @@ completion, on TRL's SFTTrainer (``posttrain.trainers.sft``)."""
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ class SFTStage(Stage):
     managed = {
         "dataset_text_field": "the sft stage trains on prompt/completion, messages or text data: map your columns "
                               "with data.columns (e.g. {completion: chosen} or {text: content})",
+        "chat_template_path": "set model.chat_template (inline Jinja or a .jinja file): every stage renders with it, "
+                              "conversations with several assistant turns included, and it is saved with the model",
         **COMMON_MANAGED,
     }
     renamed = {**COMMON_RENAMED, "max_seq_length": "use max_length"}
@@ -42,7 +43,15 @@ class SFTStage(Stage):
     def check(self, plan) -> None:
         if not plan.trl_config.get("assistant_only_loss"):
             return
-        template = chat_template_text(plan.recipe.model.name_or_path)
+        model = plan.recipe.model
+        if model.chat_template is not None:
+            from ..recipe import chat_template_text
+
+            template = chat_template_text(model.chat_template)
+        else:
+            from ..models import local_chat_template
+
+            template = local_chat_template(model.tokenizer or model.name_or_path)
         if template is not None and not re.search(r"\{%-?\s*generation\s*-?%\}", template):
             raise UserError("TRL's assistant_only_loss needs a chat template that marks the assistant's turns with "
                             "{% generation %}, and this model's has none", field="training.assistant_only_loss",
@@ -60,29 +69,6 @@ class SFTStage(Stage):
         from ..trainers.loop import run_training
 
         return StageResult(run_training(self, sft, plan, run_dir, resume), model=None)
-
-
-def chat_template_text(name_or_path: str) -> str | None:
-    """The chat template of a local model folder (or a built-in model already converted), read without loading a
-    tokenizer; None when it cannot be read here (a hub id, a pipeline stage's output)."""
-    from ..models import BUILTIN_MODELS, cache_dir
-
-    if name_or_path.startswith("builtin:"):
-        name = name_or_path.split(":", 1)[1]
-        folder = cache_dir() / "models" / name if name in BUILTIN_MODELS else None
-    else:
-        folder = Path(name_or_path).expanduser()
-    if folder is None or not folder.is_dir():
-        return None
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(template, list):  # named templates
-            template = " ".join(str(t.get("template", "")) for t in template)
-        return template if isinstance(template, str) else ""
-    return None
 
 
 def sequence_facts(cfg: dict, max_positions: int | None, rows_per_example: int, scored: bool = True) -> MemoryFacts:

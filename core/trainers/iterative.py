@@ -45,7 +45,7 @@ from ..reference import REF_ADAPTER
 from ..sampling import derive_seed
 from ..validate import Plan
 from .loop import (MetricsWriter, answer_metrics, build_config, finish_trainer, generation_model, greedy_answers,
-                   last_checkpoint, load_data, raise_if_stopped, trainer_callbacks)
+                   last_checkpoint, limit_prompts, load_data, raise_if_stopped, trainer_callbacks)
 from .preference import PreferenceTrainer
 from .rollouts import compute_autocast, read_jsonl, round_prompts, rows_of, sample_and_score, write_jsonl
 
@@ -119,6 +119,8 @@ class Rounds:
         self.precision = run_precision(recipe)
         self.start_path = resolve_model_path(recipe.model.name_or_path)
         self.tokenizer = load_tokenizer(recipe, self.start_path)
+        self.train = limit_prompts(plan, self.train, self.tokenizer, "train")
+        self.heldout = limit_prompts(plan, self.heldout, self.tokenizer, "eval")
         model, peft_config = load_model(recipe, self.start_path, self.precision)
         if peft_config is not None:
             from peft import get_peft_model
@@ -346,7 +348,8 @@ def run(plan: Plan, run_dir: Path, resume: bool) -> dict:
         "global_step": sum(x.get("global_step", 0) for x in rounds_done),
         "train_seconds_this_session": round(time.time() - started, 1),
         "heldout_examples": len(state.heldout) if state.heldout is not None else 0,
-        "data_transforms": plan.data_log, "before": before, "after": {"answers": rounds_done[-1].get("answers")},
+        "data_transforms": plan.data_log, "data_sources": plan.data_sources,
+        "before": before, "after": {"answers": rounds_done[-1].get("answers")},
         "final_model": str(final),
     }
     if main:

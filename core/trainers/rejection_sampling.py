@@ -21,7 +21,7 @@ from ..models import load_model, load_tokenizer, resolve_model_path, run_precisi
 from ..process import distributed_state, is_main
 from ..sampling import derive_seed
 from ..validate import Plan
-from .loop import load_data
+from .loop import limit_prompts, load_data
 from .rollouts import compute_autocast, round_prompts, sample_and_score, write_jsonl
 
 STAGE = "rejection_sampling"
@@ -69,6 +69,7 @@ def run(plan: Plan, run_dir: Path, resume: bool, dataset: Path) -> dict:
     precision = run_precision(recipe)
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe, path)
+    train = limit_prompts(plan, train, tokenizer, "train")
     model, _ = load_model(recipe, path, precision)  # nothing is trained: a LoRA section is not used here
     model.to(distributed_state().device).eval()
     autocast = compute_autocast(precision)
@@ -91,7 +92,7 @@ def run(plan: Plan, run_dir: Path, resume: bool, dataset: Path) -> dict:
         "samples_per_prompt": plan.options.sampling.samples, "seed": seed,
         "best_rewards": distribution([r["reward"] for r in records]),
         "all_rewards": distribution([x for s in scored for x in s["rewards"] if x is not None]),
-        "data_transforms": plan.data_log, "seconds": round(time.time() - started, 1),
+        "data_transforms": plan.data_log, "data_sources": plan.data_sources, "seconds": round(time.time() - started, 1),
         "before": {}, "after": {},
     }
     if main:
