@@ -347,7 +347,9 @@ class Bench:
             "stage": "online" if w.grpo else "preference",
             "seed": SEED,
             "model": {"name_or_path": str(self.model_dir), "lora": dict(LORA) if w.lora else None},
-            "data": {"source": str(self.data["files"]["prompts" if w.grpo else "pairs"]), "eval": {"fraction": 0}},
+            # raw: the text prompts reach the model as they reach plain TRL (the same tokens on both sides)
+            "data": {"source": str(self.data["files"]["prompts" if w.grpo else "pairs"]), "eval": {"fraction": 0},
+                     "prompt_format": "raw"},
             "plugins": ({"digit_share": {}, "group_relative": {}, "advantage_norm": {"scope": "group"}} if w.grpo
                         else {"dpo": {"beta": BETA}}),
             "training": training,
