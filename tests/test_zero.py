@@ -123,7 +123,8 @@ def steps(run_dir: Path, keys=("loss", "grad_norm")) -> list[tuple]:
 def same_steps(a: list[tuple], b: list[tuple]) -> None:
     assert len(a) == len(b) and a, (a, b)
     for x, y in zip(a, b, strict=True):
-        assert x[0] == pytest.approx(y[0], abs=1e-5), (a, b)  # the loss
+        # the loss: ZeRO-3 gathers and reduces in another order than DDP (2e-5 apart after an iterative round)
+        assert x[0] == pytest.approx(y[0], rel=1e-4, abs=1e-5), (a, b)
         for u, v in zip(x[1:], y[1:], strict=True):  # gradient norms (and the critic's value loss)
             assert u == pytest.approx(v, rel=2e-4, abs=1e-6), (a, b)
 
