@@ -36,6 +36,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -239,11 +240,19 @@ def file_splits(path: Path) -> list[str] | None:
     """The splits of a local file that holds several (a .json mapping of split names to records), else None."""
     if path.suffix.lower() != ".json" or not path.is_file() or not _starts_json_document(path):
         return None
+    stat = path.stat()
+    splits = _document_splits(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return None if splits is None else list(splits)
+
+
+@lru_cache(maxsize=16)
+def _document_splits(path: Path, mtime_ns: int, size: int) -> tuple[str, ...] | None:
+    """file_splits of one version of a file (its modification time and size: read once, not at every check)."""
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         return None
-    return list(data) if _is_split_mapping(data) else None
+    return tuple(data) if _is_split_mapping(data) else None
 
 
 def folder_splits(path: Path) -> list[str] | None:
@@ -659,7 +668,7 @@ class Reader:
                                 "is text, kept as text", field=f"{self.where} (row {row})",
                                 fix="set data.prompt_format: chat (a text prompt becomes a user turn after the system "
                                     "prompt), or remove data.system_prompt")
-            if column is not None and record[column] != _with_system(record[column], self.form.system):
+            if record[column] != _with_system(record[column], self.form.system):
                 record[column] = _with_system(record[column], self.form.system)
                 self.counts["system_prompt_added"] += 1
         return record
@@ -1090,7 +1099,7 @@ def _check_mix(parts: list[tuple[Source, tuple | None]], stage: Stage) -> list[s
         for name, kinds in checker.value_kinds.items():
             for kind in kinds:
                 values.setdefault(name, {}).setdefault(kind, src)
-    as_text = []
+    text_columns = []
     for name, kinds in values.items():
         if len(kinds) < 2:
             continue
@@ -1100,8 +1109,8 @@ def _check_mix(parts: list[tuple[Source, tuple | None]], stage: Stage) -> list[s
                             f"({sb.source}): a column holds one kind of value", field=sb.where,
                             fix=f"write the column the same way in every source, or rename one "
                                 f"({sb.where}.columns)")
-        as_text.append(name)
-    return as_text
+        text_columns.append(name)
+    return text_columns
 
 
 def check_mix(data, *, stage: Stage, required: dict[str, str] | None = None, plugins=None,
@@ -1224,12 +1233,15 @@ def _read_source(recipe, src: Source, fmt, required: dict[str, str] | None, name
     return _Read(rows, reader.columns(names), layout, checker, read, log)
 
 
-def _as_dataset(read: _Read) -> tuple[Any, list[dict]]:
+def _dataset(rows: list[dict], columns: list[str]):
+    """Rows as a ``datasets.Dataset`` (with these columns when there is no row)."""
     import datasets
 
-    if not read.rows:
-        return datasets.Dataset.from_dict({c: [] for c in read.columns}), read.log
-    return datasets.Dataset.from_list(read.rows), read.log
+    return datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({c: [] for c in columns})
+
+
+def _as_dataset(read: _Read) -> tuple[Any, list[dict]]:
+    return _dataset(read.rows, read.columns), read.log
 
 
 def _source_entry(src: Source, read: _Read, used: int) -> dict:
@@ -1251,8 +1263,6 @@ def read_mix(recipe, required: dict[str, str] | None = None, plugins=None, form:
     own (errors name ``data.source[i]``), its ``fraction`` or ``count`` of rows sampled (``sample_rows``, seeded
     with the recipe's seed plus the entry's index), the rows concatenated in the order given; a column some
     sources lack is null in their rows. ``sources`` receives each source's row counts."""
-    import datasets
-
     parts, reads, log = [], [], []
     for i, src in enumerate(training_sources(recipe.data)):
         fmt = format_plugin(src.format, src.format_options, f"{src.where}.format")
@@ -1278,9 +1288,7 @@ def read_mix(recipe, required: dict[str, str] | None = None, plugins=None, form:
         log.append({"plugin": "posttrain (data)", "split": "train", "rows_in": len(rows), "rows_out": len(rows),
                     "reason": f"column '{name}' holds text in some sources and numbers or booleans in others; every "
                               "value read as text"})
-    if not rows:
-        return datasets.Dataset.from_dict({c: [] for c in columns}), log
-    return datasets.Dataset.from_list(rows), log
+    return _dataset(rows, columns), log
 
 
 def load_splits(recipe, required: dict[str, str] | None = None, plugins=None,

@@ -24,11 +24,11 @@ proves it fits (at most ``2 * bytes + 8`` tokens), so a long dataset of short ro
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from .errors import UserError
 from .stage_refs import is_ref
@@ -38,20 +38,6 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 
 class Unknown(Exception):
     """A row whose tokens cannot be counted here (no chat template, a template that fails to render)."""
-
-
-def model_folder(name_or_path: str) -> Path | None:
-    """The local folder of a recipe's model (a built-in model once converted), or None."""
-    from .models import BUILTIN_MODELS, cache_dir
-
-    if is_ref(name_or_path):
-        return None
-    if name_or_path.startswith("builtin:"):
-        name = name_or_path.split(":", 1)[1]
-        folder = cache_dir() / "models" / name if name in BUILTIN_MODELS else None
-    else:
-        folder = Path(name_or_path).expanduser()
-    return folder if folder is not None and folder.is_dir() else None
 
 
 def _content(value) -> str | None:
@@ -126,6 +112,8 @@ class LocalTokenizer:
     @classmethod
     def load(cls, name_or_path: str) -> LocalTokenizer | None:
         """The tokenizer of a local model folder with a ``tokenizer.json``; None where there is none."""
+        from .models import model_folder
+
         folder = model_folder(name_or_path)
         if folder is None or not (folder / "tokenizer.json").is_file():
             return None
@@ -222,7 +210,7 @@ class Probe:
         return 0 if self.fulls is None else 1
 
 
-class Rule:
+class Rule(abc.ABC):
     """How one stage's rows are judged against max_length: ``probes(record)`` gives, for each example the row
     makes, the probes whose largest need is the example's."""
 
@@ -245,8 +233,9 @@ class Rule:
             return [Probe(text, False, lambda: [tok.render(prompt + list(r), **kwargs) for r in responses])]
         return [Probe(prompt, True, lambda: [prompt + _with_eos(r, tok.eos_token) for r in responses])]
 
+    @abc.abstractmethod
     def probes(self, record: dict) -> list[list[Probe]]:
-        raise NotImplementedError
+        """For each example the row makes, its probes."""
 
 
 class SFTRule(Rule):

@@ -78,16 +78,24 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(name_or_path).expanduser()) if name_or_path.startswith(("~",)) else name_or_path
 
 
-def local_chat_template(name_or_path: str) -> str | None:
-    """The chat template of a local model folder (or a built-in model already converted), read without loading a
-    tokenizer; "" when it has none; None when it cannot be read here (a hub id, a pipeline stage's output)."""
-
+def model_folder(name_or_path: str) -> Path | None:
+    """The local folder of a recipe's model (a built-in model once converted), or None (a hub id, a pipeline
+    stage's output, a built-in model not converted yet)."""
+    if is_ref(name_or_path):
+        return None
     if name_or_path.startswith("builtin:"):
         name = name_or_path.split(":", 1)[1]
         folder = cache_dir() / "models" / name if name in BUILTIN_MODELS else None
     else:
         folder = Path(name_or_path).expanduser()
-    if folder is None or not folder.is_dir():
+    return folder if folder is not None and folder.is_dir() else None
+
+
+def local_chat_template(name_or_path: str) -> str | None:
+    """The chat template of a local model folder (or a built-in model already converted), read without loading a
+    tokenizer; "" when it has none; None when it cannot be read here (a hub id, a pipeline stage's output)."""
+    folder = model_folder(name_or_path)
+    if folder is None:
         return None
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")

@@ -141,8 +141,3 @@ def sample_completions(plugins: PluginSet, model, tokenizer, prompts: list, num_
             return default_generate(model, tokenizer, prompts, num_samples, generation)
     return tokenized(tokenizer, result, generation.get("max_new_tokens"))
 
-
-def sample(plugins: PluginSet, model, tokenizer, prompts: list, num_samples: int, generation: dict,
-           seed: int | None = None):
-    """The texts of :func:`sample_completions`: ``num_samples`` per prompt."""
-    return sample_completions(plugins, model, tokenizer, prompts, num_samples, generation, seed).texts

@@ -12,10 +12,9 @@ import pytest
 from posttrain.data import load_splits, prompt_form
 from posttrain.models import has_chat_template, load_tokenizer
 from posttrain.runner import load_recipe
-from posttrain.trainers.loop import _prompt_ids, limit_prompts, run_prompt_form
+from posttrain.trainers.prompts import _prompt_ids, limit_prompts, run_prompt_form
 from posttrain.validate import validate
 
-from conftest import read_jsonl
 
 TEMPLATE = ("{% for m in messages %}[[{{ m['role'] }}]] {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}[[assistant]] {% endif %}")

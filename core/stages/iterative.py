@@ -85,8 +85,8 @@ class IterativeStage(Stage):
         cfg = plan.trl_config
         for key in ("eval_strategy", "eval_on_start"):
             if cfg.get(key) not in (None, False, "no"):
-                raise UserError(f"the iterative stage does not evaluate during a round's training: the held-out "
-                                f"prompts are answered greedily after every round", field=f"training.{key}",
+                raise UserError("the iterative stage does not evaluate during a round's training: the held-out "
+                                "prompts are answered greedily after every round", field=f"training.{key}",
                                 fix=f"remove training.{key} (each round's answers are in summary.json's rounds)")
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:

@@ -45,8 +45,9 @@ from ..reference import REF_ADAPTER
 from ..sampling import derive_seed
 from ..validate import Plan
 from .loop import (MetricsWriter, answer_metrics, build_config, finish_trainer, generation_model, greedy_answers,
-                   last_checkpoint, limit_prompts, load_data, raise_if_stopped, trainer_callbacks)
+                   last_checkpoint, load_data, raise_if_stopped, trainer_callbacks)
 from .preference import PreferenceTrainer
+from .prompts import limit_prompts
 from .rollouts import compute_autocast, read_jsonl, round_prompts, rows_of, sample_and_score, write_jsonl
 
 STAGE = "iterative"

@@ -32,6 +32,8 @@ from ..sampling import derive_seed, sample_completions
 from ..models import Precision, cast_trained_weights
 from ..process import world_size
 from ..validate import Plan
+from .integrations import hub_errors, short_error, tracker_environment
+from .prompts import limit_prompts, run_prompt_form
 
 def platform_defaults(chosen: dict) -> dict:
     """TRL config values that suit the hardware, for the keys the recipe (``chosen``) leaves unset.
@@ -96,37 +98,6 @@ def build_config(config_cls, plan: Plan, run_dir: Path, precision: Precision, st
     except ValueError as e:
         raise UserError(f"TRL refuses these settings: {e}", field="training",
                         fix=f"change the training values it names ({config_cls.__name__}; see docs/recipes.md)") from None
-
-
-_WANDB_DIR_SET = False  # whether WANDB_DIR is ours (the run directory of the stage being built)
-
-
-def tracker_environment(report_to, run_dir: Path) -> None:
-    """What the trackers of ``report_to`` read from the environment, set for the run. Weights & Biases: its
-    files go to the run directory (WANDB_DIR, unless set), and when WANDB_MODE is unset it runs offline where it
-    could not sync, that is with HF_HUB_OFFLINE set or without WANDB_API_KEY (a line says so, and how to sync
-    the offline run later); WANDB_MODE=online (after ``wandb login``) syncs as it goes."""
-    import importlib.util
-    import os
-
-    global _WANDB_DIR_SET
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    wandb = "wandb" in names or ("all" in names and importlib.util.find_spec("wandb") is not None)
-    if not wandb:
-        return
-    if _WANDB_DIR_SET or "WANDB_DIR" not in os.environ:
-        os.environ["WANDB_DIR"] = str(run_dir)
-        _WANDB_DIR_SET = True
-    if os.environ.get("WANDB_MODE"):
-        return
-    from ..validate import hub_offline
-
-    why = "HF_HUB_OFFLINE is set" if hub_offline() else "WANDB_API_KEY is not set" \
-        if not os.environ.get("WANDB_API_KEY") else None
-    if why is not None:
-        os.environ["WANDB_MODE"] = "offline"
-        print(f"posttrain: W&B runs offline ({why}): its run is written under {run_dir / 'wandb'}; upload it with "
-              "`wandb sync DIR`, or set WANDB_MODE=online to sync as it goes", flush=True)
 
 
 class NonFiniteTraining(UserError):
@@ -261,8 +232,8 @@ class GuardedTrainer:
             super().init_hf_repo(token=token, private=private)
         except hub_errors() as e:
             self.hub_model_id = None
-            print(f"posttrain: warning: the hub repository could not be created ({_short(e)}); training goes on "
-                  "and the upload is tried again at the end", flush=True)
+            print(f"posttrain: warning: the hub repository could not be created ({short_error(e)}); training goes "
+                  "on and the upload is tried again at the end", flush=True)
 
     def _push_from_checkpoint(self, checkpoint_folder) -> None:
         """A checkpoint's upload (hub_strategy): skipped without a hub repository; a failure is said, not raised."""
@@ -271,8 +242,8 @@ class GuardedTrainer:
         try:
             super()._push_from_checkpoint(checkpoint_folder)
         except hub_errors() as e:
-            print(f"posttrain: warning: uploading {Path(checkpoint_folder).name} to the hub failed ({_short(e)}); "
-                  "training goes on", flush=True)
+            print(f"posttrain: warning: uploading {Path(checkpoint_folder).name} to the hub failed "
+                  f"({short_error(e)}); training goes on", flush=True)
 
     def push_to_hub(self, *args, **kwargs):
         """The upload at the end (transformers pushes when the final model is saved): a failure, creating the
@@ -283,7 +254,7 @@ class GuardedTrainer:
                 super().init_hf_repo(token=kwargs.get("token"), private=kwargs.get("private"))
             result = super().push_to_hub(*args, **kwargs)
         except hub_errors() as e:
-            self.hub_upload = {"uploaded": False, "repo": self.args.hub_model_id, "error": _short(e)}
+            self.hub_upload = {"uploaded": False, "repo": self.args.hub_model_id, "error": short_error(e)}
             return None
         self.hub_upload = {"uploaded": True, "repo": getattr(self, "hub_model_id", None)}
         return result
@@ -333,26 +304,6 @@ class GuardedTrainer:
             return super().create_model_card(*args, **kwargs)
         finally:
             self._name, self._paper = saved
-
-
-def hub_errors() -> tuple:
-    """What the hub client raises when an upload cannot happen: its own errors (OSError: HTTP errors, offline
-    mode, no token) and its HTTP library's (a refused connection, a timeout), whichever library it uses."""
-    import sys
-
-    from huggingface_hub import HfApi  # noqa: F401  (loads the HTTP library the hub client uses)
-
-    errors = [OSError]
-    for name in ("httpx", "httpx2", "requests"):
-        error = getattr(sys.modules.get(name), "HTTPError", None)
-        if isinstance(error, type) and issubclass(error, Exception):
-            errors.append(error)
-    return tuple(errors)
-
-
-def _short(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:300]}"
 
 
 class MetricsWriter(TrainerCallback):
@@ -420,94 +371,6 @@ def transform(plan: Plan, dataset, split: str):
     return out
 
 
-def run_prompt_form(plan: Plan):
-    """How the run's prompts reach the model (``data.prompt_format``, ``data.system_prompt``): decided as at
-    validation, with the tokenizer asked where validation could not read its chat template (a hub id, an earlier
-    pipeline stage's output)."""
-    from ..data import prompt_form
-    from ..models import has_chat_template, load_tokenizer, resolve_model_path
-
-    recipe = plan.recipe
-    known = has_chat_template(recipe.model)
-    if known is None and (recipe.data.prompt_format == "auto" and recipe.kind.generates):
-        known = bool(load_tokenizer(recipe, resolve_model_path(recipe.model.name_or_path)).chat_template)
-    plan.prompt_form = prompt_form(recipe, known)
-    return plan.prompt_form
-
-
-def _prompt_ids(tokenizer, prompt) -> list:
-    """A prompt's tokens as GRPOTrainer makes them: a conversation rendered with the generation prompt, a text
-    with the tokenizer's special tokens."""
-    if isinstance(prompt, list):
-        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(out["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
-
-
-def _cut_left(tokenizer, text: str, drop: int) -> str:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer.decode(ids[min(drop, len(ids)):], skip_special_tokens=False)
-
-
-def _prompt_within(tokenizer, prompt, limit: int):
-    """The prompt cut on the left to at most ``limit`` tokens (a conversation loses the start of its first
-    non-system turn), or None when it cannot fit."""
-    over = len(_prompt_ids(tokenizer, prompt)) - limit
-    if over <= 0:
-        return prompt
-    for _ in range(8):  # re-tokenising the cut text may merge a token or two differently: cut again
-        if isinstance(prompt, list):
-            turn = next((i for i, m in enumerate(prompt) if m.get("role") != "system"), None)
-            if turn is None or not isinstance(prompt[turn].get("content"), str) or not prompt[turn]["content"]:
-                return None
-            prompt = [*prompt[:turn], {**prompt[turn], "content": _cut_left(tokenizer, prompt[turn]["content"], over)},
-                      *prompt[turn + 1:]]
-        else:
-            if not prompt:
-                return None
-            prompt = _cut_left(tokenizer, prompt, over)
-        over = len(_prompt_ids(tokenizer, prompt)) - limit
-        if over <= 0:
-            return prompt
-    return None
-
-
-def limit_prompts(plan: Plan, dataset, tokenizer, split: str):
-    """``data.max_prompt_length`` in a generating stage: prompts longer once rendered are cut on the left or
-    dropped (``data.prompt_truncation``), counted on screen and in summary.json's ``data_transforms``."""
-    limit, side = plan.recipe.data.max_prompt_length, plan.recipe.data.prompt_truncation
-    if limit is None or dataset is None or "prompt" not in dataset.column_names:
-        return dataset
-    prompts, kept, cut = [], [], 0
-    for i, prompt in enumerate(dataset["prompt"]):
-        short = _prompt_within(tokenizer, prompt, limit) if side == "left" else (
-            prompt if len(_prompt_ids(tokenizer, prompt)) <= limit else None)
-        if short is None:
-            continue
-        cut += short is not prompt
-        prompts.append(short)
-        kept.append(i)
-    rows = len(dataset)
-    if cut == 0 and len(kept) == rows:
-        return dataset
-    dataset = dataset.select(kept)
-    if cut:
-        dataset = dataset.remove_columns("prompt").add_column("prompt", prompts)
-    reason = (f"prompts longer than data.max_prompt_length = {limit} tokens: {cut} cut on the left, "
-              f"{rows - len(kept)} dropped (too long to cut)" if side == "left" else
-              f"prompts longer than data.max_prompt_length = {limit} tokens dropped")
-    entry = {"plugin": "posttrain (data.max_prompt_length)", "split": split, "rows_in": rows, "rows_out": len(kept),
-             "reason": reason}
-    if cut:
-        entry["rows_cut"] = cut
-    plan.data_log.append(entry)
-    print(f"posttrain: {split} data: {reason}", flush=True)
-    if not kept:
-        raise UserError(f"every {split} prompt is longer than data.max_prompt_length = {limit} tokens",
-                        field="data.max_prompt_length", fix="raise it, or use prompt_truncation: left")
-    return dataset
-
-
 def load_data(plan: Plan):
     """Training and held-out splits, loaded, checked and transformed by the plugins."""
     from ..data import load_splits, source_counts
@@ -563,7 +426,8 @@ def trainer_parts(plan: Plan, run_dir: Path, config_cls=None, *, config=None, re
     trl_config = config(precision) if config is not None else build_config(config_cls, plan, run_dir, precision)
     path = resolve_model_path(recipe.model.name_or_path)
     tokenizer = load_tokenizer(recipe, path)
-    train, heldout = limit_prompts(plan, train, tokenizer, "train"), limit_prompts(plan, heldout, tokenizer, "eval")
+    train = limit_prompts(plan, train, tokenizer, "train")
+    heldout = limit_prompts(plan, heldout, tokenizer, "eval")
     model, peft_config = load_model(recipe, path, precision, reward_head=reward_head)
     return Parts(train, heldout, precision, trl_config, path, tokenizer, model, peft_config,
                  trainer_callbacks(plan, run_dir))
@@ -787,7 +651,8 @@ def count_truncation(module, plan: Plan, trainer) -> dict | None:
             continue
         reason = f"cut to training.max_length = {max_length} tokens ({how})"
         plan.data_log.append({"plugin": plan.stage.trainer, "split": split, "rows_in": rows, "rows_out": rows,
-                              "rows_cut": int(cut), "reason": f"rows {reason}: their tokens past it are not trained on"})
+                              "rows_cut": int(cut),
+                              "reason": f"rows {reason}: their tokens past it are not trained on"})
         print(f"posttrain: warning: {cut} of {rows} {split} rows {reason}", flush=True)
     return counts
 
