@@ -18,8 +18,13 @@ each hook here (a test keeps the two in step).
 
 The arguments and results carry their real types (``torch.Tensor``, ``datasets.Dataset``, the
 :mod:`posttrain.types` classes), so an editor shows them; the heavy libraries are imported for type
-checkers only, so ``posttrain validate`` and ``posttrain plugins`` stay fast. The results are
-checked against these types when a run calls the hooks (``posttrain.registry.RESULT_CONTRACT``).
+checkers only, so ``posttrain validate`` and ``posttrain plugins`` stay fast.
+
+Each hook's whole contract is declared on its spec, ``@spec(combine, returns, check, role)``: the
+combine rule (which also sets pluggy's ``firstresult``), what a result other than ``None`` must be
+(checked at every call, a plugin breaking it is named), and whether the hook is *supporting* (alone it
+makes a plugin useful nowhere) or a data format's. :data:`CONTRACTS` holds them by hook name; a test
+keeps each docstring's "Combine:" line equal to the declared rule.
 
 Which hooks each stage calls is part of each stage's declaration (``Stage.hooks`` in
 ``posttrain.stages``); ``docs/hooks.md`` has the table, tested against them.
@@ -27,53 +32,103 @@ Which hooks each stage calls is part of each stage's declaration (``Stage.hooks`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+from .types import Advantages, Critic, PreferenceLoss, Transformed
 
 if TYPE_CHECKING:  # pragma: no cover - for editors and type checkers; nothing heavy is imported at run time
     import torch
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 
-    from .types import Advantages, Critic, PreferenceLogps, PreferenceLoss, Rollouts, Transformed
+    from .types import PreferenceLogps, Rollouts
 
 PROJECT = "posttrain"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-# Hooks that at most one enabled plugin may implement. The registry checks this when it
-# builds the plugin set for a run, so a conflict is a recipe error, not a training crash.
-SINGLE_OWNER_HOOKS = (
-    "posttrain_preference_loss",
-    "posttrain_advantage_estimate",
-    "posttrain_sample",
-    "posttrain_data_collator",
-    "posttrain_train_sampler",
-    "posttrain_critic",
-    "posttrain_select_pair",
-)
+ONE_OWNER = "one owner"  # at most one enabled plugin implements it; its result is used
+FIRST_RESULT = "first result"  # implementations are tried in order; the first non-None wins
+ALL_RESULTS = "all results"  # every implementation is called; the results combine as the docstring says
 
-# Hooks every stage calls. They do not make a plugin useful in a stage by themselves: a plugin
-# is refused in a stage that calls none of its other hooks (a preference loss in an online
-# recipe would silently do nothing). A plugin with only these hooks is accepted everywhere.
-GENERAL_HOOKS = (
-    "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
-    "posttrain_check_record", "posttrain_transform_dataset",
-)
+# The roles a hook can have besides its combine rule:
+SUPPORTING = "supporting"  # alone it makes a plugin useful in no stage (a plugin made only of such hooks is
+# accepted in every stage; one with other hooks is refused in a stage that calls none of those)
+FORMAT = "format"  # a data format's hook: the format is named by a recipe's `data.format` (or detected), not
+# enabled under `plugins`, and no stage calls these hooks through the plugin set
 
-# The data-format hooks: a format plugin is named by a recipe's `data.format` (or detected), not enabled
-# under `plugins`; no stage calls these hooks through the plugin set.
-FORMAT_HOOKS = ("posttrain_format_detect", "posttrain_format_columns", "posttrain_format_record")
+
+@dataclass(frozen=True)
+class Contract:
+    """A hook's contract beside its spec: how results combine, what a result other than ``None`` must be
+    (``check`` tests it, ``returns`` says it in words for the error naming a plugin that broke it), and
+    its role. Shapes that depend on the batch are checked where the result is used."""
+
+    combine: str
+    returns: str
+    check: Callable[[Any], bool]
+    role: str | None = None
+
+
+CONTRACTS: dict[str, Contract] = {}
+
+
+def spec(combine: str, returns: str, check: Callable[[Any], bool], role: str | None = None):
+    """Declare a hook: its pluggy spec (``firstresult`` unless every result is used) and its
+    :class:`Contract`, in :data:`CONTRACTS` under the hook's name."""
+
+    def declare(function):
+        CONTRACTS[function.__name__] = Contract(combine, returns, check, role)
+        return hookspec(firstresult=combine != ALL_RESULTS)(function)
+
+    return declare
+
+
+def _instance_of(value, module: str, *names: str) -> bool:
+    """isinstance(value, module.name) for a heavy library's class, without importing the library: a value of
+    that class can only exist once its module is imported."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(value, tuple(getattr(loaded, n) for n in names))
+
+
+def _is_tensor(value) -> bool:
+    return _instance_of(value, "torch", "Tensor")
+
+
+def _is_scalar_tensor(value) -> bool:
+    return _is_tensor(value) and value.numel() == 1
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_dataset(value) -> bool:
+    return _instance_of(value, "datasets", "Dataset", "IterableDataset")
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(c, str) for c in value)
+
+
+def _is_index_pair(value) -> bool:
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in value) and value[0] != value[1])
+
 
 # --------------------------------------------------------------------------------------
 # Configuration family
 # --------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(ALL_RESULTS, "a dict of TRL config field names to values",
+      lambda r: isinstance(r, dict) and all(isinstance(k, str) for k in r), role=SUPPORTING)
 def posttrain_trl_config(stage: str, recipe: dict[str, Any]) -> dict[str, Any] | None:
     """Contribute values to the TRL config of the run (e.g. ``DPOConfig``).
 
@@ -91,7 +146,9 @@ def posttrain_trl_config(stage: str, recipe: dict[str, Any]) -> dict[str, Any] |
     """
 
 
-@hookspec
+@spec(ALL_RESULTS, "a list of transformers.TrainerCallback objects",
+      lambda r: isinstance(r, (list, tuple)) and all(_instance_of(c, "transformers", "TrainerCallback") for c in r),
+      role=SUPPORTING)
 def posttrain_callbacks(stage: str, recipe: dict[str, Any]) -> list[TrainerCallback] | None:
     """Contribute ``transformers.TrainerCallback`` objects to the trainer.
 
@@ -101,7 +158,8 @@ def posttrain_callbacks(stage: str, recipe: dict[str, Any]) -> list[TrainerCallb
     """
 
 
-@hookspec
+@spec(ALL_RESULTS, "a dict of metric names to numbers",
+      lambda r: isinstance(r, dict) and all(_is_number(v) or _is_scalar_tensor(v) for v in r.values()))
 def posttrain_step_metrics(logps: PreferenceLogps, stage: str) -> dict[str, float] | None:
     """Contribute extra metrics computed from a training or evaluation batch.
 
@@ -118,7 +176,8 @@ def posttrain_step_metrics(logps: PreferenceLogps, stage: str) -> dict[str, floa
 # --------------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "a posttrain.PreferenceLoss (losses, chosen_rewards, rejected_rewards: one per pair)",
+      lambda r: isinstance(r, PreferenceLoss))
 def posttrain_preference_loss(logps: PreferenceLogps) -> PreferenceLoss:
     """Compute the preference loss of a batch of pairs.
 
@@ -136,7 +195,8 @@ def posttrain_preference_loss(logps: PreferenceLogps) -> PreferenceLoss:
     """
 
 
-@hookspec
+@spec(ALL_RESULTS, "a dict of term names to scalar tensors",
+      lambda r: isinstance(r, dict) and all(_is_scalar_tensor(v) for v in r.values()))
 def posttrain_loss_terms(logps: PreferenceLogps) -> dict[str, torch.Tensor] | None:
     """Add terms to the loss (e.g. an NLL term on the chosen response, a regulariser).
 
@@ -149,7 +209,7 @@ def posttrain_loss_terms(logps: PreferenceLogps) -> dict[str, torch.Tensor] | No
     """
 
 
-@hookspec
+@spec(ALL_RESULTS, "True, False or None", lambda r: isinstance(r, bool), role=SUPPORTING)
 def posttrain_reference_needed(stage: str) -> bool | None:
     """Say whether this plugin needs reference-model log-probs.
 
@@ -166,7 +226,7 @@ def posttrain_reference_needed(stage: str) -> bool | None:
     """
 
 
-@hookspec
+@spec(ALL_RESULTS, "a list of column names", _is_names, role=SUPPORTING)
 def posttrain_required_columns(stage: str) -> list[str] | None:
     """Name the dataset columns this plugin needs, beyond the stage's own.
 
@@ -179,7 +239,8 @@ def posttrain_required_columns(stage: str) -> list[str] | None:
     """
 
 
-@hookspec
+@spec(ALL_RESULTS, "a sentence saying what is wrong with the record, or None",
+      lambda r: isinstance(r, str), role=SUPPORTING)
 def posttrain_check_record(record: dict[str, Any], row: int, stage: str) -> str | None:
     """Say what is wrong with one record of the data for this plugin, before anything loads.
 
@@ -198,7 +259,8 @@ def posttrain_check_record(record: dict[str, Any], row: int, stage: str) -> str 
 # --------------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "one list of completion strings per prompt",
+      lambda r: isinstance(r, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in r))
 def posttrain_sample(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str | list[dict[str, Any]]],
     num_samples: int, generation: dict[str, Any]
@@ -227,7 +289,8 @@ def posttrain_sample(
 # --------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(ALL_RESULTS, "a list with one float (or None to abstain) per completion",
+      lambda r: isinstance(r, (list, tuple)) and all(r_ is None or _is_number(r_) for r_ in r))
 def posttrain_reward(
     prompts: list[Any], completions: list[Any], columns: dict[str, list[Any]],
     completion_ids: list[list[int]] | None, truncated: list[bool] | None
@@ -259,7 +322,8 @@ def posttrain_reward(
 # --------------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "a tensor of advantages, or a posttrain.Advantages",
+      lambda r: _is_tensor(r) or isinstance(r, Advantages))
 def posttrain_advantage_estimate(rollouts: Rollouts) -> torch.Tensor | Advantages:
     """Turn the rewards of a batch of rollouts into advantages.
 
@@ -285,7 +349,7 @@ def posttrain_advantage_estimate(rollouts: Rollouts) -> torch.Tensor | Advantage
     """
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "a posttrain.Critic", lambda r: isinstance(r, Critic))
 def posttrain_critic(stage: str) -> Critic | None:
     """Provide a learned critic (a value function) trained alongside the policy.
 
@@ -300,7 +364,7 @@ def posttrain_critic(stage: str) -> Critic | None:
     """
 
 
-@hookspec
+@spec(ALL_RESULTS, "a tensor of advantages", _is_tensor)
 def posttrain_advantage_transform(advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor | None:
     """Transform advantages before they reach the loss (normalise, clip, reshape...).
 
@@ -316,7 +380,7 @@ def posttrain_advantage_transform(advantages: torch.Tensor, rollouts: Rollouts) 
     """
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "a pair (chosen_index, rejected_index) of two different indices, or None", _is_index_pair)
 def posttrain_select_pair(prompt: str | list[dict[str, Any]], completions: list[str], rewards: list[float]
                           ) -> tuple[int, int] | None:
     """Choose the preference pair of one prompt from its scored samples (iterative stage).
@@ -338,7 +402,7 @@ def posttrain_select_pair(prompt: str | list[dict[str, Any]], completions: list[
 # --------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(ALL_RESULTS, "nothing (the result is ignored)", lambda r: True)
 def posttrain_update_reference(trainer: Trainer, event: str, step: int) -> None:
     """Update the reference model.
 
@@ -362,7 +426,7 @@ def posttrain_update_reference(trainer: Trainer, event: str, step: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@spec(FIRST_RESULT, "True, False or None", lambda r: isinstance(r, bool), role=FORMAT)
 def posttrain_format_detect(columns: list[str], record: dict[str, Any]) -> bool | None:
     """Say whether a source whose first record is ``record`` is in this plugin's data format.
 
@@ -376,7 +440,7 @@ def posttrain_format_detect(columns: list[str], record: dict[str, Any]) -> bool 
     """
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "a list of column names", _is_names, role=FORMAT)
 def posttrain_format_columns(columns: list[str]) -> list[str] | None:
     """The columns a source will have once read in this format, from the columns it has.
 
@@ -387,7 +451,7 @@ def posttrain_format_columns(columns: list[str]) -> list[str] | None:
     """
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "the record as a dict of columns", lambda r: isinstance(r, dict), role=FORMAT)
 def posttrain_format_record(record: dict[str, Any], row: int) -> dict[str, Any]:
     """Read one record in this format: return it in the stage's columns (``prompt``/``chosen``/
     ``rejected``, ``messages``, ...), with whatever other columns the format keeps.
@@ -405,7 +469,8 @@ def posttrain_format_record(record: dict[str, Any], row: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-@hookspec
+@spec(ALL_RESULTS, "a datasets.Dataset, or a posttrain.Transformed(dataset, reason)",
+      lambda r: _is_dataset(r) or (isinstance(r, Transformed) and _is_dataset(r.dataset)), role=SUPPORTING)
 def posttrain_transform_dataset(dataset: Dataset, split: str, stage: str) -> Dataset | Transformed | None:
     """Filter or transform a dataset before training.
 
@@ -421,7 +486,7 @@ def posttrain_transform_dataset(dataset: Dataset, split: str, stage: str) -> Dat
     """
 
 
-@hookspec
+@spec(ALL_RESULTS, "a 0/1 or boolean tensor shaped like the completion mask", _is_tensor)
 def posttrain_token_mask(input_ids: torch.Tensor, completion_mask: torch.Tensor, tokenizer: PreTrainedTokenizerBase
                          ) -> torch.Tensor | None:
     """Remove tokens from the loss.
@@ -439,7 +504,7 @@ def posttrain_token_mask(input_ids: torch.Tensor, completion_mask: torch.Tensor,
     """
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "a collator (a callable that turns examples into a batch)", callable)
 def posttrain_data_collator(tokenizer: PreTrainedTokenizerBase, default: Callable, stage: str) -> Callable | None:
     """Replace the collator that turns tokenised examples into batches.
 
@@ -450,7 +515,8 @@ def posttrain_data_collator(tokenizer: PreTrainedTokenizerBase, default: Callabl
     """
 
 
-@hookspec(firstresult=True)
+@spec(ONE_OWNER, "a torch.utils.data.Sampler",
+      lambda r: _instance_of(r, "torch.utils.data", "Sampler") or hasattr(r, "__iter__"))
 def posttrain_train_sampler(dataset: Dataset, batch_size: int, seed: int, stage: str
                             ) -> torch.utils.data.Sampler | None:
     """Choose the order in which training examples are drawn.
@@ -461,3 +527,9 @@ def posttrain_train_sampler(dataset: Dataset, batch_size: int, seed: int, stage:
 
     Combine: *one owner*.
     """
+
+
+# The rules derived from the contracts above, for the registry's checks.
+SINGLE_OWNER_HOOKS = tuple(n for n, c in CONTRACTS.items() if c.combine == ONE_OWNER and c.role != FORMAT)
+SUPPORTING_HOOKS = tuple(n for n, c in CONTRACTS.items() if c.role == SUPPORTING)
+FORMAT_HOOKS = tuple(n for n, c in CONTRACTS.items() if c.role == FORMAT)

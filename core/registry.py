@@ -30,7 +30,6 @@ from .errors import PluginHookError, UserError, did_you_mean
 from .plugin import Plugin
 from .seams import varnames
 from .stage import Stage
-from .types import Advantages, Critic, PreferenceLoss, Transformed
 
 ENTRY_POINT_GROUP = "posttrain.plugins"
 ENV_ONLY = "POSTTRAIN_PLUGINS"
@@ -313,75 +312,6 @@ def _describe(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _instance_of(value, module: str, *names: str) -> bool:
-    """isinstance(value, module.name) for a heavy library's class, without importing the library: a value of
-    that class can only exist once its module is imported."""
-    loaded = sys.modules.get(module)
-    return loaded is not None and isinstance(value, tuple(getattr(loaded, n) for n in names))
-
-
-def _is_tensor(value) -> bool:
-    return _instance_of(value, "torch", "Tensor")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_dataset(value) -> bool:
-    return _instance_of(value, "datasets", "Dataset", "IterableDataset")
-
-
-def _is_sampler(value) -> bool:
-    return _instance_of(value, "torch.utils.data", "Sampler") or hasattr(value, "__iter__")
-
-
-def _is_callback(value) -> bool:
-    return _instance_of(value, "transformers", "TrainerCallback")
-
-
-# What each hook must return when it returns something other than None: (check, what the contract
-# says). Shapes that depend on the batch are checked where the result is used.
-RESULT_CONTRACT = {
-    "posttrain_trl_config": (lambda r: isinstance(r, dict) and all(isinstance(k, str) for k in r),
-                             "a dict of TRL config field names to values"),
-    "posttrain_callbacks": (lambda r: isinstance(r, (list, tuple)) and all(_is_callback(c) for c in r),
-                            "a list of transformers.TrainerCallback objects"),
-    "posttrain_step_metrics": (lambda r: isinstance(r, dict) and all(_is_number(v) or _is_tensor(v) and v.numel() == 1
-                                                                      for v in r.values()),
-                               "a dict of metric names to numbers"),
-    "posttrain_preference_loss": (lambda r: isinstance(r, PreferenceLoss),
-                                  "a posttrain.PreferenceLoss (losses, chosen_rewards, rejected_rewards: one per pair)"),
-    "posttrain_loss_terms": (lambda r: isinstance(r, dict) and all(_is_tensor(v) and v.numel() == 1 for v in r.values()),
-                             "a dict of term names to scalar tensors"),
-    "posttrain_reference_needed": (lambda r: isinstance(r, bool), "True, False or None"),
-    "posttrain_required_columns": (lambda r: isinstance(r, (list, tuple)) and all(isinstance(c, str) for c in r),
-                                   "a list of column names"),
-    "posttrain_sample": (lambda r: isinstance(r, (list, tuple)) and all(isinstance(c, (list, tuple)) for c in r),
-                         "one list of completion strings per prompt"),
-    "posttrain_reward": (lambda r: isinstance(r, (list, tuple)) and all(r_ is None or _is_number(r_) for r_ in r),
-                         "a list with one float (or None to abstain) per completion"),
-    "posttrain_advantage_estimate": (lambda r: _is_tensor(r) or isinstance(r, Advantages),
-                                     "a tensor of advantages, or a posttrain.Advantages"),
-    "posttrain_critic": (lambda r: isinstance(r, Critic), "a posttrain.Critic"),
-    "posttrain_advantage_transform": (_is_tensor, "a tensor of advantages"),
-    "posttrain_transform_dataset": (lambda r: _is_dataset(r) or (isinstance(r, Transformed) and _is_dataset(r.dataset)),
-                                    "a datasets.Dataset, or a posttrain.Transformed(dataset, reason)"),
-    "posttrain_token_mask": (_is_tensor, "a 0/1 or boolean tensor shaped like the completion mask"),
-    "posttrain_data_collator": (callable, "a collator (a callable that turns examples into a batch)"),
-    "posttrain_train_sampler": (_is_sampler, "a torch.utils.data.Sampler"),
-    "posttrain_update_reference": (lambda r: True, "nothing (the result is ignored)"),
-    "posttrain_format_detect": (lambda r: isinstance(r, bool), "True, False or None"),
-    "posttrain_format_columns": (lambda r: isinstance(r, (list, tuple)) and all(isinstance(c, str) for c in r),
-                                 "a list of column names"),
-    "posttrain_check_record": (lambda r: isinstance(r, str), "a sentence saying what is wrong with the record, or None"),
-    "posttrain_format_record": (lambda r: isinstance(r, dict), "the record as a dict of columns"),
-    "posttrain_select_pair": (lambda r: isinstance(r, (tuple, list)) and len(r) == 2 and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in r) and r[0] != r[1],
-                              "a pair (chosen_index, rejected_index) of two different indices, or None"),
-}
-
-
 def contract_error(plugin: str, hook: str, got: Any, expected: str) -> UserError:
     """The error for a hook result that breaks the hook's contract (the plugin's fault, not the core's)."""
     return UserError(f"plugin '{plugin}' must return {expected} from hook '{hook}'; it returned {_describe(got)}",
@@ -395,7 +325,7 @@ class PluginSet:
     Every call goes through :meth:`_invoke`: implementations are called in the order the recipe
     lists the plugins, with the arguments each accepts; an exception inside one becomes a
     :class:`PluginHookError` naming the plugin and the hook; a result that is not what the hook's
-    contract says (:data:`RESULT_CONTRACT`) is a user error naming the plugin, the hook, what came
+    contract says (``hookspecs.CONTRACTS``) is a user error naming the plugin, the hook, what came
     back and what was expected; with ``POSTTRAIN_TRACE_HOOKS=1`` every call is printed to stderr.
     """
 
@@ -431,9 +361,9 @@ class PluginSet:
         if self.trace:
             shown = ", ".join(f"{k}={_describe(v, 40)}" for k, v in args.items())
             sys.stderr.write(f"posttrain hook: {impl.plugin_name}.{hook}({shown}) -> {_describe(result)}\n")
-        check, expected = RESULT_CONTRACT[hook]
-        if result is not None and not check(result):
-            raise contract_error(impl.plugin_name, hook, result, expected)
+        contract = hookspecs.CONTRACTS[hook]
+        if result is not None and not contract.check(result):
+            raise contract_error(impl.plugin_name, hook, result, contract.returns)
         return result
 
     def call(self, hook: str, **kwargs) -> Any:
@@ -551,7 +481,7 @@ def build_plugin_set(section: dict | None, stage: Stage) -> PluginSet:
     used = set(stage.hooks)
     for p in plugins:
         hooks = hook_methods(type(p))
-        specific = [h for h in hooks if h not in hookspecs.GENERAL_HOOKS] or hooks
+        specific = [h for h in hooks if h not in hookspecs.SUPPORTING_HOOKS] or hooks
         if specific and not used.intersection(specific):
             raise UserError(
                 f"plugin '{p.name}' does nothing in the {stage.name} stage: none of its hooks "

@@ -68,9 +68,9 @@ COMMON_RENAMED = {
     "evaluation_strategy": "use eval_strategy",
 }
 
-# The hooks every training stage calls while it is validated and built (the stages with a reference model
-# also call posttrain_reference_needed).
-GENERAL = ("posttrain_trl_config", "posttrain_callbacks", "posttrain_required_columns", "posttrain_check_record",
+# The hooks every training stage calls while its recipe is validated and its trainer built (the stages with a
+# reference model also call posttrain_reference_needed). All are supporting hooks (hookspecs.SUPPORTING_HOOKS).
+SETUP_HOOKS = ("posttrain_trl_config", "posttrain_callbacks", "posttrain_required_columns", "posttrain_check_record",
            "posttrain_transform_dataset")
 
 

@@ -212,6 +212,27 @@ def test_every_hookspec_has_a_docs_section():
         assert "Combine:" in getattr(hookspecs, name).__doc__, name
 
 
+def test_each_hook_declares_its_contract_on_its_spec():
+    """The combine rule, pluggy's firstresult and the docstring's "Combine:" line are one declaration."""
+    import re
+
+    from posttrain import registry
+
+    assert set(hookspecs.CONTRACTS) == set(registry.HOOK_NAMES)
+    for hook, contract in hookspecs.CONTRACTS.items():
+        spec = getattr(hookspecs, hook)
+        said = re.search(r"Combine: \*([a-z ]+)\*", spec.__doc__)
+        assert said and said.group(1) == contract.combine, hook
+        firstresult = spec.posttrain_spec["firstresult"]
+        assert firstresult == (contract.combine != hookspecs.ALL_RESULTS), hook
+        assert contract.check(None) in (True, False)  # a check never raises on a foreign value
+    assert "posttrain_preference_loss" in hookspecs.SINGLE_OWNER_HOOKS
+    assert "posttrain_format_record" not in hookspecs.SINGLE_OWNER_HOOKS  # a format is named, not enabled
+    from posttrain.stage import SETUP_HOOKS
+
+    assert set(hookspecs.SUPPORTING_HOOKS) >= set(SETUP_HOOKS)
+
+
 def test_single_owner_hooks_are_enforced_for_all_of_them(monkeypatch):
     from posttrain import registry
 

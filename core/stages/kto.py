@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, GENERAL, MemoryFacts, Panel, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
 from .sft import sequence_facts
 
 
@@ -36,7 +36,7 @@ class KTOStage(Stage):
     }
     renamed = {**COMMON_RENAMED, "max_prompt_length": "use max_length (TRL truncates prompt + completion together)",
                "max_completion_length": "use max_length (TRL truncates prompt + completion together)"}
-    hooks = (*GENERAL, "posttrain_sample", "posttrain_reward")
+    hooks = (*SETUP_HOOKS, "posttrain_sample", "posttrain_reward")
     has_reference = True
     summary_rows = (("held-out KTO reward margin", "heldout", "reward_margin"),
                     ("held-out KL estimate", "heldout", "kl"))

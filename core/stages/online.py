@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..process import world_size
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, MemoryFacts, Panel, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
 
 # The online stage's prompt length when the command line does not give one (GRPO does not truncate prompts).
 DEFAULT_PROMPT_LENGTH = 512
@@ -34,11 +34,9 @@ class OnlineStage(Stage):
         "max_prompt_length": "use data.max_prompt_length (prompts cut on the left or dropped, counted; GRPOTrainer "
                              "itself does not truncate prompts)",
     }
-    hooks = (
-        "posttrain_trl_config", "posttrain_callbacks", "posttrain_reference_needed", "posttrain_required_columns",
-        "posttrain_check_record", "posttrain_sample", "posttrain_reward", "posttrain_advantage_estimate", "posttrain_advantage_transform",
-        "posttrain_critic", "posttrain_update_reference", "posttrain_transform_dataset",
-    )
+    hooks = (*SETUP_HOOKS, "posttrain_reference_needed", "posttrain_sample", "posttrain_reward",
+             "posttrain_advantage_estimate", "posttrain_advantage_transform", "posttrain_critic",
+             "posttrain_update_reference")
     required_hooks = ("posttrain_reward", "posttrain_advantage_estimate")
     reward_arguments = ("prompt", "completion", "completion_ids")  # GRPOTrainer's own, not passed as columns
     has_reference = True

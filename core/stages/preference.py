@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, MemoryFacts, Panel, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
 from .sft import sequence_facts
 
 GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it
@@ -31,11 +31,9 @@ PAIR_RENAMED = {
     "max_completion_length": "use max_length (TRL truncates prompt + response together)",
 }
 PAIR_HOOKS = (
-    "posttrain_trl_config", "posttrain_callbacks", "posttrain_step_metrics", "posttrain_preference_loss",
-    "posttrain_loss_terms", "posttrain_reference_needed", "posttrain_required_columns", "posttrain_check_record",
-    "posttrain_sample",
-    "posttrain_reward", "posttrain_update_reference", "posttrain_transform_dataset", "posttrain_token_mask",
-    "posttrain_data_collator", "posttrain_train_sampler",
+    *SETUP_HOOKS, "posttrain_reference_needed", "posttrain_step_metrics", "posttrain_preference_loss",
+    "posttrain_loss_terms", "posttrain_sample", "posttrain_reward", "posttrain_update_reference",
+    "posttrain_token_mask", "posttrain_data_collator", "posttrain_train_sampler",
 )
 
 

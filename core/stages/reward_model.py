@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..stage import GENERAL, MemoryFacts, Panel, Stage, StageResult, trl_config
+from ..stage import SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
 from .sft import sequence_facts
 
 
@@ -16,7 +16,7 @@ class RewardModelStage(Stage):
     config = trl_config("trl", "trainer/reward_config.py", "RewardConfig")
     layouts = (("prompt", "chosen", "rejected"),)
     renamed = {**Stage.renamed, "max_prompt_length": "use max_length (the whole prompt + response)"}
-    hooks = GENERAL
+    hooks = SETUP_HOOKS
     head = "reward"
     summary_rows = (("held-out pairwise accuracy", "heldout", "pairwise_accuracy"),
                     ("held-out reward margin", "heldout", "reward_margin"))

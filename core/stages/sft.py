@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import UserError
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, GENERAL, MemoryFacts, Panel, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
 
 
 class SFTStage(Stage):
@@ -27,7 +27,7 @@ class SFTStage(Stage):
         **COMMON_MANAGED,
     }
     renamed = {**COMMON_RENAMED, "max_seq_length": "use max_length"}
-    hooks = (*GENERAL, "posttrain_token_mask", "posttrain_sample", "posttrain_reward")
+    hooks = (*SETUP_HOOKS, "posttrain_token_mask", "posttrain_sample", "posttrain_reward")
     summary_rows = (("held-out completion NLL", "heldout", "completion_nll"),
                     ("held-out perplexity", "heldout", "perplexity"))
     panels = (Panel("loss", "training loss (completion NLL)", ("loss",)),

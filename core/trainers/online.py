@@ -264,12 +264,9 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
                 rollouts.completion_mask.shape):
             raise contract_error(owner, "posttrain_advantage_estimate", estimate.value_targets,
                                  f"value_targets of shape {tuple(rollouts.completion_mask.shape)}")
-        for name in self.plugins.implementers("posttrain_advantage_transform"):
-            result = self.plugins.call_one(name, "posttrain_advantage_transform", advantages=advantages,
-                                           rollouts=rollouts)
-            if result is not None:
-                self._check_shape(result, rollouts, name)
-                advantages = result
+        advantages, _ = self.plugins.chain(
+            "posttrain_advantage_transform", "advantages", advantages, rollouts=rollouts,
+            on_step=lambda name, before, after, note: self._check_shape(after, rollouts, name))
         estimate.advantages = torch.nan_to_num(advantages.to(torch.float32), nan=0.0)
         return estimate
 
