@@ -17,7 +17,7 @@ RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt table-saferlhf table-saferlhf-seeds table-ood test bench bench-gpu clean
+.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt table-saferlhf table-saferlhf-seeds table-ood test bench bench-gpu results clean
 
 setup: $(STAMP)
 
@@ -77,6 +77,10 @@ bench: setup
 # posttrain vs plain TRL at GPU scale (0.5B model: DPO full FT, DPO + LoRA, GRPO + LoRA, with and without Liger).
 bench-gpu: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu.py
+
+# docs/results.md from the records in docs/results/ (a record per run: python bench/results.py add RUN_DIR).
+results: setup
+	$(BIN)/python bench/results.py render
 
 clean:
 	rm -rf $(VENV) build *.egg-info
