@@ -30,6 +30,8 @@ LAYERS = [
     # 5: the command line, the package's public face, and the kit for plugin authors
     {"cli", "__init__", "__main__", "testing"},
 ]
+# the estimate package's modules share its layer
+LAYERS[4] |= {f"estimate.{p.stem}" for p in (CORE / "estimate").glob("*.py") if p.stem != "__init__"}
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
