@@ -94,11 +94,11 @@ from posttrain.models import cache_dir, run_precision, torch_dtype  # noqa: E402
 from posttrain.plugins.advantage_norm import AdvantageNorm  # noqa: E402
 from posttrain.plugins.dpo import DPO  # noqa: E402
 from posttrain.plugins.group_relative import GroupRelative  # noqa: E402
-from posttrain.runner import recipe_from_data  # noqa: E402
+from posttrain.pipeline import recipe_from_data  # noqa: E402
 from posttrain.registry import PluginSet  # noqa: E402
 from posttrain.trainers import online as online_stage  # noqa: E402
 from posttrain.trainers import preference as preference_stage  # noqa: E402
-from posttrain.trainers.loop import trl_values  # noqa: E402
+from posttrain.trainers.config import trl_values  # noqa: E402
 from posttrain.testing import build_tiny_model  # noqa: E402
 from posttrain.validate import Plan, check_training  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, set_seed  # noqa: E402

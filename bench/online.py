@@ -92,7 +92,7 @@ def run_method(method: str, model_dir: Path, data: Dataset, steps: int, prompts:
     from peft import LoraConfig
     from posttrain.plugins.critic import CriticPlugin
     from posttrain.plugins.gae import GAE
-    from posttrain.trainers.loop import finish_trainer
+    from posttrain.trainers.parts import finish_trainer
     from posttrain.models import Precision
 
     tok = AutoTokenizer.from_pretrained(model_dir)

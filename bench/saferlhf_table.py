@@ -71,7 +71,7 @@ def row_overrides(row: str, overrides: list[str]) -> list[str]:
 
 def pipeline_data(row: str, overrides: list[str]) -> dict:
     """The row's pipeline as its run directory records it (``recipe.yaml``)."""
-    from posttrain.runner import load
+    from posttrain.pipeline import load
 
     return load(str(REPO / "recipes" / f"saferlhf-{row}.yaml"), overrides).data
 

@@ -66,7 +66,7 @@ def _describe_plan(plan, indent: str = "  ") -> None:
 
 
 def _cmd_validate(args) -> int:
-    from .runner import load
+    from .pipeline import load
 
     pipeline = load(resolve_recipe(args.recipe), args.set, args.unset)
     if pipeline.single:

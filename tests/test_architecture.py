@@ -26,7 +26,7 @@ LAYERS = [
     # 3: the stages: one declaration per stage, each with its run
     {"stages"} | {f"stages.{p.stem}" for p in (CORE / "stages").glob("*.py") if p.stem != "__init__"},
     # 4: the runner and what reads whole recipes or run directories
-    {"runner", "estimate", "compare"},
+    {"pipeline", "run_dirs", "runner", "estimate", "compare"},
     # 5: the command line, the package's public face, and the kit for plugin authors
     {"cli", "__init__", "__main__", "testing"},
 ]

@@ -6,7 +6,7 @@ import pytest
 from posttrain.builtin import ArithmeticOptions, arithmetic
 from posttrain.data import load_splits
 from posttrain.plugins.verify_gsm8k import VerifyGSM8K, last_number
-from posttrain.runner import load_recipe
+from posttrain.pipeline import load_recipe
 
 
 def test_arithmetic_pairs_are_right_and_wrong():

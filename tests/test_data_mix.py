@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from posttrain.data import SplitSlice, load_splits, parse_split
 from posttrain.errors import UserError
-from posttrain.runner import load_recipe
+from posttrain.pipeline import load_recipe
 
 NO_EVAL = {"fraction": 0.0}
 
@@ -191,7 +191,7 @@ def test_a_hub_style_source_with_a_subset_and_a_slice(write_recipe, tmp_path, mo
 def test_a_list_of_sources_round_trips_and_its_stage_references_resolve(write_recipe, tmp_path):
     import yaml
     from posttrain import stage_refs
-    from posttrain.runner import recipe_from_data
+    from posttrain.pipeline import recipe_from_data
 
     source = str(_jsonl(tmp_path / "p.jsonl", _pairs("p", 4)))
     recipe = load_recipe(write_recipe(data=_mix(source, {"source": source, "split": "train[:2]", "count": 3})))

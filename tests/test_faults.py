@@ -261,7 +261,8 @@ def _two_processes(folder: Path, *args, timeout=300) -> list[tuple[int, str]]:
 def test_a_user_error_found_by_rank_0_stops_every_rank_with_exit_2(tmp_path, tiny_model_dir):
     """Checks of the run directory that rank 0 makes (a resume with a changed recipe, a pipeline folder that
     exists): every rank exits 2 with the same message, none goes on into training or prints a traceback."""
-    from posttrain.runner import load, prepare_run_dir
+    from posttrain.pipeline import load
+    from posttrain.run_dirs import prepare_run_dir
 
     recipe = _recipe(tmp_path, tiny_model_dir, "r", training={"max_steps": 2})
     run = tmp_path / "run"
@@ -292,7 +293,8 @@ def test_a_refused_resume_under_torchrun_is_exit_2_on_every_rank(tmp_path, tiny_
     """The command of the report: torchrun, two CPU processes, --resume with a recipe that changes what was
     trained. Each rank's stderr (torchrun --redirects) has the message and no traceback; the launcher's report
     names exit status 2 only."""
-    from posttrain.runner import load, prepare_run_dir
+    from posttrain.pipeline import load
+    from posttrain.run_dirs import prepare_run_dir
 
     recipe = _recipe(tmp_path, tiny_model_dir, "r", training={"max_steps": 2})
     run = tmp_path / "run"
@@ -374,7 +376,8 @@ def test_a_resume_may_change_how_long_a_run_trains_and_what_it_logs_only(tmp_pat
     so is a length below the one reached, in steps or epochs. An iterative stage's length (per round) is kept.
     In a pipeline, a stage that has not finished may be trained longer, a finished one is restarted with --from."""
     from posttrain.errors import UserError
-    from posttrain.runner import load, prepare_pipeline_dir, prepare_run_dir
+    from posttrain.pipeline import load
+    from posttrain.run_dirs import prepare_pipeline_dir, prepare_run_dir
 
     recipe = _recipe(tmp_path, tiny_model_dir, "r", training={"max_steps": 8})
     run = tmp_path / "run"

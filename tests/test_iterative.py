@@ -76,7 +76,7 @@ def _recipe(tiny_model_dir, tmp_path, name="it", plugins=None, **extra):
 
 
 def test_iterative_rounds_write_their_data_and_move_the_reference(cli, tiny_model_dir, tmp_path):
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.iterative import Rounds
     from posttrain.validate import validate
 
@@ -120,7 +120,7 @@ def test_iterative_rounds_write_their_data_and_move_the_reference(cli, tiny_mode
 
 
 def test_without_a_reference_update_the_reference_stays_the_start(tiny_model_dir, tmp_path):
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.iterative import Rounds
     from posttrain.validate import validate
 
@@ -208,7 +208,7 @@ def test_two_process_iterative_rounds(tiny_model_dir, tmp_path):
            "--master_port", free_port(), "-m", "posttrain.cli", "run", str(recipe), "--output-dir", str(run)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.iterative import Rounds
     from posttrain.trainers.rollouts import round_prompts, rows_of
     from posttrain.validate import validate

@@ -33,7 +33,7 @@ def _sequence_logps(model, input_ids, attention_mask, completion_mask):
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_the_kto_loss_is_the_formula_by_hand(lora, tmp_path, tiny_model_dir):
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.kto import build_trainer
     from posttrain.validate import validate
 

@@ -209,7 +209,7 @@ def test_two_loss_owners_fail_validation_naming_both(cli, write_recipe):
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_simpo_loads_and_runs_no_reference(write_recipe, tmp_path, lora):
     from posttrain.trainers.preference import build_trainer
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.preference import PreferenceTrainer
     from posttrain.validate import validate
 
@@ -260,7 +260,7 @@ def test_masked_tokens_do_not_affect_the_gradient(write_recipe, tmp_path):
     """The gradient of the loss with respect to each token's log-prob is zero at masked positions
     (and non-zero at the other response tokens)."""
     from posttrain.trainers.preference import build_trainer
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.validate import validate
 
     plan = validate(load_recipe(write_recipe(plugins={"dpo": {"beta": 0.5}, "mask_format_tokens": {}})))
@@ -325,7 +325,7 @@ def test_a_loss_plugin_gets_the_references_per_token_log_probs(write_recipe, tmp
     """PreferenceLogps carries the reference's per-token log-probs: they sum to the sequence values and equal
     the reference's own log-probs computed from its logits (the adapter-disabled policy, or the frozen copy)."""
     from conftest import device_batch
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.preference import build_trainer
     from posttrain.validate import validate
 

@@ -35,8 +35,8 @@ def test_preference_run_stops_at_the_first_nan_step(cli, write_recipe, tmp_path)
 
 def test_weights_in_memory_are_never_updated_with_a_nan_step(write_recipe, tmp_path):
     import torch
-    from posttrain.runner import load_recipe
-    from posttrain.trainers.loop import NonFiniteTraining
+    from posttrain.pipeline import load_recipe
+    from posttrain.trainers.guard import NonFiniteTraining
     from posttrain.trainers.preference import build_trainer
     from posttrain.validate import validate
 

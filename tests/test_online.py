@@ -24,7 +24,7 @@ def _run(cli, recipe, out):
 
 def _build(recipe_path, run_dir):
     from posttrain.trainers.online import build_trainer
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.validate import validate
 
     return build_trainer(validate(load_recipe(recipe_path)), run_dir)

@@ -61,7 +61,7 @@ def test_cpo_equals_trl_cpo_loss(smoothing):
 
 @pytest.mark.parametrize("plugin", ["orpo", "cpo"])
 def test_orpo_and_cpo_train_without_a_reference(plugin, write_recipe, tmp_path):
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.preference import build_trainer
     from posttrain.validate import validate
 

@@ -92,7 +92,7 @@ def _logps(model, batch):
 def test_dpo_reference_after_sft_is_the_sft_model(cli, tmp_path, tiny_model_dir, quantized):
     """The trap other tools fall into: with LoRA, the implicit reference of a DPO stage that follows an
     SFT stage must be the SFT model, not the base model."""
-    from posttrain.runner import recipe_from_data
+    from posttrain.pipeline import recipe_from_data
     from posttrain.trainers.preference import build_trainer
     from posttrain.validate import validate
     from transformers import AutoModelForCausalLM

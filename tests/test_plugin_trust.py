@@ -60,7 +60,7 @@ def test_a_package_cannot_take_a_builtin_plugin_name(cli, write_recipe, site):
     assert conflict["used"] == {"distribution": "posttrain", "entry_point": "posttrain.plugins.dpo:DPO"}
     assert {p["distribution"] for p in conflict["providers"]} == {"posttrain", "evil-posttrain"}
     # a recipe using the name gets the built-in, and is told about the other package
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.validate import validate
 
     plan = validate(load_recipe(write_recipe()))
@@ -202,9 +202,9 @@ def test_the_model_card_names_the_loss_that_trained(write_recipe, cli, tmp_path)
 def test_a_transform_says_why_it_dropped_rows(tmp_path):
     from datasets import Dataset
 
-    from posttrain.runner import recipe_from_data
+    from posttrain.pipeline import recipe_from_data
     from posttrain.registry import build_plugin_set
-    from posttrain.trainers.loop import transform
+    from posttrain.trainers.parts import transform
     from posttrain.validate import Plan
 
     recipe = recipe_from_data({"model": {"name_or_path": "x"}, "data": {"source": "x"}})

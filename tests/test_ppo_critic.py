@@ -80,7 +80,7 @@ PPO = {"online_plugins:DigitShare": {}, "critic": {"learning_rate": 1e-3}, "gae"
 
 
 def _build(online_recipe, tmp_path, plugins=None, **overrides):
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.online import build_trainer
     from posttrain.validate import validate
 
@@ -141,7 +141,7 @@ def test_critic_learns_a_constant_reward(online_recipe, tmp_path):
 
 
 def test_checkpoint_and_resume_restore_the_critic_exactly(online_recipe, tmp_path):
-    from posttrain.trainers.loop import last_checkpoint
+    from posttrain.trainers.run import last_checkpoint
 
     training = {"max_steps": 2, "save_strategy": "steps", "save_steps": 2, "beta": 0.05}
     first = _build(online_recipe, tmp_path / "a", training=training)

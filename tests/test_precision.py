@@ -31,7 +31,7 @@ def test_precision_resolution(dtype, trained, cuda, bf16_ok, expected):
 
 
 def _build(write_recipe, tmp_path, **model):
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.preference import build_trainer
     from posttrain.validate import validate
 

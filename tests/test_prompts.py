@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from posttrain.data import load_splits, prompt_form
 from posttrain.models import has_chat_template, load_tokenizer
-from posttrain.runner import load_recipe
+from posttrain.pipeline import load_recipe
 from posttrain.trainers.prompts import _prompt_ids, limit_prompts, run_prompt_form
 from posttrain.validate import validate
 

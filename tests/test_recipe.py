@@ -11,7 +11,7 @@ from conftest import REPO
 from posttrain import trl_fields
 from posttrain.errors import UserError
 from posttrain.recipe import apply_override
-from posttrain.runner import load_recipe
+from posttrain.pipeline import load_recipe
 
 
 def test_valid_recipe_passes(cli, write_recipe):
@@ -227,12 +227,12 @@ def test_offline_hub_id_is_a_user_error(cli, write_recipe, tmp_path, monkeypatch
 
 
 def test_internal_errors_exit_1_with_a_traceback(cli, write_recipe, monkeypatch):
-    import posttrain.runner
+    import posttrain.pipeline
 
     def broken(recipe, *args, **kwargs):
         raise RuntimeError("a bug in posttrain")
 
-    monkeypatch.setattr(posttrain.runner, "validate", broken)
+    monkeypatch.setattr(posttrain.pipeline, "validate", broken)
     code, _, err = cli("validate", write_recipe())
     assert code == 1 and "Traceback" in err and "a bug in posttrain" in err and "internal error" in err
 

@@ -9,7 +9,7 @@ import torch
 
 from posttrain.trainers.online import build_trainer as online_build
 from posttrain.trainers.preference import build_trainer
-from posttrain.runner import load_recipe
+from posttrain.pipeline import load_recipe
 from posttrain.validate import validate
 
 

@@ -25,7 +25,7 @@ def _rows(tmp_path, rows, name="rows.jsonl") -> Path:
 
 
 def _build(recipe_path, run_dir):
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.trainers.online import build_trainer
     from posttrain.validate import validate
 

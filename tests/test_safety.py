@@ -12,7 +12,7 @@ from posttrain import UserError, score
 from posttrain.builtin.safety import (SaferLHFOptions, SafetyPromptOptions, is_helpful, is_unsafe, saferlhf_pairs,
                                       safety_prompts)
 from posttrain.data import load_splits
-from posttrain.runner import load_recipe
+from posttrain.pipeline import load_recipe
 
 # Hand-written rows in PKU-SafeRLHF's layout.
 ROWS = [

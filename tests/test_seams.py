@@ -25,7 +25,7 @@ def test_a_moved_name_is_reported_by_name(monkeypatch):
 
 @pytest.mark.parametrize("stage", ["preference", "online"])
 def test_built_trainers_have_the_attributes_posttrain_reads(stage, write_recipe, online_recipe, tmp_path):
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.seams import missing_attributes
     from posttrain.validate import validate
 

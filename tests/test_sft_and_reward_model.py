@@ -17,7 +17,7 @@ ARITH_PAIRS = {"source": "builtin:arithmetic", "options": {"n": 64}, "eval": {"f
 
 def _plan(write_recipe, stage, **overrides):
     """float32 compute (a GPU would pick bf16): these tests check formulas to 1e-5, not bf16 numerics."""
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.validate import validate
 
     overrides["model"] = {"dtype": "float32", **overrides.get("model", {})}
@@ -44,7 +44,7 @@ def _hand_nll(model, batch):
 
 @pytest.mark.parametrize("conversational", [True, False])
 def test_sft_loss_is_the_nll_of_the_completion_tokens_only(write_recipe, tmp_path, conversational):
-    from posttrain.trainers.loop import load_data
+    from posttrain.trainers.parts import load_data
     from posttrain.trainers.sft import build_trainer
 
     data = {**ARITH_SFT, "options": {"n": 64, "conversational": conversational}}

@@ -55,7 +55,7 @@ def test_qlora_4bit_run_lowers_the_loss(cli, write_recipe, tmp_path):
 def test_qlora_base_is_really_4bit(write_recipe, tmp_path):
     import bitsandbytes as bnb
     from posttrain.trainers.preference import build_trainer
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.validate import validate
 
     plan = validate(load_recipe(write_recipe(model={"quantization": {"bits": 4}})))
@@ -85,7 +85,7 @@ def test_local_jsonl_with_column_mapping_trains(cli, write_recipe, tmp_path):
 
 def test_full_finetuning_keeps_a_frozen_reference(write_recipe, tmp_path):
     from posttrain.trainers.preference import build_trainer
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.validate import validate
 
     plan = validate(load_recipe(write_recipe(model={"lora": None}, training={"max_steps": 2})))
@@ -167,7 +167,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(write_recipe, tmp_path
     gradients as training before it."""
     import bitsandbytes as bnb
     from posttrain.trainers.preference import build_trainer
-    from posttrain.runner import load_recipe
+    from posttrain.pipeline import load_recipe
     from posttrain.validate import validate
 
     plan = validate(load_recipe(write_recipe(model={"quantization": {"bits": 4}})))
@@ -206,7 +206,7 @@ def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_
     # every response lost its first token to the mask: lengths agree with the tokenised data minus one
     import yaml
     from posttrain.trainers.preference import build_trainer
-    from posttrain.runner import recipe_from_data
+    from posttrain.pipeline import recipe_from_data
     from posttrain.validate import validate
 
     plan = validate(recipe_from_data(yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from posttrain.data import load_splits
 from posttrain.errors import UserError
-from posttrain.runner import load_recipe
+from posttrain.pipeline import load_recipe
 from posttrain.validate import validate
 
 from conftest import read_jsonl

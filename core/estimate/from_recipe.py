@@ -217,7 +217,7 @@ def _other_model_shapes(s: Setup, si: StageInput, reference_dtype: str | None) -
 def _stage_inputs(data: dict) -> list[StageInput]:
     """The stages of a recipe (one, or a pipeline's), with stages.NAME model references resolved to
     the model the named stage started from (its output has the same shape)."""
-    from ..runner import parse
+    from ..pipeline import parse
     from ..validate import check_stage_references
 
     pipeline = parse(data)

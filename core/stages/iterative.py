@@ -93,7 +93,7 @@ class IterativeStage(Stage):
         facts = PreferenceStage.memory(self, cfg, plugins, recipe, prompt_length=prompt_length,
                                        max_positions=max_positions, processes=processes)
         # each round samples between trainings (no gradients held): a batch of prompts x samples at once, with
-        # the policy gathered under ZeRO-3 (trainers.loop.generation_model)
+        # the policy gathered under ZeRO-3 (trainers.evaluation.generation_model)
         sampling = recipe.stage_options.sampling
         facts.generation_rows = sampling.batch_size * sampling.samples
         facts.completion_len = sampling.max_new_tokens

@@ -64,7 +64,7 @@ class KTOStage(Stage):
 
     def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
         from ..trainers import kto
-        from ..trainers.loop import run_training
+        from ..trainers.run import run_training
 
         return StageResult(run_training(self, kto, plan, run_dir, resume), model=None)
 

@@ -136,7 +136,7 @@ class OnlineStage(Stage):
 
     def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
         from ..trainers import online
-        from ..trainers.loop import run_training
+        from ..trainers.run import run_training
 
         return StageResult(run_training(self, online, plan, run_dir, resume), model=None)
 

@@ -77,7 +77,7 @@ class PreferenceStage(Stage):
 
     def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
         from ..trainers import preference
-        from ..trainers.loop import run_training
+        from ..trainers.run import run_training
 
         return StageResult(run_training(self, preference, plan, run_dir, resume), model=None)
 

@@ -34,7 +34,7 @@ class RewardModelStage(Stage):
 
     def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
         from ..trainers import reward_model
-        from ..trainers.loop import run_training
+        from ..trainers.run import run_training
 
         return StageResult(run_training(self, reward_model, plan, run_dir, resume), model=None)
 

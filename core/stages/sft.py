@@ -66,7 +66,7 @@ class SFTStage(Stage):
 
     def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
         from ..trainers import sft
-        from ..trainers.loop import run_training
+        from ..trainers.run import run_training
 
         return StageResult(run_training(self, sft, plan, run_dir, resume), model=None)
 

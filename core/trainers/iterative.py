@@ -44,8 +44,11 @@ from ..process import distributed_state, is_main
 from ..reference import REF_ADAPTER
 from ..sampling import derive_seed
 from ..validate import Plan
-from .loop import (MetricsWriter, answer_metrics, build_config, finish_trainer, generation_model, greedy_answers,
-                   last_checkpoint, load_data, raise_if_stopped, trainer_callbacks)
+from .callbacks import MetricsWriter, trainer_callbacks
+from .config import build_config
+from .evaluation import answer_metrics, generation_model, greedy_answers
+from .parts import finish_trainer, load_data
+from .run import last_checkpoint, raise_if_stopped
 from .preference import PreferenceTrainer
 from .prompts import limit_prompts
 from .rollouts import compute_autocast, read_jsonl, round_prompts, rows_of, sample_and_score, write_jsonl

@@ -13,7 +13,8 @@ from ..models import load_frozen_model, resolve_model_path
 from ..registry import PluginSet
 from ..seams import reference_builder
 from ..validate import Plan
-from .loop import GuardedTrainer, finish_trainer, token_lengths, trainer_parts
+from .guard import GuardedTrainer
+from .parts import finish_trainer, token_lengths, trainer_parts
 
 HELDOUT_KEYS = {"loss": "loss", "rewards/chosen": "desirable_reward", "rewards/rejected": "undesirable_reward",
                 "rewards/margins": "reward_margin", "kl": "kl"}

@@ -37,7 +37,11 @@ from ..seams import grpo_logger_name, reference_builder
 from ..rewards import RewardSource, source_weight
 from ..types import Advantages, Rollouts
 from ..validate import Plan
-from .loop import GuardedTrainer, ReferenceUpdateCallback, answer_metrics, build_config, finish_trainer, trainer_parts
+from .callbacks import ReferenceUpdateCallback
+from .config import build_config
+from .evaluation import answer_metrics
+from .guard import GuardedTrainer
+from .parts import finish_trainer, trainer_parts
 
 
 class _NoAbstentionWarning(logging.Filter):

@@ -23,7 +23,9 @@ from ..registry import PluginSet, contract_error, required_columns
 from ..seams import reference_builder, tokenize, triple_preference_collator
 from ..types import PreferenceLogps
 from ..validate import Plan
-from .loop import GuardedTrainer, ReferenceUpdateCallback, finish_trainer, token_lengths, trainer_parts
+from .callbacks import ReferenceUpdateCallback
+from .guard import GuardedTrainer
+from .parts import finish_trainer, token_lengths, trainer_parts
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it

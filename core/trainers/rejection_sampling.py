@@ -21,7 +21,7 @@ from ..models import load_model, load_tokenizer, resolve_model_path, run_precisi
 from ..process import distributed_state, is_main
 from ..sampling import derive_seed
 from ..validate import Plan
-from .loop import load_data
+from .parts import load_data
 from .prompts import limit_prompts
 from .rollouts import compute_autocast, round_prompts, sample_and_score, write_jsonl
 

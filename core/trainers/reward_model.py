@@ -26,7 +26,8 @@ from trl import RewardConfig, RewardTrainer
 from ..classifier import STATS_FILE
 from ..registry import PluginSet
 from ..validate import Plan
-from .loop import GuardedTrainer, finish_trainer, trainer_parts
+from .guard import GuardedTrainer
+from .parts import finish_trainer, trainer_parts
 
 STAGE = "reward_model"
 HELDOUT_KEYS = {"accuracy": "pairwise_accuracy", "margin": "reward_margin", "loss": "loss",

@@ -18,7 +18,7 @@ the fused LM head, checkpointing and logging. What is ours, through small overri
   collator, so the loss is normalised by the tokens that are really trained on;
 - held-out numbers: the completion NLL (TRL's evaluation loss, a mean over completion tokens), its
   perplexity and the next-token accuracy, before and after; greedy answers scored by the reward
-  plugins when one is enabled (``stages.loop.answer_metrics``).
+  plugins when one is enabled (``trainers.evaluation.answer_metrics``).
 
 "SFT on the chosen responses of a preference dataset" is a data mapping, ``columns: {completion:
 chosen}``: the preference data's rejected column is left unused.
@@ -34,7 +34,8 @@ from trl import SFTConfig, SFTTrainer
 from ..errors import UserError
 from ..registry import PluginSet, contract_error
 from ..validate import Plan
-from .loop import GuardedTrainer, finish_trainer, trainer_parts
+from .guard import GuardedTrainer
+from .parts import finish_trainer, trainer_parts
 
 STAGE = "sft"
 
