@@ -2,13 +2,15 @@
 
 `UserError` is anything the user can fix (a recipe key, a plugin name, a missing file): the
 CLI prints its message without a traceback and exits with status 2. Everything else is an
-internal error (status 1, with a traceback).
+internal error (status 1, with a traceback). A plugin that raises or breaks a hook's contract is named
+(:class:`PluginHookError`, :func:`contract_error`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+from typing import Any
 
 
 class UserError(Exception):
@@ -102,3 +104,28 @@ def did_you_mean(name: str, choices) -> str:
     if not close:
         return ""
     return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"
+
+
+def describe_value(value: Any, limit: int = 80) -> str:
+    """A short description of a hook argument or result, for traces and contract errors."""
+    kind = type(value).__name__
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"{kind}(shape={tuple(shape)}, dtype={value.dtype})"
+    if kind == "Dataset" and hasattr(value, "num_rows"):
+        return f"Dataset({value.num_rows} rows, columns {value.column_names})"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(describe_value(v, 20) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"{kind}[{len(value)}]({inner})"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{k}: {describe_value(v, 20)}" for k, v in list(value.items())[:4])
+        return "{" + inner + (", ..." if len(value) > 4 else "") + "}"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def contract_error(plugin: str, hook: str, got: Any, expected: str) -> UserError:
+    """The error for a hook result that breaks the hook's contract (the plugin's fault, not the core's)."""
+    return UserError(f"plugin '{plugin}' must return {expected} from hook '{hook}'; it returned {describe_value(got)}",
+                     field=f"plugins.{plugin}",
+                     fix=f"fix the plugin (see `{hook}` in docs/hooks.md) or disable it; report it to its author")

@@ -1,9 +1,10 @@
-"""Finding installed plugins and building the set of plugins a run uses.
+"""Finding installed plugins: discovery through entry points, name conflicts, a plugin class's checks.
 
 Every plugin, built-in or third-party, is found the same way: an entry point in the group
 ``posttrain.plugins`` whose name is the plugin name and whose value is a
-:class:`posttrain.Plugin` subclass. ``POSTTRAIN_PLUGINS=a,b`` restricts loading to those names
-(the others are not even imported). ``POSTTRAIN_TRACE_HOOKS=1`` prints every hook call.
+:class:`posttrain.Plugin` subclass, or a class named by import path (``package.module:Class``), or a plain
+reward function named so. ``POSTTRAIN_PLUGINS=a,b`` restricts loading to those names (the others are not
+even imported). The plugins one run enables, and the calls into them, are :mod:`posttrain.plugin_set`'s.
 
 A name belongs to one plugin. A built-in's name (one of posttrain's own entry points) is never
 taken by another package: that package's entry point is refused and reported as a conflict. Two
@@ -23,17 +24,15 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
-import pluggy
 
 from . import hookspecs
-from .errors import PluginHookError, UserError, did_you_mean
+from .errors import contract_error  # noqa: F401  (TEMPORARY: data.py's import moves to errors)
+from .errors import UserError, did_you_mean
 from .plugin import Plugin
 from .seams import varnames
-from .stage import Stage
 
 ENTRY_POINT_GROUP = "posttrain.plugins"
 ENV_ONLY = "POSTTRAIN_PLUGINS"
-ENV_TRACE = "POSTTRAIN_TRACE_HOOKS"
 
 HOOK_NAMES = tuple(
     name for name, obj in vars(hookspecs).items()
@@ -294,221 +293,3 @@ def find_plugin(name: str) -> PluginInfo:
     )
 
 
-def _describe(value: Any, limit: int = 80) -> str:
-    """A short description of a hook argument or result, for traces and contract errors."""
-    kind = type(value).__name__
-    shape = getattr(value, "shape", None)
-    if shape is not None and hasattr(value, "dtype"):
-        return f"{kind}(shape={tuple(shape)}, dtype={value.dtype})"
-    if kind == "Dataset" and hasattr(value, "num_rows"):
-        return f"Dataset({value.num_rows} rows, columns {value.column_names})"
-    if isinstance(value, (list, tuple)):
-        inner = ", ".join(_describe(v, 20) for v in value[:3]) + (", ..." if len(value) > 3 else "")
-        return f"{kind}[{len(value)}]({inner})"
-    if isinstance(value, dict):
-        inner = ", ".join(f"{k}: {_describe(v, 20)}" for k, v in list(value.items())[:4])
-        return "{" + inner + (", ..." if len(value) > 4 else "") + "}"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def contract_error(plugin: str, hook: str, got: Any, expected: str) -> UserError:
-    """The error for a hook result that breaks the hook's contract (the plugin's fault, not the core's)."""
-    return UserError(f"plugin '{plugin}' must return {expected} from hook '{hook}'; it returned {_describe(got)}",
-                     field=f"plugins.{plugin}",
-                     fix=f"fix the plugin (see `{hook}` in docs/hooks.md) or disable it; report it to its author")
-
-
-class PluginSet:
-    """The plugins enabled for one run, with their options, and the calls into their hooks.
-
-    Every call goes through :meth:`_invoke`: implementations are called in the order the recipe
-    lists the plugins, with the arguments each accepts; an exception inside one becomes a
-    :class:`PluginHookError` naming the plugin and the hook; a result that is not what the hook's
-    contract says (``hookspecs.CONTRACTS``) is a user error naming the plugin, the hook, what came
-    back and what was expected; with ``POSTTRAIN_TRACE_HOOKS=1`` every call is printed to stderr.
-    """
-
-    def __init__(self, plugins: list[Plugin]):
-        self.plugins = plugins
-        self.by_name = {p.name: p for p in plugins}
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
-        # pluggy calls the last registered implementation first: register in reverse so that
-        # calls follow the recipe's order.
-        for plugin in reversed(plugins):
-            self.pm.register(plugin, name=plugin.name)
-        self.pm.check_pending()
-        self.trace = bool(os.environ.get(ENV_TRACE))
-
-    def implementers(self, hook: str) -> list[str]:
-        return [impl.plugin_name for impl in self._impls(hook)]
-
-    def _impls(self, hook: str) -> list:
-        """The implementations of ``hook``, in recipe order."""
-        return list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))
-
-    def _invoke(self, impl, hook: str, kwargs: dict) -> Any:
-        """Call one implementation with the arguments it accepts; name the plugin if it raises or
-        returns something the hook's contract does not allow."""
-        args = {k: kwargs[k] for k in impl.argnames}
-        try:
-            result = impl.function(**args)
-        except UserError:
-            raise
-        except Exception as e:
-            raise PluginHookError(impl.plugin_name, hook, e) from e
-        if self.trace:
-            shown = ", ".join(f"{k}={_describe(v, 40)}" for k, v in args.items())
-            sys.stderr.write(f"posttrain hook: {impl.plugin_name}.{hook}({shown}) -> {_describe(result)}\n")
-        contract = hookspecs.CONTRACTS[hook]
-        if result is not None and not contract.check(result):
-            raise contract_error(impl.plugin_name, hook, result, contract.returns)
-        return result
-
-    def call(self, hook: str, **kwargs) -> Any:
-        """Call a hook the pluggy way: for a first-result hook the first non-None result (or None),
-        else the list of non-None results, in recipe order."""
-        firstresult = getattr(self.pm.hook, hook).spec.opts.get("firstresult")
-        results = []
-        for impl in self._impls(hook):
-            result = self._invoke(impl, hook, kwargs)
-            if result is not None:
-                if firstresult:
-                    return result
-                results.append(result)
-        return None if firstresult else results
-
-    def call_each(self, hook: str, **kwargs) -> list[tuple[str, Any]]:
-        """Call every implementation in recipe order: ``[(plugin_name, result), ...]`` (None included)."""
-        return [(impl.plugin_name, self._invoke(impl, hook, kwargs)) for impl in self._impls(hook)]
-
-    def call_one(self, plugin: str, hook: str, **kwargs) -> Any:
-        """Call one plugin's implementation of ``hook``."""
-        impl = next((i for i in self._impls(hook) if i.plugin_name == plugin), None)
-        if impl is None:
-            raise KeyError(f"plugin '{plugin}' does not implement {hook}")
-        return self._invoke(impl, hook, kwargs)
-
-    def chain(self, hook: str, value_arg: str, value: Any, on_step=None, unwrap=None, **kwargs) -> tuple[Any, str | None]:
-        """Pass ``value`` through every implementation; ``None`` results leave it unchanged.
-
-        Returns the final value and the name of the last plugin that changed it. ``unwrap(result)`` turns a
-        result into ``(value, note)`` (default: the result itself, no note); ``on_step(plugin, before,
-        after, note)`` is called after each implementation that returned something.
-        """
-        last = None
-        for impl in self._impls(hook):
-            result = self._invoke(impl, hook, {**kwargs, value_arg: value})
-            if result is not None:
-                result, note = unwrap(result) if unwrap is not None else (result, None)
-                if on_step is not None:
-                    on_step(impl.plugin_name, value, result, note)
-                value, last = result, impl.plugin_name
-        return value, last
-
-    def reference_needed(self, stage: str) -> bool:
-        """``posttrain_reference_needed`` combined as its contract says: needed when some plugin answers True
-        or none answers at all; skipped only when some answer False and none True."""
-        answers = [a for a in self.call("posttrain_reference_needed", stage=stage) if a is not None]
-        return True in answers or not answers
-
-    def merged(self, hook: str, what: str, **kwargs) -> dict:
-        """Merge dict results; the same key from two plugins with different values is an error."""
-        out: dict = {}
-        owner: dict = {}
-        for name, result in self.call_each(hook, **kwargs):
-            for key, value in (result or {}).items():
-                if key in out and out[key] != value:
-                    raise UserError(
-                        f"plugins '{owner[key]}' and '{name}' both set {what} '{key}' ({out[key]!r} vs {value!r})",
-                        field=f"plugins.{name}",
-                        fix=f"enable only one of '{owner[key]}' and '{name}', or make them agree",
-                    )
-                out[key], owner[key] = value, name
-        return out
-
-
-def required_columns(plugins: PluginSet, stage: str) -> dict[str, str]:
-    """Columns the enabled plugins need (``posttrain_required_columns``), each with the plugin asking."""
-    out: dict[str, str] = {}
-    for name, columns in plugins.call_each("posttrain_required_columns", stage=stage):
-        for column in columns or []:
-            out.setdefault(column, name)
-    return out
-
-
-def _provided(plugin: Plugin) -> set[str]:
-    """What a plugin provides to others: its declared capabilities and the hooks it implements."""
-    return set(type(plugin).provides) | set(hook_methods(type(plugin)))
-
-
-def build_plugin_set(section: dict | None, stage: Stage) -> PluginSet:
-    """Enable the plugins a recipe names, with validated options, and check them against the stage and
-    each other: the stages each plugin declares it suits, single-owner hooks, plugins whose hooks the
-    stage never calls, the hooks the stage needs, and what each plugin needs from the others."""
-    section = section or {}
-    plugins = []
-    keys: dict[str, str] = {}  # plugin name -> the recipe key that enabled it
-    for name, raw in section.items():
-        info = find_plugin(str(name))
-        if "posttrain_format_record" in hook_methods(info.cls):
-            raise UserError(f"plugin '{info.name}' is a data format: it reads a source's records, and is named by "
-                            "the data section rather than enabled", field=f"plugins.{name}",
-                            fix=f"remove it from plugins and set `data: {{format: {info.name}}}` (its options go in "
-                                "data.format_options)")
-        if info.cls.stages and stage.name not in info.cls.stages:
-            suits = " and ".join(info.cls.stages)
-            raise UserError(f"plugin '{info.name}' applies to the {suits} stage{'s' if len(info.cls.stages) > 1 else ''}, "
-                            f"not to {stage.name}", field=f"plugins.{name}",
-                            fix=f"remove '{name}' from this recipe (or stage), or use it where it applies ({suits})")
-        options = info.cls.parse_options(raw, where=f"plugins.{name}")
-        if info.cls.name in keys:  # e.g. two reward functions of one name from two modules
-            raise UserError(f"'{keys[info.cls.name]}' and '{name}' are both named '{info.cls.name}', and a run tells "
-                            "its plugins and reward sources apart by name", field=f"plugins.{name}",
-                            fix="enable only one of them, or rename one (a reward function's name is its __name__, "
-                                "logged as rewards/<name>/mean)")
-        keys[info.cls.name] = name
-        plugins.append(info.cls(options))
-    for hook in hookspecs.SINGLE_OWNER_HOOKS:
-        owners = [p.name for p in plugins if hook in hook_methods(type(p))]
-        if len(owners) > 1:
-            raise UserError(
-                f"plugins {' and '.join(repr(o) for o in owners)} both implement '{hook}', which only one plugin may own",
-                field="plugins",
-                fix=f"enable only one of {', '.join(owners)}",
-            )
-    used = set(stage.hooks)
-    for p in plugins:
-        hooks = hook_methods(type(p))
-        specific = [h for h in hooks if h not in hookspecs.SUPPORTING_HOOKS] or hooks
-        if specific and not used.intersection(specific):
-            raise UserError(
-                f"plugin '{p.name}' does nothing in the {stage.name} stage: none of its hooks "
-                f"({', '.join(h.removeprefix('posttrain_') for h in specific)}) is called there",
-                field=f"plugins.{p.name}",
-                fix=f"remove '{p.name}' from this recipe, or use it in a stage it works in",
-            )
-    for hook in stage.required_hooks:
-        if not any(hook in hook_methods(type(p)) for p in plugins):
-            found, _ = discover()
-            providers = [n for n, info in found.items() if hook in info.hooks]
-            # the example is one that works alone (gae, for instance, needs a critic too)
-            alone = [n for n in providers if not found[n].cls.needs]
-            example = (alone or providers or ["name"])[0]
-            raise UserError(
-                f"no enabled plugin implements '{hook}', which the {stage.name} stage needs",
-                field="plugins",
-                fix=f"enable one of: {', '.join(providers) or '(none installed)'} "
-                    f"(e.g. `plugins: {{{example}: {{}}}}`)",
-            )
-    for p in plugins:
-        for need in type(p).needs:
-            if any(need in _provided(other) for other in plugins if other is not p):
-                continue
-            found, _ = discover()
-            providers = [n for n, info in found.items() if need in set(info.cls.provides) | set(info.hooks)]
-            what = f"a plugin implementing {need}" if need.startswith("posttrain_") else f"a plugin providing {need}"
-            raise UserError(f"plugin '{p.name}' needs {what}, and no enabled plugin is one", field=f"plugins.{p.name}",
-                            fix=f"enable one of: {', '.join(providers) or '(none installed)'}, or remove '{p.name}'")
-    return PluginSet(plugins)

@@ -13,7 +13,8 @@ from typing import Any
 
 from .errors import UserError
 from .plugin import Plugin
-from .registry import PluginSet, find_plugin, hook_methods
+from .registry import find_plugin, hook_methods
+from .plugin_set import PluginSet
 
 
 @dataclass

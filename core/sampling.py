@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass
 
-from .registry import PluginSet
+from .plugin_set import PluginSet
 
 
 def derive_seed(base: int, *parts) -> int:

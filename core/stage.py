@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover - for editors and type checkers only
     from .recipe import Recipe
 
 # The contract imports nothing above it, not even for types: a stage's plan is posttrain.validate.Plan and
-# its plugins a posttrain.registry.PluginSet (both built from this module's declarations).
+# its plugins a posttrain.plugin_set.PluginSet (both built from this module's declarations).
 Plan = Any
 PluginSet = Any
 

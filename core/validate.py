@@ -19,7 +19,7 @@ from .errors import Problems, UserError, did_you_mean
 from .models import BUILTIN_MODELS, has_chat_template
 from .process import world_size
 from .recipe import Recipe, chat_template_text
-from .registry import PluginSet, build_plugin_set, required_columns
+from .plugin_set import PluginSet, build_plugin_set, required_columns
 from .stage import Stage
 from .stage_refs import STAGE_REF, references
 

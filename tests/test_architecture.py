@@ -17,7 +17,7 @@ LAYERS = [
     # 0: the contract a plugin or stage author reads
     {"errors", "hookspecs", "types", "plugin", "stage"},
     # 1: recipes, validation and what they stand on (data, models, plugins' registry, reward and sampling helpers)
-    {"process", "stage_refs", "recipe", "trl_fields", "registry", "builtin", "builtin.arithmetic",
+    {"process", "stage_refs", "recipe", "trl_fields", "registry", "plugin_set", "builtin", "builtin.arithmetic",
      "builtin.instructions", "builtin.reasoning_gym", "builtin.safety", "data", "models", "classifier", "reference",
      "rewards", "reward_function", "sampling", "worker", "verifier", "validate", "lengths", "pairs", "seams",
      "checkpoints", "benchmarks"},

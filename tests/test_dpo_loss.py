@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from posttrain.plugins.dpo import DPO
-from posttrain.registry import PluginSet
+from posttrain.plugin_set import PluginSet
 from posttrain.types import PreferenceLogps
 
 

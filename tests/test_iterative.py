@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import device_batch, read_jsonl
 
-from posttrain.registry import PluginSet
+from posttrain.plugin_set import PluginSet
 from posttrain.trainers.iterative import select_pairs
 from posttrain.trainers.rejection_sampling import distribution, keep_best
 

@@ -16,7 +16,7 @@ from posttrain.plugins.mask_format_tokens import MaskFormatTokens
 from posttrain.plugins.robust_dpo import RobustDPO
 from posttrain.plugins.rpo import RPO
 from posttrain.plugins.simpo import SimPO
-from posttrain.registry import PluginSet
+from posttrain.plugin_set import PluginSet
 from posttrain.types import PreferenceLogps
 
 CHOSEN, REJECTED = [-12.0, -3.5, -40.25], [-15.0, -2.0, -39.0]

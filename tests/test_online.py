@@ -130,7 +130,7 @@ def _trl_advantages(trainer_cls, config_cls, tiny_model_dir, tmp_path, **config)
 
 
 def _ours(plugins, rewards, group=4):
-    from posttrain.registry import PluginSet
+    from posttrain.plugin_set import PluginSet
 
     rollouts = make_rollouts([None if math.isnan(r) else r for r in rewards.tolist()], group)
     advantages = plugins[0].posttrain_advantage_estimate(rollouts)

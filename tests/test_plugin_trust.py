@@ -203,7 +203,7 @@ def test_a_transform_says_why_it_dropped_rows(tmp_path):
     from datasets import Dataset
 
     from posttrain.pipeline import recipe_from_data
-    from posttrain.registry import build_plugin_set
+    from posttrain.plugin_set import build_plugin_set
     from posttrain.trainers.parts import transform
     from posttrain.validate import Plan
 

@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO
 from posttrain import Plugin, hookimpl, hookspecs
 from posttrain.errors import PluginHookError, UserError
-from posttrain.registry import PluginSet, build_plugin_set, check_plugin_class, discover
+from posttrain.registry import check_plugin_class, discover
+from posttrain.plugin_set import PluginSet, build_plugin_set
 from posttrain.rewards import score
 
 

@@ -76,7 +76,7 @@ def test_a_loss_breaking_the_contract_is_the_plugins_error(cli, write_recipe, tm
 
 def test_reward_of_the_wrong_type_is_refused_naming_the_plugin():
     from posttrain import Plugin, hookimpl
-    from posttrain.registry import PluginSet
+    from posttrain.plugin_set import PluginSet
     from posttrain.rewards import score
     from posttrain.errors import UserError
 
@@ -127,7 +127,7 @@ def test_trace_prints_the_validation_time_hooks(cli, write_recipe, online_recipe
 def test_trace_covers_reward_calls(capsys, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_TRACE_HOOKS", "1")
     from posttrain.plugins.verify_gsm8k import VerifyGSM8K
-    from posttrain.registry import PluginSet
+    from posttrain.plugin_set import PluginSet
     from posttrain.rewards import score
 
     score(PluginSet([VerifyGSM8K()]), ["p"], ["= 4"], {"ground_truth": ["4"]})
@@ -207,7 +207,7 @@ def test_a_transform_returning_rows_says_what_was_expected_first():
     import datasets
     from posttrain import Plugin, hookimpl
     from posttrain.errors import UserError
-    from posttrain.registry import PluginSet
+    from posttrain.plugin_set import PluginSet
 
     class Rows(Plugin):
         name = "rows"

@@ -10,7 +10,7 @@ import pytest
 
 import posttrain
 from posttrain import UserError
-from posttrain.registry import PluginSet
+from posttrain.plugin_set import PluginSet
 from posttrain.rewards import RewardSource, score_completions
 from posttrain.rewards import score as score_all_sources
 

@@ -33,17 +33,17 @@ def test_every_stage_has_a_traced_run():
 
 @pytest.mark.parametrize("stage", sorted(RUNS))
 def test_a_stage_calls_the_hooks_it_declares(stage, monkeypatch, tmp_path, tiny_model_dir, cli):
-    from posttrain import registry
+    from posttrain import plugin_set
 
     called = set()
     for method in ("call", "call_each", "call_one", "chain", "merged"):
-        original = getattr(registry.PluginSet, method)
+        original = getattr(plugin_set.PluginSet, method)
 
         def traced(self, *args, _original=original, _method=method, **kwargs):
             called.add(args[1] if _method == "call_one" else args[0])
             return _original(self, *args, **kwargs)
 
-        monkeypatch.setattr(registry.PluginSet, method, traced)
+        monkeypatch.setattr(plugin_set.PluginSet, method, traced)
     recipe = {"model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
               "data": {"source": "builtin:arithmetic", "options": {"n": 48}, "eval": {"fraction": 0.25}},
               "eval": {"generate": 2, "max_new_tokens": 4}, **RUNS[stage]}

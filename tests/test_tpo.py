@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.plugins.tpo import TPO
-from posttrain.registry import PluginSet
+from posttrain.plugin_set import PluginSet
 from posttrain.types import PreferenceLogps
 
 CHOSEN, REJECTED = [-12.0, -3.5], [-15.0, -2.0]

@@ -106,7 +106,7 @@ class StageInput:
 def setup_from_recipe(si: StageInput, *, processes: int, prompt_length: int | None,
                       reference_dtype: str | None = None) -> Setup:
     """The :class:`Setup` of one stage, with notes on everything that had to be assumed."""
-    from ..registry import build_plugin_set
+    from ..plugin_set import build_plugin_set
     from ..validate import check_model
 
     recipe = si.recipe
@@ -313,7 +313,7 @@ def _suggestions(data: dict, si: StageInput, setup: Setup, *, gpu: float, proces
     """The changes of :mod:`.suggest` for a stage that does not fit, each checked by estimating the recipe
     with it (the same path as ``posttrain estimate --set ...``)."""
     from ..recipe import apply_override
-    from ..registry import build_plugin_set
+    from ..plugin_set import build_plugin_set
 
     def attempt(sets: list, procs: int | None) -> Estimate | None:
         trial = copy.deepcopy(data)

@@ -58,7 +58,7 @@ class PreferenceStage(Stage):
               Panel("heldout", "held-out preference accuracy", ("heldout", "preference_accuracy"), "heldout"))
 
     def memory(self, cfg, plugins, recipe, *, prompt_length, max_positions, processes) -> MemoryFacts:
-        from ..registry import required_columns
+        from ..plugin_set import required_columns
 
         gold = GOLD_COLUMN in required_columns(plugins, self.name)
         facts = sequence_facts(cfg, max_positions, rows_per_example=3 if gold else 2)  # chosen, rejected (+ gold)

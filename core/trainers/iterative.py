@@ -85,7 +85,7 @@ def select_pairs(plan: Plan, scored: list[dict]) -> tuple[list[dict], dict]:
             choice = plan.plugins.call("posttrain_select_pair", prompt=item["row"]["prompt"], completions=completions,
                                        rewards=rewards)
             if choice is not None and not all(0 <= c < len(kept) for c in choice):
-                from ..registry import contract_error
+                from ..errors import contract_error
 
                 raise contract_error(owner[0], "posttrain_select_pair", choice,
                                      f"indices into the {len(kept)} scored samples")

@@ -10,7 +10,7 @@ from trl import KTOConfig, KTOTrainer
 from ..data import as_bool
 from ..errors import UserError
 from ..models import load_frozen_model, resolve_model_path
-from ..registry import PluginSet
+from ..plugin_set import PluginSet
 from ..seams import reference_builder
 from ..validate import Plan
 from .guard import GuardedTrainer

@@ -32,7 +32,8 @@ from trl.models import unwrap_model_for_generation
 
 from ..errors import UserError
 from ..models import load_frozen_model, resolve_model_path
-from ..registry import PluginSet, contract_error
+from ..errors import contract_error
+from ..plugin_set import PluginSet
 from ..seams import grpo_logger_name, reference_builder
 from ..rewards import RewardSource, source_weight
 from ..types import Advantages, Rollouts

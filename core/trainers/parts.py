@@ -46,7 +46,7 @@ def transform(plan: Plan, dataset, split: str):
 def load_data(plan: Plan):
     """Training and held-out splits, loaded, checked and transformed by the plugins."""
     from ..data import load_splits, source_counts
-    from ..registry import required_columns
+    from ..plugin_set import required_columns
 
     plan.data_sources = []
     train, heldout, log = load_splits(plan.recipe, required_columns(plan.plugins, plan.recipe.stage), plan.plugins,

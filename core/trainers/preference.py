@@ -19,7 +19,8 @@ from trl import DPOConfig, DPOTrainer
 
 from ..errors import UserError
 from ..models import load_frozen_model, resolve_model_path
-from ..registry import PluginSet, contract_error, required_columns
+from ..errors import contract_error
+from ..plugin_set import PluginSet, required_columns
 from ..seams import reference_builder, tokenize, triple_preference_collator
 from ..types import PreferenceLogps
 from ..validate import Plan

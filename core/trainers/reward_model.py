@@ -24,7 +24,7 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from ..classifier import STATS_FILE
-from ..registry import PluginSet
+from ..plugin_set import PluginSet
 from ..validate import Plan
 from .guard import GuardedTrainer
 from .parts import finish_trainer, trainer_parts

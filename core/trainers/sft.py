@@ -32,7 +32,8 @@ from pathlib import Path
 from trl import SFTConfig, SFTTrainer
 
 from ..errors import UserError
-from ..registry import PluginSet, contract_error
+from ..errors import contract_error
+from ..plugin_set import PluginSet
 from ..validate import Plan
 from .guard import GuardedTrainer
 from .parts import finish_trainer, trainer_parts
