@@ -5,7 +5,8 @@ with a ``name``, an ``Options`` dataclass for the recipe keys that only it reads
 plugin's options, errors naming ``stages[i].KEY``), the data layouts it accepts, the hooks it calls,
 its own checks of a validated plan, the facts ``posttrain estimate`` needs, the rows of its summary,
 and ``run``, which trains and returns a :class:`StageResult`. Everything here is plain data: no
-torch. ``run`` imports the stage's trainer module (``posttrain.trainers.*``) when it is called.
+torch. ``run`` imports the stage's trainer module (``posttrain.trainers.*``) when it is called: a stage on
+one TRL trainer only names it (``posttrain.stages.trainer_stage``).
 
 Every recipe is a pipeline of stages once loaded (``posttrain.runner``): a one-stage recipe is a
 pipeline of one stage whose run directory is the recipe's own.
@@ -93,6 +94,20 @@ class MemoryFacts:
     notes: list = field(default_factory=list)
 
 
+def sequence_facts(cfg: dict, max_positions: int | None, rows_per_example: int, scored: bool = True) -> MemoryFacts:
+    """A micro-batch of whole sequences cut at max_length (``rows_per_example`` sequences per example: 2 for a
+    pair), as the sft, reward_model, preference and kto stages batch them."""
+    notes = []
+    max_length = cfg.get("max_length")
+    if max_length is None:
+        max_length = max_positions or 4096
+        notes.append(f"training.max_length is null (no truncation): assumed the model's longest, {max_length}")
+    rows = rows_per_example * int(cfg.get("per_device_train_batch_size") or 8)
+    unit = "sequences" if rows_per_example == 1 else f"sequences ({rows_per_example} per pair)"
+    return MemoryFacts(rows=rows, seq_len=int(max_length), scored_tokens=rows * int(max_length) if scored else 0,
+                       unit=unit, notes=notes)
+
+
 @dataclass(frozen=True)
 class Panel:
     """One panel `posttrain compare` draws for runs of a stage, on the step axis (a pipeline's stages one
@@ -127,7 +142,9 @@ class StageResult:
 
 
 class Stage:
-    """Base class of the stages. Subclasses set the class attributes and implement :meth:`run`."""
+    """Base class of the stages. Subclasses set the class attributes and implement :meth:`run`; a stage that
+    trains one run of one TRL trainer subclasses :class:`posttrain.stages.trainer_stage.TrainerStage` instead,
+    which names its trainer module and has the run."""
 
     name: ClassVar[str] = ""
     about: ClassVar[str] = ""  # one line for the docs and `posttrain validate`

@@ -2,6 +2,9 @@
 :class:`posttrain.stage.Stage`. A new stage is one new module (its trainer, when it has one, in
 ``posttrain.trainers``); nothing else in the core lists the stages. Importing this package imports
 every stage's declaration, which is plain data (no torch).
+
+``ORDER`` is only the order in which they are shown (``posttrain stages``, the errors naming them), the
+order of the table in docs/recipes.md; a stage it does not name comes after these, by name.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import pkgutil
 
 from ..errors import UserError, did_you_mean
 from ..stage import Stage
+
+ORDER = ("sft", "reward_model", "preference", "online", "iterative", "rejection_sampling", "kto")
 
 
 def _discover() -> dict[str, Stage]:
@@ -22,8 +27,7 @@ def _discover() -> dict[str, Stage]:
             if stage.name in found:
                 raise RuntimeError(f"two stage modules declare the stage '{stage.name}'")
             found[stage.name] = stage
-    order = ("sft", "reward_model", "preference", "online", "iterative", "rejection_sampling")
-    return dict(sorted(found.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
+    return dict(sorted(found.items(), key=lambda kv: (ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER), kv[0])))
 
 
 STAGES: dict[str, Stage] = _discover()

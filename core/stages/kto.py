@@ -16,17 +16,16 @@ fine-tuning a frozen copy in the compute dtype.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import UserError
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
-from .sft import sequence_facts
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, sequence_facts, trl_config
+from .trainer_stage import TrainerStage
 
 
-class KTOStage(Stage):
+class KTOStage(TrainerStage):
     name = "kto"
     about = "KTO on unpaired preference data (prompt, completion, label: desirable or not), or pairs split in two"
     trainer = "trl.KTOTrainer"
+    trainer_module = "kto"
     config = trl_config("trl", "trainer/kto_config.py", "KTOConfig")
     layouts = (("prompt", "completion", "label"), ("prompt", "chosen", "rejected"))
     managed = {
@@ -61,12 +60,6 @@ class KTOStage(Stage):
         else:
             facts.reference = "copy" if recipe.model.lora is None or recipe.model.reference else "adapter"
         return facts
-
-    def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
-        from ..trainers import kto
-        from ..trainers.run import run_training
-
-        return StageResult(run_training(self, kto, plan, run_dir, resume), model=None)
 
 
 STAGE = KTOStage()

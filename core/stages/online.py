@@ -4,20 +4,21 @@ with a critic), on TRL's GRPOTrainer (``posttrain.trainers.online``)."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from ..errors import UserError
 from ..process import world_size
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, trl_config
+from .trainer_stage import TrainerStage
 
 # The online stage's prompt length when the command line does not give one (GRPO does not truncate prompts).
 DEFAULT_PROMPT_LENGTH = 512
 
 
-class OnlineStage(Stage):
+class OnlineStage(TrainerStage):
     name = "online"
     about = "RL on the policy's own completions scored by reward plugins (GRPO, RLOO, RLVR, PPO with a critic)"
     trainer = "trl.GRPOTrainer"
+    trainer_module = "online"
     config = trl_config("trl", "trainer/grpo_config.py", "GRPOConfig")
     layouts = (("prompt",),)
     generates = True
@@ -133,12 +134,6 @@ class OnlineStage(Stage):
         if (cfg.get("beta") or 0.0) > 0:
             facts.reference = "copy" if recipe.model.lora is None else "adapter"
         return facts
-
-    def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
-        from ..trainers import online
-        from ..trainers.run import run_training
-
-        return StageResult(run_training(self, online, plan, run_dir, resume), model=None)
 
 
 def check_generation_engine(trl_config: dict, plugins) -> None:

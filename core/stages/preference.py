@@ -3,10 +3,8 @@ DPOTrainer (``posttrain.trainers.preference``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
-from .sft import sequence_facts
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, sequence_facts, trl_config
+from .trainer_stage import TrainerStage
 
 GOLD_COLUMN = "reference"  # a gold response per example (TPO), when a plugin requires it
 
@@ -37,10 +35,11 @@ PAIR_HOOKS = (
 )
 
 
-class PreferenceStage(Stage):
+class PreferenceStage(TrainerStage):
     name = "preference"
     about = "offline preference pairs (DPO and its family)"
     trainer = "trl.DPOTrainer"
+    trainer_module = "preference"
     config = trl_config("trl", "trainer/dpo_config.py", "DPOConfig")
     layouts = (("prompt", "chosen", "rejected"),)
     default_plugins = {"dpo": {}}
@@ -74,12 +73,6 @@ class PreferenceStage(Stage):
         else:
             facts.reference = "adapter"
         return facts
-
-    def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
-        from ..trainers import preference
-        from ..trainers.run import run_training
-
-        return StageResult(run_training(self, preference, plan, run_dir, resume), model=None)
 
 
 STAGE = PreferenceStage()

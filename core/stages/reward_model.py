@@ -3,16 +3,15 @@ RewardTrainer (``posttrain.trainers.reward_model``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..stage import SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
-from .sft import sequence_facts
+from ..stage import SETUP_HOOKS, MemoryFacts, Panel, Stage, sequence_facts, trl_config
+from .trainer_stage import TrainerStage
 
 
-class RewardModelStage(Stage):
+class RewardModelStage(TrainerStage):
     name = "reward_model"
     about = "a Bradley-Terry reward model (a scalar head) on preference pairs"
     trainer = "trl.RewardTrainer"
+    trainer_module = "reward_model"
     config = trl_config("trl", "trainer/reward_config.py", "RewardConfig")
     layouts = (("prompt", "chosen", "rejected"),)
     renamed = {**Stage.renamed, "max_prompt_length": "use max_length (the whole prompt + response)"}
@@ -31,12 +30,6 @@ class RewardModelStage(Stage):
         facts = sequence_facts(cfg, max_positions, rows_per_example=2, scored=False)  # chosen and rejected together
         facts.reward_head = True
         return facts
-
-    def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
-        from ..trainers import reward_model
-        from ..trainers.run import run_training
-
-        return StageResult(run_training(self, reward_model, plan, run_dir, resume), model=None)
 
 
 STAGE = RewardModelStage()

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from ..errors import UserError
-from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, Stage, StageResult, trl_config
+from ..stage import COMMON_MANAGED, COMMON_RENAMED, SETUP_HOOKS, MemoryFacts, Panel, sequence_facts, trl_config
+from .trainer_stage import TrainerStage
 
 
-class SFTStage(Stage):
+class SFTStage(TrainerStage):
     name = "sft"
     about = ("supervised fine-tuning on prompt/completion pairs, conversations (every assistant turn) or plain text, "
              "loss on the completion")
     trainer = "trl.SFTTrainer"
+    trainer_module = "sft"
     config = trl_config("trl", "trainer/sft_config.py", "SFTConfig")
     layouts = (("prompt", "completion"), ("messages",), ("text",))
     managed = {
@@ -63,26 +64,6 @@ class SFTStage(Stage):
         if cfg.get("packing"):
             facts.notes.append("packing: every sequence is full (max_length tokens)")
         return facts
-
-    def run(self, plan, run_dir: Path, resume: bool) -> StageResult:
-        from ..trainers import sft
-        from ..trainers.run import run_training
-
-        return StageResult(run_training(self, sft, plan, run_dir, resume), model=None)
-
-
-def sequence_facts(cfg: dict, max_positions: int | None, rows_per_example: int, scored: bool = True) -> MemoryFacts:
-    """A micro-batch of whole sequences cut at max_length (``rows_per_example`` sequences per example: 2 for a
-    pair), as the sft, reward_model and preference stages batch them."""
-    notes = []
-    max_length = cfg.get("max_length")
-    if max_length is None:
-        max_length = max_positions or 4096
-        notes.append(f"training.max_length is null (no truncation): assumed the model's longest, {max_length}")
-    rows = rows_per_example * int(cfg.get("per_device_train_batch_size") or 8)
-    unit = "sequences" if rows_per_example == 1 else f"sequences ({rows_per_example} per pair)"
-    return MemoryFacts(rows=rows, seq_len=int(max_length), scored_tokens=rows * int(max_length) if scored else 0,
-                       unit=unit, notes=notes)
 
 
 STAGE = SFTStage()
