@@ -54,6 +54,20 @@ from .prompts import limit_prompts
 from .rollouts import compute_autocast, read_jsonl, round_prompts, rows_of, sample_and_score, write_jsonl
 
 STAGE = "iterative"
+ADAPTER_FILE = "adapter_model.safetensors"  # a saved LoRA adapter's weights, in its folder
+
+
+def load_tensors(path: Path) -> dict:
+    """A saved state dict: the ``.safetensors`` file ``path``, or every ``*.safetensors`` file in the folder
+    ``path`` (a model saved in shards), read in name order into one dict."""
+    from safetensors.torch import load_file
+
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
 
 
 def round_seed(seed: int, round_index: int) -> int:
@@ -205,36 +219,26 @@ class Rounds:
 
     def restore(self, round_dir: Path) -> None:
         """The policy (and reference) as a finished round left them."""
-        from safetensors.torch import load_file
-
         final = round_dir / "final"
         if self.lora:
             from peft import set_peft_model_state_dict
 
-            from ..reference import REF_ADAPTER, add_reference_adapter
+            from ..reference import add_reference_adapter
 
-            set_peft_model_state_dict(self.model, load_file(final / "adapter_model.safetensors"), "default")
-            if (final / REF_ADAPTER / "adapter_model.safetensors").is_file():
+            set_peft_model_state_dict(self.model, load_tensors(final / ADAPTER_FILE), "default")
+            ref_adapter = final / REF_ADAPTER / ADAPTER_FILE
+            if ref_adapter.is_file():
                 add_reference_adapter(self.model)
-                set_peft_model_state_dict(self.model, load_file(final / REF_ADAPTER / "adapter_model.safetensors"),
-                                          REF_ADAPTER)
+                set_peft_model_state_dict(self.model, load_tensors(ref_adapter), REF_ADAPTER)
             return
-        state = {}
-        for f in sorted(final.glob("*.safetensors")):
-            state.update(load_file(f))
-        self.model.load_state_dict(state, strict=False)
+        self.model.load_state_dict(load_tensors(final), strict=False)
         self._pending_reference = round_dir / "reference" if (round_dir / "reference").is_dir() else None
 
     def restore_reference(self) -> None:
         """Full fine-tuning: the saved reference of the last finished round, once the trainer holds one."""
         path = getattr(self, "_pending_reference", None)
         if path is not None and self.trainer is not None and self.trainer.ref_model is not None:
-            from safetensors.torch import load_file
-
-            state = {}
-            for f in sorted(path.glob("*.safetensors")):
-                state.update(load_file(f))
-            self.trainer.ref_model.load_state_dict(state, strict=False)
+            self.trainer.ref_model.load_state_dict(load_tensors(path), strict=False)
             self._pending_reference = None
 
     # -- evaluation and sampling ---------------------------------------------------------------
