@@ -32,6 +32,8 @@ LAYERS = [
 ]
 # the estimate package's modules share its layer
 LAYERS[4] |= {f"estimate.{p.stem}" for p in (CORE / "estimate").glob("*.py") if p.stem != "__init__"}
+# the data package's modules share its layer
+LAYERS[1] |= {f"data.{p.stem}" for p in (CORE / "data").glob("*.py") if p.stem != "__init__"}
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 
