@@ -54,7 +54,7 @@ global (they replace functions and classes of transformers' Llama module when tr
 they are undone after each run, so that every run starts as in a fresh process, and the runs
 without Liger come first.
 
-Figures seen on one H100 80GB (bf16, to compare with; not asserted; gpu.md's DPO runs had 8 pairs
+Figures seen on one H100 80GB (bf16, to compare with; not asserted; docs/results.md; the DPO runs had 8 pairs
 x 512 tokens per sequence, i.e. ``--prompt-tokens 256 --completion-tokens 256``): DPO full FT
 0.149 s/step, ~55k tokens/s, 20% MFU; with Liger 0.154 -> 0.136 s/step and 14.9 -> 11.9 GiB;
 DPO + LoRA 0.28-0.31 s/step; GRPO + LoRA ~4 s/step, 84-95% of it generating, ~530 generated

@@ -26,7 +26,6 @@ from typing import Any
 
 
 from . import hookspecs
-from .errors import contract_error  # noqa: F401  (TEMPORARY: data.py's import moves to errors)
 from .errors import UserError, did_you_mean
 from .plugin import Plugin
 from .seams import varnames

@@ -12,6 +12,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.slow  # the benchmark scripts
 
 REPO = Path(__file__).resolve().parent.parent
 

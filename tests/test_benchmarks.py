@@ -7,6 +7,8 @@ import json
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # lm-eval benchmarks around runs
+
 
 @pytest.fixture(scope="module")
 def local_task(tmp_path_factory):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 # open-r1's recipes/Qwen2.5-1.5B-Instruct/grpo/config_demo.yaml: the system prompt, as published
@@ -29,6 +30,7 @@ def _openr1_math_rows(n: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_open_r1_grpo_demo_config_runs_on_smollm2(cli, tmp_path):
     data = tmp_path / "openr1_math.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _openr1_math_rows(16)))

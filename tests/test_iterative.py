@@ -75,6 +75,7 @@ def _recipe(tiny_model_dir, tmp_path, name="it", plugins=None, **extra):
     return path
 
 
+@pytest.mark.slow
 def test_iterative_rounds_write_their_data_and_move_the_reference(cli, tiny_model_dir, tmp_path):
     from posttrain.pipeline import load_recipe
     from posttrain.trainers.iterative import Rounds
@@ -133,6 +134,7 @@ def test_without_a_reference_update_the_reference_stays_the_start(tiny_model_dir
     assert "ref" not in trainer.model.peft_config  # the reference is the adapter-disabled start, π0
 
 
+@pytest.mark.slow
 def test_killed_in_round_two_resumes_without_repeating_round_one(tiny_model_dir, tmp_path):
     marker = tmp_path / "killed.marker"
     training = {"per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1, "learning_rate": 5e-3,
@@ -160,6 +162,7 @@ def test_killed_in_round_two_resumes_without_repeating_round_one(tiny_model_dir,
     assert [r["round"] for r in json.loads((run / "summary.json").read_text())["rounds"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_reward_model_and_a_verifier_label_the_samples_by_weight(cli, tiny_model_dir, tmp_path):
     """Round 1's stored rewards are the weighted sum of the sources, each recomputed here on its own:
     the reward model by a direct RewardModel call (normalised by its reward_stats.json), the
@@ -193,6 +196,7 @@ def test_a_reward_model_and_a_verifier_label_the_samples_by_weight(cli, tiny_mod
         assert s["rewards"] == pytest.approx([0.5 * r + d for r, d in zip(rm_scores, digits)], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_two_process_iterative_rounds(tiny_model_dir, tmp_path):
     """Two rounds under torchrun with two CPU processes (gloo): every prompt of a round is sampled
     and scored once, the round's files are written once, and both ranks train on the same pairs."""
@@ -275,6 +279,7 @@ def _rejection_sampling_then_sft(tiny_model_dir, tmp_path, reward):
     return path
 
 
+@pytest.mark.slow
 def test_two_process_rejection_sampling_shares_the_prompts(tiny_model_dir, tmp_path):
     from conftest import cpu_processes_env, free_port
 

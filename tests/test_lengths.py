@@ -131,6 +131,7 @@ def test_kto_rows_cut_at_max_length_are_counted(cli, write_recipe, tiny_model_di
 
 # -- sft with packing --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sft_packing_drops_rows_left_without_a_completion_token_and_refuses_when_none_is_left(
         cli, write_recipe, tiny_model_dir, tmp_path, monkeypatch):
     rows = [{"prompt": ("long question " * (30 if i < 3 else 1)).strip(), "completion": "answer"} for i in range(12)]

@@ -182,6 +182,7 @@ def test_parity_with_trl(tiny_model_dir, tmp_path, name, plugins, trl_loss):
 ON_TRAIN = {"eval": {"source": "builtin:arithmetic", "max_examples": 16, "fraction": 0.0}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plugins", [
     {"dpo_norm": {"beta": 2.0}},
     {"ipo": {"tau": 0.5}},
@@ -206,6 +207,7 @@ def test_two_loss_owners_fail_validation_naming_both(cli, write_recipe):
     assert code == 2 and "'dpo_norm' and 'simpo' both implement 'posttrain_preference_loss'" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_simpo_loads_and_runs_no_reference(write_recipe, tmp_path, lora):
     from posttrain.trainers.preference import build_trainer
@@ -256,6 +258,7 @@ def test_format_mask_keeps_only_unshared_or_ordinary_tokens(tiny_model_dir):
     assert torch.equal(keep, expected)
 
 
+@pytest.mark.slow
 def test_masked_tokens_do_not_affect_the_gradient(write_recipe, tmp_path):
     """The gradient of the loss with respect to each token's log-prob is zero at masked positions
     (and non-zero at the other response tokens)."""
@@ -320,6 +323,7 @@ class _KeepLogps:
         return self.dpo.posttrain_preference_loss(logps)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_a_loss_plugin_gets_the_references_per_token_log_probs(write_recipe, tmp_path, lora):
     """PreferenceLogps carries the reference's per-token log-probs: they sum to the sequence values and equal

@@ -12,6 +12,7 @@ from conftest import read_jsonl
 NAN_AT = "online_plugins:NanFromStep"
 
 
+@pytest.mark.slow
 def test_preference_run_stops_at_the_first_nan_step(cli, write_recipe, tmp_path):
     recipe = write_recipe(plugins={"dpo": {"beta": 0.1}, NAN_AT: {"step": 5}},
                           training={"save_steps": 2, "logging_steps": 1, "max_steps": 8},
@@ -33,6 +34,7 @@ def test_preference_run_stops_at_the_first_nan_step(cli, write_recipe, tmp_path)
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.slow
 def test_weights_in_memory_are_never_updated_with_a_nan_step(write_recipe, tmp_path):
     import torch
     from posttrain.pipeline import load_recipe
@@ -49,6 +51,7 @@ def test_weights_in_memory_are_never_updated_with_a_nan_step(write_recipe, tmp_p
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+@pytest.mark.slow
 def test_online_run_stops_before_generating_with_broken_weights(cli, online_recipe, tmp_path):
     """Without the guard, the NaN step's update makes every weight NaN and the next generation fails
     inside sampling (on a GPU, a device-side assert), far from the cause."""

@@ -33,6 +33,7 @@ def _build(recipe_path, run_dir):
 # -- real runs ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_online_run_logs_each_source_and_fills_the_run_dir(cli, online_recipe, tmp_path):
     recipe = online_recipe(plugins={"online_plugins:DigitShare": {"weight": 0.5}, "verify_gsm8k": {"alpha": 2.0},
                                     **GROUP_PLUS_NORM})
@@ -51,6 +52,7 @@ def test_online_run_logs_each_source_and_fills_the_run_dir(cli, online_recipe, t
     assert "finished: 3 steps" in out and "reward" in out
 
 
+@pytest.mark.slow
 def test_graded_reward_rises_with_full_finetuning(cli, online_recipe, tmp_path):
     """The policy gradient really trains the policy: on a reward a random model can move (the share
     of digits it writes), the mean reward of the last steps beats the first steps'."""
@@ -64,6 +66,7 @@ def test_graded_reward_rises_with_full_finetuning(cli, online_recipe, tmp_path):
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1, rewards
 
 
+@pytest.mark.slow
 def test_qlora_4bit_policy_trains(cli, online_recipe, tmp_path):
     recipe = online_recipe(model={"lora": {"r": 8, "alpha": 16}, "quantization": {"bits": 4}})
     summary, metrics, _ = _run(cli, recipe, tmp_path / "run")
@@ -72,6 +75,7 @@ def test_qlora_4bit_policy_trains(cli, online_recipe, tmp_path):
     assert any(m["grad_norm"] > 0 for m in metrics if "grad_norm" in m)
 
 
+@pytest.mark.slow
 def test_abstaining_source_leaves_unscored_rows_at_zero_advantage(online_recipe, tmp_path):
     """A source may abstain per example (None): those rows get no reward and advantage 0."""
     rows = [{"prompt": f"Question {i}:", "score_me": i % 2 == 0} for i in range(16)]
@@ -140,6 +144,7 @@ def _ours(plugins, rewards, group=4):
     return torch.nan_to_num(advantages, nan=0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale,ours", [
     ("none", lambda: [GroupRelative()]),
     ("group", lambda: [GroupRelative(), AdvantageNorm(AdvantageNorm.Options(scope="group"))]),
@@ -152,6 +157,7 @@ def test_group_relative_matches_trl_grpo(tiny_model_dir, tmp_path, scale, ours):
     assert torch.allclose(_ours(ours(), rewards), trl_advantages, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize", [False, True], ids=["leave_one_out", "leave_one_out+norm_batch"])
 def test_leave_one_out_matches_trl_rloo(tiny_model_dir, tmp_path, normalize):
     from trl import RLOOConfig, RLOOTrainer
@@ -204,6 +210,7 @@ def test_advantage_norm_statistics_by_hand():
     assert torch.allclose(scaled, rollouts.rewards / (std + 1e-4), equal_nan=True, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", [None, "batch"], ids=["off", "batch"])
 def test_what_reaches_the_loss_is_whitened_only_with_advantage_norm(online_recipe, tmp_path, norm):
     """advantage_norm on: the advantages the loss receives over a generation batch have mean 0 and
@@ -234,6 +241,7 @@ def test_what_reaches_the_loss_is_whitened_only_with_advantage_norm(online_recip
         assert any(a.abs().max() > 0 and abs(a.std().item() - 1) > 0.05 for a in seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompts_per_update", [None, 6], ids=["off", "6_prompts"])
 def test_large_batch_sets_prompts_per_policy_update(online_recipe, tmp_path, prompts_per_update):
     """large_batch on: each optimizer step follows one generation batch of prompts_per_update
@@ -267,6 +275,7 @@ def test_large_batch_sets_prompts_per_policy_update(online_recipe, tmp_path, pro
 # -- the sampler hook and per-token advantages ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sampler_plugin_provides_the_rollouts(online_recipe, tmp_path):
     rows = [{"prompt": f"Q{i}", "answer": "42" if i % 2 else "7"} for i in range(16)]  # the gold under another name
     data = tmp_path / "rows.jsonl"
@@ -363,6 +372,7 @@ def test_trl_refusal_is_a_user_error_before_the_model_loads(cli, online_recipe, 
 # -- other reward sources and several processes --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_instruction_prompts_train_against_verify_ifeval(cli, online_recipe, tmp_path):
     """The built-in IFEval-style prompts, scored by verify_ifeval (partial credit) next to a second
     source: both logged on their own, the run completes."""
@@ -379,6 +389,7 @@ def test_instruction_prompts_train_against_verify_ifeval(cli, online_recipe, tmp
                                             abs=1e-6)
 
 
+@pytest.mark.slow
 def test_two_process_run_whitens_over_the_gathered_batch(online_recipe, tmp_path):
     """Two CPU processes (torchrun, gloo): each generates its own completions; the advantages are
     whitened over both processes' rows, so the logged (gathered) advantages have mean 0, std 1."""
@@ -404,6 +415,7 @@ def test_two_process_run_whitens_over_the_gathered_batch(online_recipe, tmp_path
         assert m["advantages/std"] == pytest.approx(1, abs=1e-2)
 
 
+@pytest.mark.slow
 def test_reasoning_gym_tasks_are_a_built_in_source(cli, online_recipe, tmp_path):
     pytest.importorskip("reasoning_gym")
     recipe = online_recipe(data={"source": "builtin:reasoning_gym",
@@ -420,6 +432,7 @@ def test_reasoning_gym_tasks_are_a_built_in_source(cli, online_recipe, tmp_path)
 # -- evaluation during training ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_strategy_steps_answers_the_heldout_prompts_every_eval_steps(cli, online_recipe, tmp_path):
     """`eval_strategy: steps` in the online stage: every eval_steps steps the greedy answers to
     eval.generate held-out prompts are scored by the reward sources and logged at that step (what the

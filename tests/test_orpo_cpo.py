@@ -6,7 +6,6 @@ import math
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from posttrain.plugins.cpo import CPO
 from posttrain.plugins.orpo import ORPO

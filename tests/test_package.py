@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # builds and installs the wheel
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):

@@ -16,6 +16,8 @@ import torch
 import yaml
 from conftest import device_batch, read_jsonl
 
+pytestmark = pytest.mark.slow  # pipelines: several stages, some in two processes
+
 QUICK = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "max_steps": 3, "logging_steps": 1,
          "save_strategy": "no", "learning_rate": 5e-3, "max_length": 64}
 SFT_DATA = {"source": "builtin:arithmetic", "options": {"n": 48}, "columns": {"completion": "chosen"},

@@ -144,6 +144,7 @@ def _iterative(tiny_model_dir, tmp_path, name, seed=3):
     return path
 
 
+@pytest.mark.slow
 def test_an_iterative_round_samples_the_same_completions_with_the_same_seed(cli, tiny_model_dir, tmp_path):
     samples = {}
     for run, seed in (("a", 3), ("b", 3), ("c", 4)):
@@ -187,6 +188,7 @@ def test_use_vllm_is_checked_before_loading(cli, online_recipe, write_recipe):
 # -- what the run directory says about the run -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_model_card_names_the_loss_that_trained(write_recipe, cli, tmp_path):
     recipe = write_recipe(plugins={"trust_plugins:Hinge": {}}, training={"max_steps": 2, "save_steps": 2})
     code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")

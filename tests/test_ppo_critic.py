@@ -127,6 +127,7 @@ def test_one_completion_per_prompt_runs_with_a_critic(cli, online_recipe, tmp_pa
     assert code == 2 and "training.num_generations" in err and "critic" in err
 
 
+@pytest.mark.slow
 def test_critic_learns_a_constant_reward(online_recipe, tmp_path):
     """γ = λ = 1, no KL: every token's target is the sequence reward, 0.7; the critic's values go there."""
     plugins = {"online_plugins:Constant": {"value": 0.7}, "critic": {"learning_rate": 3e-3, "cliprange_value": None,
@@ -168,6 +169,7 @@ def test_checkpoint_and_resume_restore_the_critic_exactly(online_recipe, tmp_pat
     assert saved_state and all(v["step"] == 2 for v in saved_state.values())  # two critic steps, saved
 
 
+@pytest.mark.slow
 def test_value_model_critic_from_a_reward_model(cli, online_recipe, tmp_path, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -242,6 +244,7 @@ def _named_critic_parameters(trainer) -> dict:
     return named
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["policy", "value_model"])
 def test_a_ppo_run_trains_every_critic_parameter(kind, online_recipe, tmp_path, tiny_model_dir):
     plugins = {**PPO, "critic": _critic_options(kind, tmp_path, tiny_model_dir)}
@@ -351,6 +354,7 @@ def test_a_value_model_reads_its_last_value_where_the_reward_model_reads(convers
         assert values[i, :n - 1].tolist() == pytest.approx(plain[i, :n - 1].tolist(), abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iterations", [1, 2])
 def test_value_clipping_acts_only_when_the_critic_steps_more_than_once_per_rollout(iterations, online_recipe,
                                                                                     tmp_path):
@@ -369,6 +373,7 @@ def test_value_clipping_acts_only_when_the_critic_steps_more_than_once_per_rollo
         assert shares[0] == 0.0 and shares[1] > 0.0 and shares[3] > 0.0, shares  # steps 2 and 4: second passes
 
 
+@pytest.mark.slow
 def test_compare_draws_the_critic_of_online_runs(online_recipe, cli, tmp_path):
     from posttrain.compare import figure, load_run
 

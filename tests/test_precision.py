@@ -77,6 +77,7 @@ def _changed(run: Path, start: Path) -> tuple[float, float]:
     return moved / total, sorted(ratios)[len(ratios) // 2]
 
 
+@pytest.mark.slow
 def test_tiny_learning_rate_updates_survive_in_the_default_precision(cli, write_recipe, tmp_path, tiny_model_dir):
     """Full fine-tuning at lr 1e-6 (constant), bf16 compute: with float32 masters (the default) the
     weights move as in a float32 run; stored in bf16 (what `dtype: auto` gave on a bf16 GPU before)

@@ -182,6 +182,7 @@ def test_validate_and_plugins_do_not_import_torch(write_recipe, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_shipped_recipes_validate(cli, monkeypatch):
     from posttrain.cli import recipes_dir
 
@@ -196,7 +197,6 @@ def test_shipped_recipes_validate(cli, monkeypatch):
 
 
 def test_every_recipe_key_is_documented():
-    from posttrain.cli import recipes_dir
     from posttrain.recipe import schema_keys
 
     doc = (REPO / "docs" / "recipes.md").read_text()
@@ -251,6 +251,7 @@ GPU_RECIPES = {"tulu3-dpo-norm-8b", "rlvr-tulu3-8b", "tulu3-8b-pipeline", "ppo-8
 CPU_RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml") if p.stem not in GPU_RECIPES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CPU_RECIPES)
 def test_shipped_cpu_recipes_run_on_the_tiny_model(cli, tiny_model_dir, tmp_path, name):
     """Every shipped CPU recipe runs as written, with only the model and the length swapped (in a pipeline,

@@ -50,6 +50,7 @@ STAGES = pytest.mark.parametrize("stage", ["preference", "online"])
 KINDS = pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 
 
+@pytest.mark.slow
 @STAGES
 @KINDS
 def test_eta_zero_keeps_the_reference(write_recipe, online_recipe, tmp_path, lora, stage):
@@ -59,6 +60,7 @@ def test_eta_zero_keeps_the_reference(write_recipe, online_recipe, tmp_path, lor
     assert any(not torch.equal(p, initial[n]) for n, (p, _) in pairs.items())  # the policy did move
 
 
+@pytest.mark.slow
 @STAGES
 @KINDS
 def test_eta_one_copies_the_policy(write_recipe, online_recipe, tmp_path, lora, stage):
@@ -68,6 +70,7 @@ def test_eta_one_copies_the_policy(write_recipe, online_recipe, tmp_path, lora, 
     assert any(not torch.equal(r, initial[n]) for n, (_, r) in pairs.items())
 
 
+@pytest.mark.slow
 @STAGES
 @KINDS
 def test_eta_between_moves_towards_the_policy(write_recipe, online_recipe, tmp_path, lora, stage):

@@ -202,7 +202,6 @@ def test_class_checks():
 
 
 def test_every_hookspec_has_a_docs_section():
-    from posttrain.cli import recipes_dir
 
     doc = (REPO / "docs" / "hooks.md").read_text()
     specs = [n for n in dir(hookspecs) if n.startswith("posttrain_")]
@@ -257,7 +256,6 @@ def test_single_owner_hooks_are_enforced_for_all_of_them(monkeypatch):
 
 
 def test_every_builtin_plugin_has_a_methods_section_and_conforms():
-    from posttrain.cli import recipes_dir
     from posttrain.testing import assert_plugin_conforms
 
     doc = (REPO / "docs" / "methods.md").read_text()

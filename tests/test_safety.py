@@ -379,6 +379,7 @@ def _direct(folder, texts):
     return out
 
 
+@pytest.mark.slow
 def test_classifier_scores_equal_a_direct_forward(classifiers):
     from posttrain import load_plugin
 
@@ -420,6 +421,7 @@ def test_classifier_labels_and_hostile_output(classifiers):
 # -- a short preference run -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_preference_run_with_the_layout_and_the_filter(tmp_path):
     from posttrain.testing import run_recipe
 

@@ -73,6 +73,7 @@ def test_same_scores_as_in_a_run(math_checker):
         total.by_source["verify_math"] == [1.0, 1.0, 0.0, None]
 
 
+@pytest.mark.slow
 def test_score_with_prompts():
     """verify_ifeval reads the prompt (repeat_prompt), and ids + kwargs from one gold column."""
     checker = posttrain.load_plugin("verify_ifeval", workers=1)

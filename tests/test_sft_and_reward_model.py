@@ -3,7 +3,6 @@ the completion-only mask, conversations, token-mask plugins, held-out numbers, a
 model whose score head is saved with the adapter and reloads to the same scores."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +67,7 @@ def test_sft_loss_is_the_nll_of_the_completion_tokens_only(write_recipe, tmp_pat
     assert completion_tokens > 0 and int(mask[0].sum()) == completion_tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_sft_run_lowers_the_completion_nll(cli, write_recipe, tmp_path, lora):
     model = {"lora": {"r": 8, "alpha": 16}} if lora else {"lora": None}
@@ -171,6 +171,7 @@ def test_lora_reward_model_head_is_saved_with_the_adapter_and_reloads(write_reci
     assert torch.allclose(trained.float(), again.float(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reward_model_run_reports_pairwise_accuracy_and_stats(cli, write_recipe, tmp_path):
     recipe = write_recipe(stage="reward_model", data=ARITH_PAIRS, plugins={},
                           training={"max_steps": 6, "learning_rate": 5e-3})

@@ -31,6 +31,7 @@ def test_every_stage_has_a_traced_run():
     assert set(RUNS) == set(STAGES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(RUNS))
 def test_a_stage_calls_the_hooks_it_declares(stage, monkeypatch, tmp_path, tiny_model_dir, cli):
     from posttrain import plugin_set

@@ -101,6 +101,7 @@ def test_tpo_without_nll_needs_no_reference_column(cli, write_recipe):
     assert code == 0, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("plugins", [
     {"tpo": {"beta": 0.5}},
     {"tpo": {"beta": 0.5, "variant": "tpo-l"}, "rpo": {"alpha": 0.2}, "mask_format_tokens": {}},

@@ -24,6 +24,7 @@ def _run(cli, recipe, out_dir, *extra):
     return json.loads((Path(out_dir) / "summary.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_lora_run_lowers_the_loss_and_fills_the_run_dir(cli, write_recipe, tmp_path):
     recipe = write_recipe(data=ON_TRAIN, plugins={"dpo": {"beta": 0.5}, "verify_gsm8k": {}})
     summary, out = _run(cli, recipe, tmp_path / "run")
@@ -45,6 +46,7 @@ def test_lora_run_lowers_the_loss_and_fills_the_run_dir(cli, write_recipe, tmp_p
     assert all("rewards/margins" in r and "logps/chosen" in r for r in train_lines)
 
 
+@pytest.mark.slow
 def test_qlora_4bit_run_lowers_the_loss(cli, write_recipe, tmp_path):
     recipe = write_recipe(data=ON_TRAIN, model={"quantization": {"bits": 4, "quant_type": "nf4"}},
                           plugins={"dpo": {"beta": 0.5}})
@@ -141,6 +143,7 @@ def test_resume_refuses_a_changed_recipe(cli, write_recipe, tmp_path):
     assert code == 2 and "differs from the one the run started with" in err
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_step_count(write_recipe, tmp_path, third_party):
     run = tmp_path / "run"
     marker = tmp_path / "killed.marker"
@@ -190,6 +193,7 @@ def test_qlora_gradients_are_the_same_after_an_evaluation(write_recipe, tmp_path
         assert torch.allclose(before[name].float(), after[name].float(), atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_path, third_party):
     import acme_posttrain
 
@@ -216,12 +220,14 @@ def test_batching_and_reference_hooks_take_part_in_a_run(cli, write_recipe, tmp_
     assert (masked.sum(dim=1) == batch["completion_mask"].sum(dim=1) - 1).all()
 
 
+@pytest.mark.slow
 def test_8bit_base_with_lora_trains(cli, write_recipe, tmp_path):
     recipe = write_recipe(data=ON_TRAIN, model={"quantization": {"bits": 8}}, plugins={"dpo": {"beta": 0.5}})
     summary, _ = _run(cli, recipe, tmp_path / "run")
     assert summary["after"]["heldout"]["loss"] < summary["before"]["heldout"]["loss"]
 
 
+@pytest.mark.slow
 def test_deepspeed_bf16_keeps_float32_master_weights(write_recipe, tmp_path, tiny_model_dir):
     """Under DeepSpeed with bf16 the engine holds the module in bf16 and its ZeRO optimizer keeps a
     float32 master copy: tiny updates (lr 1e-6) survive there, as in posttrain's own mixed precision.

@@ -246,6 +246,7 @@ def timed_batch(plugin, hostile_at):
     return time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_a_batch_with_hostile_completions_takes_one_timeout(math_plugin):
     """A batch is checked across the pool: a hostile completion holds one worker for the time limit
     while the others check the rest, so the batch costs one time limit, not one per hostile completion."""

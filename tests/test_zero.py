@@ -23,6 +23,8 @@ import pytest
 import yaml
 from conftest import cpu_processes_env, free_port, read_jsonl
 
+pytestmark = pytest.mark.slow  # every stage under DeepSpeed ZeRO-2/3 in two CPU processes
+
 TESTS = Path(__file__).resolve().parent
 PREEMPTED = 75
 

@@ -1,7 +1,7 @@
-"""Regression tests for what a plugin author and an outside check found (issue 9, the core's part):
-an online step on which every completion abstains, hook results that break their contract, a plugin
-without @hookimpl, hook tracing, disabling a plugin from the command line, option errors that name
-the field, and the hint for a plugin whose entry point is missing."""
+"""What a plugin author meets when a plugin misbehaves or is being written: hook results that break
+their contract (named by plugin and hook), a plugin without @hookimpl, an online step on which every
+reward source abstains, hook tracing, disabling a plugin from the command line, option errors that
+name the field, the hint for a plugin whose entry point is missing, and the plugin author docs."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import GROUP_PLUS_NORM, read_jsonl
+from conftest import read_jsonl
 
 TESTS = Path(__file__).resolve().parent
 
@@ -19,6 +19,7 @@ TESTS = Path(__file__).resolve().parent
 # --- abstention ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_step_on_which_every_completion_abstains_trains_and_logs(tmp_path, tiny_model_dir):
     """verify_gsm8k + group_relative on data whose gold answer is missing on most rows (2 prompts per
     step): some steps have no reward at all. They train (advantage 0: the loss is the KL term alone,
