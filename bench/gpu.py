@@ -95,7 +95,7 @@ from posttrain.plugins.advantage_norm import AdvantageNorm  # noqa: E402
 from posttrain.plugins.dpo import DPO  # noqa: E402
 from posttrain.plugins.group_relative import GroupRelative  # noqa: E402
 from posttrain.pipeline import recipe_from_data  # noqa: E402
-from posttrain.registry import PluginSet  # noqa: E402
+from posttrain.plugin_set import PluginSet  # noqa: E402
 from posttrain.trainers import online as online_stage  # noqa: E402
 from posttrain.trainers import preference as preference_stage  # noqa: E402
 from posttrain.trainers.config import trl_values  # noqa: E402

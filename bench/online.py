@@ -37,7 +37,7 @@ from posttrain.builtin import WordProblemOptions, word_problems  # noqa: E402
 from posttrain.trainers.online import OnlineTrainer  # noqa: E402
 from posttrain.plugins.advantage_norm import AdvantageNorm  # noqa: E402
 from posttrain.plugins.group_relative import GroupRelative  # noqa: E402
-from posttrain.registry import PluginSet  # noqa: E402
+from posttrain.plugin_set import PluginSet  # noqa: E402
 from posttrain.types import completion_text  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402

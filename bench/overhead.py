@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from posttrain.builtin import ArithmeticOptions, arithmetic  # noqa: E402
 from posttrain.plugins.dpo import DPO  # noqa: E402
-from posttrain.registry import PluginSet  # noqa: E402
+from posttrain.plugin_set import PluginSet  # noqa: E402
 from posttrain.testing import build_tiny_model  # noqa: E402
 from posttrain.trainers.preference import PreferenceTrainer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
