@@ -49,6 +49,9 @@ class Plugin:
     provides: ClassVar[tuple[str, ...]] = ()
     # - capabilities another enabled plugin must provide (e.g. ("posttrain_critic",): a critic).
     needs: ClassVar[tuple[str, ...]] = ()
+    # An advantage estimator that reads the per-token terms of the online stage's Rollouts (``logps``,
+    # ``ref_logps``, ``kl_coef``): the trainer computes them for it (with a critic it always does).
+    reads_per_token_logps: ClassVar[bool] = False
 
     @dataclasses.dataclass
     class Options:

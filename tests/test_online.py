@@ -322,7 +322,7 @@ def test_per_token_advantages_reach_the_loss(online_recipe, tmp_path):
 
 @pytest.mark.parametrize("plugins,training,message", [
     ({"group_relative": {}}, {}, "no enabled plugin implements 'posttrain_reward'"),
-    ({"verify_gsm8k": {}}, {}, "enable one of: gae, group_relative, leave_one_out (e.g. `plugins: {group_relative: {}}`)"),
+    ({"verify_gsm8k": {}}, {}, "enable one of: gae, group_relative, leave_one_out, reinforce_pp (e.g. `plugins: {group_relative: {}}`)"),
     ({"verify_gsm8k": {}, "group_relative": {}, "leave_one_out": {}}, {},
      "'group_relative' and 'leave_one_out' both implement 'posttrain_advantage_estimate'"),
     ({"verify_gsm8k": {}, "group_relative": {}, "dpo": {}}, {}, "plugin 'dpo' does nothing in the online stage"),

@@ -211,7 +211,7 @@ def test_the_policy_critic_needs_a_lora_policy(cli, online_recipe, tmp_path):
     assert code == 2 and "plugins.critic.model" in err and "LoRA policy" in err
 
 
-# -- the critic's own parameters train, and only they (issue: a frozen LoRA critic) ---------------
+# -- the critic's own parameters train, and only they (a LoRA critic's adapter is not frozen) ---------------
 
 
 def _value_model_folder(tmp_path, tiny_model_dir):

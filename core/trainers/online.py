@@ -137,6 +137,8 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
             self.add_callback(ReferenceUpdateCallback(self))
         self.critic = plugins.call("posttrain_critic", stage=stage)  # set up by finish_trainer (needs precision)
         self._kl_in_reward = False  # set when the advantage estimator folds the KL into the reward
+        owner = plugins.implementers("posttrain_advantage_estimate")
+        self._estimator_reads_tokens = bool(owner) and type(plugins.by_name[owner[0]]).reads_per_token_logps
         if self.critic is not None:
             self.add_callback(CriticStepCallback(self))
 
@@ -181,7 +183,7 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         self._scored = None
         mode = "train" if self.model.training else "eval"
         rollouts = self.rollouts(rewards_per_func, prompts, completions, output["completion_mask"], mode)
-        if self.critic is not None:
+        if self.critic is not None or self._estimator_reads_tokens:
             self._add_per_token_terms(rollouts, output)
         estimate = self.advantages(rollouts)
         advantages = estimate.advantages
@@ -240,8 +242,9 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         )
 
     def _add_per_token_terms(self, rollouts: Rollouts, output: dict) -> None:
-        """What a critic-based estimator reads: the critic's values, the policy's log-probs at sampling
-        time and the reference's (TRL computed those with beta > 0), per completion token."""
+        """What a per-token estimator reads: the policy's log-probs at sampling time and the reference's
+        (TRL computed those with beta > 0), and the critic's values when there is a critic, per completion
+        token."""
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         keep = output["completion_ids"].size(1)
@@ -255,7 +258,8 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         ref = output.get("ref_per_token_logps")
         rollouts.ref_logps = None if ref is None else ref.detach() * completion_mask
         rollouts.kl_coef = float(self.args.beta)
-        rollouts.values = self.critic.values(ids, mask, keep) * completion_mask
+        if self.critic is not None:
+            rollouts.values = self.critic.values(ids, mask, keep) * completion_mask
 
     def advantages(self, rollouts: Rollouts) -> Advantages:
         """Estimate (one owner), then transform (chained); unscorable rows end at 0."""

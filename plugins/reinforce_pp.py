@@ -1,0 +1,88 @@
+"""REINFORCE++ (Hu 2025, OpenRLHF's ``reinforce`` and ``reinforce_baseline`` estimators): critic-free
+per-token advantages, the KL penalty in the return, normalised over the whole batch.
+
+For each completion, token t = 0..L-1 (L its length; the rest is padding):
+
+    R'    = R                                   REINFORCE++
+            R − mean_{j in group} R_j           ``baseline: true`` (REINFORCE++-baseline)
+    r_t   = −β·(log π(y_t) − log π_ref(y_t))   the KL penalty, folded into the reward ("kl: reward")
+            + R'  at t = L-1
+    G_t   = Σ_{s ≥ t} r_s                        the return (no discount)
+    A_t   = (G_t − mean(G)) / (std(G) + ε)      over every completion token of the batch, all processes
+
+R is the sequence's reward from the reward sources (NaN rows, which no source scored, are left out of
+the group means and of the batch statistics, and get advantage 0), log π the policy's log-probs at
+sampling time, log π_ref the reference's (present when ``training.beta`` > 0), β = ``training.beta``,
+std the sample standard deviation and ε = 1e-4. The normalisation over the global batch instead of
+per prompt is what sets REINFORCE++ apart from GRPO. ``kl: loss`` leaves the reward alone and TRL adds
+β·KL to the loss instead (OpenRLHF's ``--use_kl_loss``, common with the baseline form). PPO's clipped
+loss is TRL's, as for every advantage estimator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from posttrain import Advantages, Plugin, UserError, hookimpl
+
+EPSILON = 1e-4
+
+
+def returns(token_rewards, mask):
+    """(n, T) undiscounted returns G_t = Σ_{s≥t} r_s over each row's completion tokens (0 on padding)."""
+    import torch
+
+    mask = mask.to(token_rewards.dtype)
+    return torch.flip(torch.cumsum(torch.flip(token_rewards * mask, dims=[1]), dim=1), dims=[1]) * mask
+
+
+class ReinforcePP(Plugin):
+    name = "reinforce_pp"
+    description = ("advantage estimate (online): REINFORCE++, per-token returns with the KL in the reward, "
+                   "whitened over the batch; baseline: subtract the group mean first")
+    stages = ("online",)
+    reads_per_token_logps = True
+
+    @dataclass
+    class Options:
+        baseline: bool = field(default=False, metadata={
+            "help": "Subtract each prompt's group mean reward first (REINFORCE++-baseline)."})
+        kl: Literal["reward", "loss"] = field(default="reward", metadata={
+            "help": "'reward': β·(log π − log π_ref) is part of each token's reward and TRL's in-loss KL is off; "
+                    "'loss': TRL adds β·KL to the loss."})
+
+    @hookimpl
+    def posttrain_trl_config(self, stage, recipe):
+        """Refuses the baseline form when each prompt has one completion (its group mean is the reward)."""
+        generations = (recipe.get("training") or {}).get("num_generations")
+        if self.options.baseline and generations == 1:
+            raise UserError("reinforce_pp's baseline subtracts each prompt's mean reward, and with one completion "
+                            "per prompt every advantage would be 0", field="plugins.reinforce_pp.baseline",
+                            fix="set training.num_generations to 2 or more, or baseline: false")
+        return None
+
+    @hookimpl
+    def posttrain_advantage_estimate(self, rollouts):
+        import torch
+
+        from posttrain.plugins.gae import per_token_rewards
+
+        rewards = rollouts.rewards
+        if self.options.baseline:
+            grouped = rollouts.grouped_rewards
+            rewards = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).reshape(-1)
+        local = rewards[rollouts.local]
+        kl_in_reward = self.options.kl == "reward"
+        token_rewards = per_token_rewards(local, rollouts.completion_mask, rollouts.logps, rollouts.ref_logps,
+                                          rollouts.kl_coef if kl_in_reward else 0.0)
+        mask = rollouts.completion_mask.to(token_rewards.dtype)
+        scored = (~local.isnan()).to(mask.dtype).unsqueeze(1) * mask
+        g = returns(token_rewards, mask)
+        stats = torch.stack([(g * scored).sum(), (g ** 2 * scored).sum(), scored.sum()])
+        total, total_sq, count = rollouts.gather(stats.unsqueeze(0)).sum(dim=0)
+        mean = total / count.clamp(min=1)
+        std = ((total_sq - count * mean ** 2) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
+        advantages = (g - mean) / (std + EPSILON) * mask
+        advantages[local.isnan()] = float("nan")  # no reward: advantage 0 after the transforms
+        return Advantages(advantages, kl_in_reward=kl_in_reward)
