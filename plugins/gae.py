@@ -2,8 +2,9 @@
 
 For each completion, token t = 0..L-1 (L its length; the rest is padding):
 
-    r_t   = -β·(log π(y_t) - log π_ref(y_t))          the KL penalty, folded into the reward ("kl: reward")
+    r_t   = -β·KL_t                                    the KL penalty, folded into the reward ("kl: reward")
             + R   at t = L-1                            the sequence's reward from the reward sources
+    KL_t  = log π(y_t) - log π_ref(y_t)                k1; ``kl_estimator: k2`` or ``k3`` (:func:`kl_terms`)
     δ_t   = r_t + γ·V_{t+1} - V_t                       with V_L = 0 (the episode ends with the completion)
     A_t   = Σ_{k≥0} (γλ)^k · δ_{t+k}                   computed backwards: A_t = δ_t + γλ·A_{t+1}
     G_t   = A_t + V_t                                    the value targets the critic learns
@@ -26,15 +27,38 @@ from typing import Literal
 from posttrain import Advantages, Plugin, UserError, hookimpl
 
 
-def per_token_rewards(rewards, mask, logps=None, ref_logps=None, kl_coef: float = 0.0):
-    """(n, T) rewards: -β·(log π - log π_ref) on every completion token, plus each sequence's reward on
-    its last token. NaN rewards (unscored completions) become 0."""
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_terms(logps, ref_logps, estimator: str = "k1"):
+    """Per-token estimates of KL(π ‖ π_ref) from tokens sampled from π (Schulman, "Approximating KL
+    divergence"), with log r = log π_ref(y_t) − log π(y_t):
+
+        k1 = −log r                 unbiased, high variance, can be negative
+        k2 = ½ (log r)²             biased, low variance, never negative
+        k3 = (r − 1) − log r        unbiased, low variance, never negative (TRL's in-loss KL)
+    """
+    import torch
+
+    log_r = ref_logps - logps
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r ** 2
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r} (one of {', '.join(KL_ESTIMATORS)})")
+
+
+def per_token_rewards(rewards, mask, logps=None, ref_logps=None, kl_coef: float = 0.0, estimator: str = "k1"):
+    """(n, T) rewards: -β·KL_t on every completion token (KL_t the chosen estimator, k1 = log π - log π_ref),
+    plus each sequence's reward on its last token. NaN rewards (unscored completions) become 0."""
     import torch
 
     mask = mask.to(torch.float32)
     out = torch.zeros_like(mask)
     if kl_coef and logps is not None and ref_logps is not None:
-        out = out - kl_coef * (logps - ref_logps) * mask
+        out = out - kl_coef * kl_terms(logps, ref_logps, estimator) * mask
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)
     rows = torch.arange(mask.shape[0], device=mask.device)
     has_tokens = mask.sum(dim=1) > 0
@@ -72,6 +96,9 @@ class GAE(Plugin):
         kl: Literal["reward", "loss"] = field(default="reward", metadata={
             "help": "'reward': the KL penalty β·(log π − log π_ref) is part of the per-token reward and TRL's in-loss "
                     "KL is off (PPO, the study); 'loss': TRL adds β·KL to the loss (GRPO's way)."})
+        kl_estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={
+            "help": "The per-token KL estimate folded into the reward: k1 = log π − log π_ref, k2 = ½(log r)², "
+                    "k3 = (r − 1) − log r with r = π_ref/π (Schulman)."})
 
         def validate(self):
             if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
@@ -85,7 +112,7 @@ class GAE(Plugin):
         kl_in_reward = self.options.kl == "reward"
         rewards = rollouts.rewards[rollouts.local]
         token_rewards = per_token_rewards(rewards, rollouts.completion_mask, rollouts.logps, rollouts.ref_logps,
-                                          rollouts.kl_coef if kl_in_reward else 0.0)
+                                          rollouts.kl_coef if kl_in_reward else 0.0, self.options.kl_estimator)
         advantages, targets = gae(token_rewards, rollouts.values, rollouts.completion_mask, self.options.gamma,
                                   self.options.lam)
         unscored = rewards.isnan()

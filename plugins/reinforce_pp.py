@@ -5,8 +5,8 @@ For each completion, token t = 0..L-1 (L its length; the rest is padding):
 
     R'    = R                                   REINFORCE++
             R − mean_{j in group} R_j           ``baseline: true`` (REINFORCE++-baseline)
-    r_t   = −β·(log π(y_t) − log π_ref(y_t))   the KL penalty, folded into the reward ("kl: reward")
-            + R'  at t = L-1
+    r_t   = −β·KL_t + (R' at t = L-1)           the KL penalty, folded into the reward ("kl: reward")
+    KL_t  = log π(y_t) − log π_ref(y_t)         k1; ``kl_estimator: k2`` or ``k3`` (``gae.kl_terms``)
     G_t   = Σ_{s ≥ t} r_s                        the return (no discount)
     A_t   = (G_t − mean(G)) / (std(G) + ε)      over every completion token of the batch, all processes
 
@@ -51,6 +51,9 @@ class ReinforcePP(Plugin):
         kl: Literal["reward", "loss"] = field(default="reward", metadata={
             "help": "'reward': β·(log π − log π_ref) is part of each token's reward and TRL's in-loss KL is off; "
                     "'loss': TRL adds β·KL to the loss."})
+        kl_estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={
+            "help": "The per-token KL estimate in the reward: k1 = log π − log π_ref, k2 = ½(log r)², "
+                    "k3 = (r − 1) − log r with r = π_ref/π (Schulman)."})
 
     @hookimpl
     def posttrain_trl_config(self, stage, recipe):
@@ -75,7 +78,7 @@ class ReinforcePP(Plugin):
         local = rewards[rollouts.local]
         kl_in_reward = self.options.kl == "reward"
         token_rewards = per_token_rewards(local, rollouts.completion_mask, rollouts.logps, rollouts.ref_logps,
-                                          rollouts.kl_coef if kl_in_reward else 0.0)
+                                          rollouts.kl_coef if kl_in_reward else 0.0, self.options.kl_estimator)
         mask = rollouts.completion_mask.to(token_rewards.dtype)
         scored = (~local.isnan()).to(mask.dtype).unsqueeze(1) * mask
         g = returns(token_rewards, mask)

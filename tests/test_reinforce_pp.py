@@ -13,7 +13,12 @@ from posttrain.plugins.reinforce_pp import ReinforcePP
 from posttrain.testing import make_rollouts
 
 
-def _hand(rewards, mask, logps, ref, beta, group, baseline):
+def _kl(lp, ref, estimator):
+    log_r = ref - lp
+    return {"k1": -log_r, "k2": 0.5 * log_r ** 2, "k3": math.exp(log_r) - 1 - log_r}[estimator]
+
+
+def _hand(rewards, mask, logps, ref, beta, group, baseline, estimator="k1"):
     """Straight from the definitions, with Python lists: R' (baseline: minus the scorable group mean), r_t,
     G_t = Σ_{s≥t} r_s, then (G − mean) / (std + 1e-4) over the tokens of the scored rows."""
     n = len(rewards)
@@ -26,7 +31,7 @@ def _hand(rewards, mask, logps, ref, beta, group, baseline):
     rows = []
     for i in range(n):
         length = int(sum(mask[i]))
-        r = [-beta * (logps[i][t] - ref[i][t]) for t in range(length)]
+        r = [-beta * _kl(logps[i][t], ref[i][t], estimator) for t in range(length)]
         if length:
             r[-1] += 0.0 if rewards[i] is None else rewards[i]
         rows.append([sum(r[t:]) for t in range(length)])
@@ -37,8 +42,8 @@ def _hand(rewards, mask, logps, ref, beta, group, baseline):
 
 
 @pytest.mark.parametrize("baseline", [False, True])
-@pytest.mark.parametrize("kl", ["reward", "loss"])
-def test_advantages_by_hand(baseline, kl):
+@pytest.mark.parametrize("kl, estimator", [("reward", "k1"), ("reward", "k2"), ("reward", "k3"), ("loss", "k3")])
+def test_advantages_by_hand(baseline, kl, estimator):
     rewards = [1.0, 0.0, None, 2.0, 0.5, 0.5, 3.0, -1.0]
     rollouts = make_rollouts(rewards, group_size=4, completion_length=5, seed=3)
     torch.manual_seed(0)
@@ -46,10 +51,11 @@ def test_advantages_by_hand(baseline, kl):
     rollouts.kl_coef = 0.1
     mask = rollouts.completion_mask
     rollouts.logps, rollouts.ref_logps = rollouts.logps * mask, rollouts.ref_logps * mask
-    out = ReinforcePP(ReinforcePP.Options(baseline=baseline, kl=kl)).posttrain_advantage_estimate(rollouts)
+    options = ReinforcePP.Options(baseline=baseline, kl=kl, kl_estimator=estimator)
+    out = ReinforcePP(options).posttrain_advantage_estimate(rollouts)
     assert out.kl_in_reward == (kl == "reward")
     hand = _hand(rewards, mask.tolist(), rollouts.logps.tolist(), rollouts.ref_logps.tolist(),
-                 0.1 if kl == "reward" else 0.0, 4, baseline)
+                 0.1 if kl == "reward" else 0.0, 4, baseline, estimator)
     for i, row in enumerate(hand):
         length = int(mask[i].sum())
         if row is None:
@@ -59,6 +65,29 @@ def test_advantages_by_hand(baseline, kl):
         assert (out.advantages[i, length:] == 0).all()
     scored = out.advantages[~torch.isnan(out.advantages[:, 0])][mask[~torch.isnan(out.advantages[:, 0])].bool()]
     assert scored.mean().item() == pytest.approx(0.0, abs=1e-5)  # whitened over the batch's tokens
+
+
+def test_the_kl_estimators_by_hand():
+    from posttrain.plugins.gae import kl_terms, per_token_rewards
+
+    lp = torch.tensor([[-1.0, -0.2, -3.0]])
+    ref = torch.tensor([[-0.5, -0.9, -3.0]])
+    for estimator in ("k1", "k2", "k3"):
+        hand = [_kl(a, b, estimator) for a, b in zip(lp[0].tolist(), ref[0].tolist())]
+        assert kl_terms(lp, ref, estimator)[0].tolist() == pytest.approx(hand, abs=1e-6)
+    assert (kl_terms(lp, ref, "k3") >= 0).all() and (kl_terms(lp, ref, "k2") >= 0).all()
+    assert kl_terms(lp, ref, "k1")[0, 0] < 0  # k1 can be negative on a token
+    # GAE's per-token rewards: -β·KL_t on every token, the sequence's reward on the last
+    out = per_token_rewards(torch.tensor([2.0]), torch.ones(1, 3), lp, ref, 0.5, "k3")
+    hand = [-0.5 * _kl(a, b, "k3") for a, b in zip(lp[0].tolist(), ref[0].tolist())]
+    hand[-1] += 2.0
+    assert out[0].tolist() == pytest.approx(hand, abs=1e-6)
+
+
+def test_an_unknown_kl_estimator_is_refused_at_validate(cli, online_recipe):
+    recipe = online_recipe(plugins={"verify_gsm8k": {}, "reinforce_pp": {"kl_estimator": "k4"}})
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and "plugins.reinforce_pp.kl_estimator" in err and "k3" in err, err
 
 
 def test_the_baseline_with_one_completion_per_prompt_is_refused(cli, online_recipe):
