@@ -1,5 +1,5 @@
-"""Length-aware reward shaping in the online stage: DAPO's soft overlong punishment (`overlong_penalty`), by
-hand and in a run, and its refusals at validate."""
+"""Length-aware shaping in the online stage: DAPO's soft overlong punishment (`overlong_penalty`), by hand
+and in a run, and its refusals at validate; TRL's mask_truncated_completions passed through and acting."""
 
 import json
 from pathlib import Path
@@ -65,3 +65,23 @@ def test_in_a_run_the_penalty_is_the_logged_completion_lengths_under_the_ramp(cl
         assert m["reward"] == pytest.approx(m["rewards/verify_gsm8k/mean"] + m["rewards/overlong_penalty/mean"],
                                             abs=1e-5)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_truncated_completions_leave_the_loss_with_trls_mask_truncated_completions(cli, online_recipe, tmp_path,
+                                                                                  mask):
+    """TRL's own option passes through and acts: on a step whose every completion was cut at the limit (the
+    tiny random model rarely ends one), nothing is left to train on with the option, and the loss and
+    gradient are 0; without it they are not."""
+    recipe = online_recipe(training={"max_completion_length": 3, "max_steps": 2, "mask_truncated_completions": mask},
+                           eval={"generate": 0})
+    code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    steps = [m for m in read_jsonl(Path(tmp_path / "run" / "metrics.jsonl"))
+             if m.get("completions/clipped_ratio") == 1.0 and "loss" in m]
+    assert steps, "no step had every completion cut at the limit"
+    for m in steps:
+        if mask:
+            assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
+        else:
+            assert m["grad_norm"] > 0.0
