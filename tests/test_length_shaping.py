@@ -51,6 +51,7 @@ def test_a_stage_without_completion_limits_refuses_it(cli, write_recipe):
     assert code == 2 and "applies to the online stage" in err, err
 
 
+@pytest.mark.slow
 def test_in_a_run_the_penalty_is_the_logged_completion_lengths_under_the_ramp(cli, online_recipe, tmp_path):
     """With the buffer the whole limit the ramp is linear, R = -factor * n / L, so the source's logged mean
     must equal -factor * TRL's own completions/mean_length / L at every step (EOS counted by both)."""
@@ -67,6 +68,7 @@ def test_in_a_run_the_penalty_is_the_logged_completion_lengths_under_the_ramp(cl
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mask", [True, False])
 def test_truncated_completions_leave_the_loss_with_trls_mask_truncated_completions(cli, online_recipe, tmp_path,
                                                                                   mask):

@@ -97,6 +97,7 @@ def test_the_baseline_with_one_completion_per_prompt_is_refused(cli, online_reci
     assert code == 2 and "plugins.reinforce_pp.baseline" in err and "num_generations" in err, err
 
 
+@pytest.mark.slow
 def test_a_run_trains_on_per_token_advantages_with_the_kl_in_the_reward(cli, online_recipe, tmp_path):
     recipe = online_recipe(plugins={"online_plugins:DigitShare": {}, "reinforce_pp": {"baseline": True}},
                            training={"beta": 0.05, "max_steps": 2}, eval={"generate": 0})
