@@ -66,7 +66,7 @@ table-saferlhf-seeds: setup
 table-ood: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/ood.py --out runs/ood --seeds 0,1,2
 
-# Every test (what CI and README run; about 35 minutes on 2 CPU cores). `make test-fast` (about 2.5 minutes)
+# Every test (what CI and README run; about 32 minutes on 2 CPU cores). `make test-fast` (about 2.5 minutes)
 # leaves out the ones marked slow: several processes, pipelines, killed-and-resumed runs, the shipped recipes,
 # benchmarks, packaging, and training runs of more than a few seconds (pyproject.toml's markers).
 test: setup
