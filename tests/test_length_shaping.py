@@ -1,5 +1,6 @@
-"""Length-aware shaping in the online stage: DAPO's soft overlong punishment (`overlong_penalty`), by hand
-and in a run, and its refusals at validate; TRL's mask_truncated_completions passed through and acting."""
+"""Length-aware shaping in the online stage: DAPO's soft overlong punishment (`overlong_penalty`) and the
+missing-EOS penalty (`missing_eos_penalty`), by hand and in runs, and their refusals at validate; TRL's
+mask_truncated_completions passed through and acting."""
 
 import json
 from pathlib import Path
@@ -87,3 +88,30 @@ def test_truncated_completions_leave_the_loss_with_trls_mask_truncated_completio
             assert m["loss"] == 0.0 and m["grad_norm"] == 0.0
         else:
             assert m["grad_norm"] > 0.0
+
+
+def test_missing_eos_penalty_by_hand():
+    from posttrain.plugins.missing_eos_penalty import MissingEOSPenalty
+
+    plugin = MissingEOSPenalty(MissingEOSPenalty.Options(penalty=0.75))
+    assert plugin.posttrain_reward(truncated=[True, False, True]) == [-0.75, 0.0, -0.75]
+
+
+@pytest.mark.slow
+def test_in_a_run_the_missing_eos_penalty_is_the_clipped_share(cli, online_recipe, tmp_path):
+    """The source's logged mean is -penalty x TRL's own completions/clipped_ratio at every step."""
+    recipe = online_recipe(plugins={"verify_gsm8k": {}, "missing_eos_penalty": {"penalty": 0.5},
+                                    **GROUP_PLUS_NORM}, training={"max_steps": 2, "max_completion_length": 4},
+                           eval={"generate": 0})
+    code, _, err = cli("run", recipe, "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    logged = [m for m in read_jsonl(Path(tmp_path / "run" / "metrics.jsonl"))
+              if "rewards/missing_eos_penalty/mean" in m]
+    assert len(logged) == 2
+    for m in logged:
+        assert m["rewards/missing_eos_penalty/mean"] == pytest.approx(-0.5 * m["completions/clipped_ratio"], abs=1e-6)
+
+
+def test_missing_eos_penalty_applies_to_the_online_stage_only(cli, write_recipe):
+    code, _, err = cli("validate", write_recipe(plugins={"dpo": {}, "missing_eos_penalty": {}}))
+    assert code == 2 and "applies to the online stage" in err, err
