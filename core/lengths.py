@@ -335,10 +335,10 @@ def _sources(recipe):
 def _records(recipe, src) -> list[dict]:
     """A local or built-in source's rows as the stage reads them (columns mapped, format applied, repairs made);
     validation has already checked them."""
-    from .data import Reader, _source_records, detect_format, format_plugin, prompt_form
+    from .data import Reader, source_records, detect_format, format_plugin, prompt_form
     from .models import has_chat_template
 
-    names, raw = _source_records(src.source, src.split, src.options, src.where)
+    names, raw = source_records(src.source, src.split, src.options, src.where)
     fmt = format_plugin(src.format, src.format_options)
     if fmt is None and raw:
         fmt = detect_format(names, raw[0])

@@ -24,6 +24,22 @@ from posttrain import Plugin, UserError, hookimpl
 EPSILON = 1e-4
 
 
+def whiten_tokens(advantages, rollouts, center: bool = True):
+    """(n, T) per-token advantages whitened over the completion tokens of the whole batch, all processes
+    included: (A − mean) / (std + ε), std the sample standard deviation. NaN rows (no reward source scored
+    them) are left out of the statistics and stay NaN; padding becomes 0."""
+    import torch
+
+    mask = (rollouts.completion_mask.bool() & ~torch.isnan(advantages)).to(advantages.dtype)
+    values = torch.nan_to_num(advantages, nan=0.0)
+    local = torch.stack([(values * mask).sum(), (values ** 2 * mask).sum(), mask.sum()])
+    total, total_sq, count = rollouts.gather(local.unsqueeze(0)).sum(dim=0)
+    mean = total / count.clamp(min=1)
+    std = ((total_sq - count * mean ** 2) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
+    centred = advantages - mean if center else advantages
+    return centred / (std + EPSILON) * rollouts.completion_mask.to(advantages.dtype)
+
+
 class AdvantageNorm(Plugin):
     name = "advantage_norm"
     description = "whitens advantages over the batch (PPO) or within each prompt's group (GRPO)"
@@ -42,7 +58,7 @@ class AdvantageNorm(Plugin):
             if self.options.scope == "group":
                 raise UserError("scope 'group' needs one advantage per completion, but the estimator gives one "
                                 "per token", field="plugins.advantage_norm.scope", fix="use scope: batch")
-            return self._whiten_tokens(advantages, rollouts)
+            return whiten_tokens(advantages, rollouts, self.options.center)
         values = advantages.view(-1, rollouts.group_size) if self.options.scope == "group" else advantages.view(1, -1)
         valid = ~torch.isnan(values)
         count = valid.sum(dim=1, keepdim=True)
@@ -51,16 +67,3 @@ class AdvantageNorm(Plugin):
         std = var.sqrt()
         centred = values - mean if self.options.center else values
         return (centred / (std + EPSILON)).reshape(-1)
-
-    def _whiten_tokens(self, advantages, rollouts):
-        import torch
-
-        # completion tokens of scored rows (a row no source scored is NaN: left out, and stays NaN)
-        mask = (rollouts.completion_mask.bool() & ~torch.isnan(advantages)).to(advantages.dtype)
-        values = torch.nan_to_num(advantages, nan=0.0)
-        local = torch.stack([(values * mask).sum(), (values ** 2 * mask).sum(), mask.sum()])
-        total, total_sq, count = rollouts.gather(local.unsqueeze(0)).sum(dim=0)
-        mean = total / count.clamp(min=1)
-        std = ((total_sq - count * mean ** 2) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
-        centred = advantages - mean if self.options.center else advantages
-        return centred / (std + EPSILON) * rollouts.completion_mask.to(advantages.dtype)

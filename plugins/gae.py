@@ -28,6 +28,8 @@ from posttrain import Advantages, Plugin, UserError, hookimpl
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_ESTIMATOR_HELP = ("The per-token KL estimate folded into the reward: k1 = log π − log π_ref, k2 = ½(log r)², "
+                     "k3 = (r − 1) − log r with r = π_ref/π (Schulman).")
 
 
 def kl_terms(logps, ref_logps, estimator: str = "k1"):
@@ -96,9 +98,7 @@ class GAE(Plugin):
         kl: Literal["reward", "loss"] = field(default="reward", metadata={
             "help": "'reward': the KL penalty β·(log π − log π_ref) is part of the per-token reward and TRL's in-loss "
                     "KL is off (PPO, the study); 'loss': TRL adds β·KL to the loss (GRPO's way)."})
-        kl_estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={
-            "help": "The per-token KL estimate folded into the reward: k1 = log π − log π_ref, k2 = ½(log r)², "
-                    "k3 = (r − 1) − log r with r = π_ref/π (Schulman)."})
+        kl_estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={"help": KL_ESTIMATOR_HELP})
 
         def validate(self):
             if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from posttrain import Advantages, Plugin, UserError, hookimpl
-
-EPSILON = 1e-4
+from posttrain.plugins.advantage_norm import whiten_tokens
+from posttrain.plugins.gae import KL_ESTIMATOR_HELP, per_token_rewards
 
 
 def returns(token_rewards, mask):
@@ -51,9 +51,7 @@ class ReinforcePP(Plugin):
         kl: Literal["reward", "loss"] = field(default="reward", metadata={
             "help": "'reward': β·(log π − log π_ref) is part of each token's reward and TRL's in-loss KL is off; "
                     "'loss': TRL adds β·KL to the loss."})
-        kl_estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={
-            "help": "The per-token KL estimate in the reward: k1 = log π − log π_ref, k2 = ½(log r)², "
-                    "k3 = (r − 1) − log r with r = π_ref/π (Schulman)."})
+        kl_estimator: Literal["k1", "k2", "k3"] = field(default="k1", metadata={"help": KL_ESTIMATOR_HELP})
 
     @hookimpl
     def posttrain_trl_config(self, stage, recipe):
@@ -69,8 +67,6 @@ class ReinforcePP(Plugin):
     def posttrain_advantage_estimate(self, rollouts):
         import torch
 
-        from posttrain.plugins.gae import per_token_rewards
-
         rewards = rollouts.rewards
         if self.options.baseline:
             grouped = rollouts.grouped_rewards
@@ -79,13 +75,6 @@ class ReinforcePP(Plugin):
         kl_in_reward = self.options.kl == "reward"
         token_rewards = per_token_rewards(local, rollouts.completion_mask, rollouts.logps, rollouts.ref_logps,
                                           rollouts.kl_coef if kl_in_reward else 0.0, self.options.kl_estimator)
-        mask = rollouts.completion_mask.to(token_rewards.dtype)
-        scored = (~local.isnan()).to(mask.dtype).unsqueeze(1) * mask
-        g = returns(token_rewards, mask)
-        stats = torch.stack([(g * scored).sum(), (g ** 2 * scored).sum(), scored.sum()])
-        total, total_sq, count = rollouts.gather(stats.unsqueeze(0)).sum(dim=0)
-        mean = total / count.clamp(min=1)
-        std = ((total_sq - count * mean ** 2) / (count - 1).clamp(min=1)).clamp(min=0).sqrt()
-        advantages = (g - mean) / (std + EPSILON) * mask
-        advantages[local.isnan()] = float("nan")  # no reward: advantage 0 after the transforms
-        return Advantages(advantages, kl_in_reward=kl_in_reward)
+        g = returns(token_rewards, rollouts.completion_mask)
+        g[local.isnan()] = float("nan")  # no reward: out of the statistics, advantage 0 after the transforms
+        return Advantages(whiten_tokens(g, rollouts), kl_in_reward=kl_in_reward)

@@ -31,8 +31,8 @@ from .files import FILE_FORMATS, file_splits, folder_splits, is_saved_dataset, r
 from .formats import detect_format, format_options, format_plugin
 from .records import RESPONSES, TEXT_COLUMNS, PromptForm, Reader, as_bool, prompt_form
 from .rows import SCALARS, RowChecker, as_text, check_pairs_differ
-from .sources import Source, SplitSlice, eval_source, parse_split, sample_rows, source_kind, training_sources
-from .sources import _source_records as _source_records
+from .sources import (Source, SplitSlice, eval_source, parse_split, sample_rows, source_kind, source_records,
+                      training_sources)
 from .splits import load_splits, read_mix, source_counts
 
 __all__ = [
@@ -40,5 +40,5 @@ __all__ = [
     "SplitSlice", "as_bool", "as_text", "check_columns", "check_mix", "check_pairs_differ", "check_source",
     "detect_format", "eval_source", "file_splits", "folder_splits", "format_options", "format_plugin",
     "is_saved_dataset", "load_splits", "parse_split", "prompt_form", "read_mix", "read_records", "sample_rows",
-    "source_columns", "source_counts", "source_kind", "training_sources",
+    "source_columns", "source_counts", "source_kind", "source_records", "training_sources",
 ]

@@ -214,7 +214,7 @@ def sample_rows(rows: int, fraction: float | None, count: int | None, seed: int)
 # -- one source's records -----------------------------------------------------------------------------------
 
 
-def _source_records(source: str, split: str | None, options: dict, where: str) -> tuple[list[str], list[dict]]:
+def source_records(source: str, split: str | None, options: dict, where: str) -> tuple[list[str], list[dict]]:
     """A source's column names and records, as they are (before any format or renames); a slice of a local
     split (``train[:5%]``) applied."""
     names, records, _ = _source_rows(source, split, options, where)
@@ -223,7 +223,7 @@ def _source_records(source: str, split: str | None, options: dict, where: str) -
 
 def _source_rows(source: str, split: str | None, options: dict, where: str,
                  subset: str | None = None) -> tuple[list[str], list[dict], int]:
-    """_source_records, and the number of the first record's row in the source (1, or where its slice starts).
+    """source_records, and the number of the first record's row in the source (1, or where its slice starts).
     A hub dataset (or a data folder) is read by ``datasets.load_dataset(source, subset, split=split)``, which
     reads the slice itself."""
     if is_ref(source):  # the dataset an earlier stage of the pipeline wrote
