@@ -11,8 +11,8 @@ from .hookspecs import hookimpl
 from .plugin import Plugin
 from .rewards import load_plugin
 from .rewards import score_completions as score
-from .types import Advantages, Critic, PreferenceLogps, PreferenceLoss, Rollouts, Transformed
+from .types import Advantages, Critic, GroupFilter, PreferenceLogps, PreferenceLoss, Rollouts, Transformed
 
 __version__ = "0.1.0"
-__all__ = ["Advantages", "Critic", "Plugin", "PreferenceLogps", "PreferenceLoss", "Rollouts", "Transformed", "UserError",
+__all__ = ["Advantages", "Critic", "GroupFilter", "Plugin", "PreferenceLogps", "PreferenceLoss", "Rollouts", "Transformed", "UserError",
            "hookimpl", "load_plugin", "score", "__version__"]

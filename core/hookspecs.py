@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from .types import Advantages, Critic, PreferenceLoss, Transformed
+from .types import Advantages, Critic, GroupFilter, PreferenceLoss, Transformed
 
 if TYPE_CHECKING:  # pragma: no cover - for editors and type checkers; nothing heavy is imported at run time
     import torch
@@ -377,6 +377,33 @@ def posttrain_advantage_transform(advantages: torch.Tensor, rollouts: Rollouts) 
 
     Combine: *all results*, chained in plugin order; each implementation receives the previous
     one's output. ``NaN`` entries (unscorable rows) are set to 0 after the last transform.
+    """
+
+
+@spec(ALL_RESULTS, "a posttrain.GroupFilter (keep: one bool per group of the gathered batch; max_rounds)",
+      lambda r: isinstance(r, GroupFilter))
+def posttrain_filter_groups(rollouts: Rollouts) -> GroupFilter | None:
+    """Choose which groups of a sampled batch train, and let the stage sample more to replace the rest.
+
+    Called once per sampling round of a generation batch of the online stage (training only), after the
+    reward sources have scored it and before any advantage is computed. ``rollouts`` is the round's
+    batch, as :func:`posttrain_advantage_estimate` receives it (the rewards gathered from every process,
+    in groups of ``group_size`` consecutive rows). Return a :class:`posttrain.GroupFilter`: ``keep``,
+    one bool per group of the gathered batch (``N / group_size`` of them), and ``max_rounds``, how many
+    extra sampling rounds the stage may run per batch to replace the groups dropped. Return ``None`` to
+    keep every group.
+
+    The stage keeps the groups every plugin keeps, samples a new batch of prompts (drawn from the
+    training set, as many as the batch holds) while some process has fewer kept groups than its share
+    of the batch and fewer extra rounds than the smallest ``max_rounds`` have run, and trains on the
+    kept groups in the order they were sampled; a batch still short after the last round is filled up
+    with dropped groups, so every update has the configured batch size. The advantage hooks then see
+    the assembled batch. Each process holds whole groups (the stage refuses a batch per process that
+    is not a multiple of ``num_generations``). Logged per step: ``filter_groups/kept``, ``/dropped``,
+    ``/filled_with_dropped`` (groups), ``/rounds`` and ``/extra_completions``.
+
+    Combine: *all results*: a group trains when every implementation keeps it; the stage runs at most the
+    smallest ``max_rounds`` extra rounds.
     """
 
 

@@ -88,6 +88,16 @@ class Rollouts:
 
 
 @dataclass
+class GroupFilter:
+    """What a ``posttrain_filter_groups`` implementation returns: which groups of a sampled batch train
+    (``keep``, one bool per group of the gathered batch, in order) and at most how many extra sampling
+    rounds the stage may run per batch to replace the dropped ones."""
+
+    keep: list  # one bool per group of the gathered batch
+    max_rounds: int = 0
+
+
+@dataclass
 class Transformed:
     """What a ``posttrain_transform_dataset`` implementation may return instead of a bare dataset: the
     dataset and why rows were dropped (e.g. "both responses unsafe"). posttrain counts the rows every

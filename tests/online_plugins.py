@@ -216,3 +216,51 @@ class ScoredPerRank(Plugin):
                 f.write(json.dumps(p) + "\n")
         texts = [completion_text(c) for c in completions]
         return [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts]
+
+
+# What the group-filter tests read back: every scored round, and the batch the advantage hooks saw.
+SCORED_ROUNDS: list = []
+ADVANTAGE_BATCHES: list = []
+
+
+class ConstantOnEvenPrompts(Plugin):
+    name = "constant_on_even_prompts"
+    description = ("reward: 0 for every completion of a prompt of even length (a group with no signal), the "
+                   "completion's digit share otherwise; records every batch it scores")
+
+    @dataclass
+    class Options:
+        weight: float = 1.0
+        everywhere: bool = False  # 0 for every prompt: every group is without signal
+
+    @hookimpl
+    def posttrain_reward(self, prompts, completions):
+        texts = [completion_text(c) for c in completions]
+        rewards = [0.0 if self.options.everywhere or len(str(p)) % 2 == 0
+                   else 0.01 + sum(ch.isdigit() for ch in t) / max(1, len(t)) + 0.001 * len(t)
+                   for p, t in zip(prompts, texts, strict=True)]
+        SCORED_ROUNDS.append(list(zip([str(p) for p in prompts], texts, rewards, strict=True)))
+        return rewards
+
+
+class SeenByAdvantages(Plugin):
+    name = "seen_by_advantages"
+    description = "advantage transform that changes nothing and records the batch it is given"
+
+    @hookimpl
+    def posttrain_advantage_transform(self, rollouts):
+        ADVANTAGE_BATCHES.append(list(zip([str(p) for p in rollouts.prompts],
+                                          [completion_text(c) for c in rollouts.completions],
+                                          rollouts.rewards.tolist(), strict=True)))
+        return None
+
+
+class WrongGroupCount(Plugin):
+    name = "wrong_group_count"
+    description = "a group filter that answers for one group too many"
+
+    @hookimpl
+    def posttrain_filter_groups(self, rollouts):
+        from posttrain import GroupFilter
+
+        return GroupFilter(keep=[True] * (rollouts.rewards.shape[0] // rollouts.group_size + 1), max_rounds=1)

@@ -36,8 +36,8 @@ class OnlineStage(TrainerStage):
                              "itself does not truncate prompts)",
     }
     hooks = (*SETUP_HOOKS, "posttrain_reference_needed", "posttrain_sample", "posttrain_reward",
-             "posttrain_advantage_estimate", "posttrain_advantage_transform", "posttrain_critic",
-             "posttrain_update_reference")
+             "posttrain_filter_groups", "posttrain_advantage_estimate", "posttrain_advantage_transform",
+             "posttrain_critic", "posttrain_update_reference")
     required_hooks = ("posttrain_reward", "posttrain_advantage_estimate")
     reward_arguments = ("prompt", "completion", "completion_ids")  # GRPOTrainer's own, not passed as columns
     has_reference = True
@@ -90,6 +90,7 @@ class OnlineStage(TrainerStage):
                 f"groups of num_generations={batch['group']}", field="training.num_generations",
                 fix="make per_device_train_batch_size x processes x gradient_accumulation_steps a multiple of "
                     "num_generations, or let the large_batch plugin derive them from prompts_per_update")
+        check_group_filter(batch, plugins)
         beta = trl_config.get("beta", self.defaults().get("beta"))
         wanting = [name for name, needed in plugins.call_each("posttrain_reference_needed", stage=self.name) if needed]
         if wanting and not beta:
@@ -134,6 +135,26 @@ class OnlineStage(TrainerStage):
         if (cfg.get("beta") or 0.0) > 0:
             facts.reference = "copy" if recipe.model.lora is None else "adapter"
         return facts
+
+
+def check_group_filter(batch: dict, plugins) -> None:
+    """A group filter (``posttrain_filter_groups``) needs groups to judge, and each process's share of the
+    generation batch made of whole groups (it replaces groups one by one on the process that holds them)."""
+    filters = plugins.implementers("posttrain_filter_groups")
+    if not filters:
+        return
+    if batch["group"] < 2:
+        raise UserError(f"plugin '{filters[0]}' drops groups of completions that all got the same reward, and with "
+                        "num_generations 1 every group is one completion", field=f"plugins.{filters[0]}",
+                        fix="use num_generations >= 2 (e.g. 4 or 8), or disable the plugin (a critic's baseline "
+                            "needs no group)")
+    local = batch["generation_batch"] // world_size()
+    if local % batch["group"]:
+        raise UserError(f"plugin '{filters[0]}' refills the batch group by group, and each process's "
+                        f"{local} completions per generation batch do not split into groups of "
+                        f"num_generations={batch['group']}", field="training.per_device_train_batch_size",
+                        fix="make per_device_train_batch_size x steps_per_generation a multiple of "
+                            "num_generations")
 
 
 def check_generation_engine(trl_config: dict, plugins) -> None:

@@ -23,6 +23,7 @@ logging. What is ours, through four small overrides:
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 import torch
@@ -42,6 +43,7 @@ from .callbacks import ReferenceUpdateCallback
 from .config import build_config
 from .evaluation import answer_metrics
 from .guard import GuardedTrainer
+from . import refill
 from .parts import finish_trainer, trainer_parts
 
 
@@ -178,10 +180,13 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        rewards_per_func, prompts, completions = self._scored
-        self._scored = None
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and self.plugins.implementers("posttrain_filter_groups"):
+            output, (rewards_per_func, prompts, completions) = self._sample_kept_groups(inputs)
+        else:
+            output = super()._generate_and_score_completions(inputs)
+            rewards_per_func, prompts, completions = self._scored
+        self._scored = None
         rollouts = self.rollouts(rewards_per_func, prompts, completions, output["completion_mask"], mode)
         if self.critic is not None or self._estimator_reads_tokens:
             self._add_per_token_terms(rollouts, output)
@@ -220,6 +225,101 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         # trains on them. TRL warns once per such batch with a whole example; this share replaces it.
         metrics["rewards/unscored"].append(torch.isnan(rollouts.rewards).float().mean().item())
         return output
+
+    # -- groups dropped and refilled (posttrain_filter_groups) ------------------------------------
+
+    def _sample_kept_groups(self, inputs):
+        """Sample, score and filter rounds of generation batches until every process has its share of kept
+        groups or the plugins' round limit is reached, and assemble the batch (``refill``). Returns the
+        generation output and the (gathered rewards, local prompts, local completions) of the assembled
+        batch. TRL's generation metrics (reward, lengths...) are logged for every round sampled."""
+        g, processes, n = self.num_generations, self.accelerator.num_processes, len(inputs)
+        outputs, scored, verdicts = [], [], []
+        batch, limit = inputs, None
+        while True:
+            outputs.append(super()._generate_and_score_completions(batch))
+            scored.append(self._scored)
+            rewards_per_func, prompts, completions = self._scored
+            rollouts = self.rollouts(rewards_per_func, prompts, completions, outputs[-1]["completion_mask"])
+            keep, rounds = self._filter_groups(rollouts)
+            verdicts.append(keep)
+            limit = rounds if limit is None else min(limit, rounds)
+            if not refill.short(verdicts, processes) or len(outputs) > limit:
+                break
+            batch = self._refill_prompts(n, len(outputs))
+        extra = [k for k in refill.unsupported_keys(outputs[0]) if k not in ("advantages", "num_items_in_batch")]
+        if extra:
+            raise UserError(f"a generation batch with {', '.join(extra)} cannot be refilled group by group",
+                            field=f"plugins.{self.plugins.implementers('posttrain_filter_groups')[0]}",
+                            fix="disable the group filter for inputs other than text")
+        chosen = refill.picks(verdicts, processes)
+        mine = chosen[self.accelerator.process_index]
+        output = refill.assemble(outputs, mine, g, self._tokenizer.pad_token_id)
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        output["advantages"] = torch.zeros(n, device=output["completion_mask"].device)
+        rows = refill.gathered_rows(chosen, g, n // g)
+        rewards = torch.stack([scored[r][0][i] for r, i in rows])
+        prompts = refill.local_items([s[1] for s in scored], mine, g)
+        completions = refill.local_items([s[2] for s in scored], mine, g)
+        self._log_refill(verdicts, processes, len(outputs), n)
+        if len(outputs) > 1:
+            self._rewrite_completion_table(prompts, completions, rewards)
+        return output, (rewards, prompts, completions)
+
+    def _filter_groups(self, rollouts: Rollouts) -> tuple[list[bool], int]:
+        """The groups every filter keeps, and the smallest round limit of those that answered."""
+        groups = rollouts.rewards.shape[0] // rollouts.group_size
+        keep, limit = [True] * groups, None
+        for name, result in self.plugins.call_each("posttrain_filter_groups", rollouts=rollouts):
+            if result is None:
+                continue
+            verdict = [bool(k) for k in result.keep]
+            if len(verdict) != groups or not isinstance(result.max_rounds, int) or result.max_rounds < 0:
+                raise contract_error(name, "posttrain_filter_groups", result,
+                                     f"a GroupFilter with {groups} keep flags (one per group) and max_rounds >= 0")
+            keep = [a and b for a, b in zip(keep, verdict, strict=True)]
+            limit = result.max_rounds if limit is None else min(limit, result.max_rounds)
+        return keep, (0 if limit is None else limit)
+
+    def _refill_prompts(self, n: int, round_: int) -> list[dict]:
+        """This process's rows of a new generation batch: prompts drawn from the training set, each repeated
+        num_generations times. The draw depends only on the seed, the step and the round, so every process
+        draws the same prompts (taking its own share) and a resumed run draws what the uninterrupted one did."""
+        g, processes = self.num_generations, self.accelerator.num_processes
+        groups = n // g * processes
+        rng = random.Random(f"{self.args.seed}/{self.state.global_step}/{round_}")
+        size = len(self.train_dataset)
+        drawn = rng.sample(range(size), groups) if groups <= size else rng.choices(range(size), k=groups)
+        mine = drawn[self.accelerator.process_index * (n // g):(self.accelerator.process_index + 1) * (n // g)]
+        return [self.train_dataset[i] for i in mine for _ in range(g)]
+
+    def _log_refill(self, verdicts, processes: int, rounds: int, n: int) -> None:
+        per_process = n // self.num_generations
+        metrics = self._metrics["train"]
+        # counts over every process's assembled groups, computed from the gathered verdicts (no communication)
+        total_kept = sum(min(c, per_process) for c in refill.kept_counts(verdicts, processes))
+        groups = per_process * processes
+        metrics["filter_groups/kept"].append(float(total_kept))
+        metrics["filter_groups/dropped"].append(float(sum(not k for v in verdicts for k in v)))
+        metrics["filter_groups/filled_with_dropped"].append(float(groups - total_kept))
+        metrics["filter_groups/rounds"].append(float(rounds))
+        metrics["filter_groups/extra_completions"].append(float((rounds - 1) * groups * self.num_generations))
+
+    def _rewrite_completion_table(self, prompts, completions, rewards) -> None:
+        """TRL's completions table (log_completions) holds the last round sampled: make it the batch trained on."""
+        from accelerate.utils import gather_object
+
+        table = self._logs
+        for column in (table["prompt"], table["completion"], table["advantages"], table["images"]):
+            column.clear()
+        for column in (*table["rewards"].values(), *table["extra"].values()):
+            column.clear()
+        table["prompt"].extend(gather_object(prompts))
+        table["completion"].extend(gather_object(completions))
+        for i, name in enumerate(self.reward_func_names):
+            table["rewards"][name].extend(rewards[:, i].tolist())
+        table["advantages"].extend([0.0] * rewards.shape[0])  # replaced by the advantages once computed
 
     def rollouts(self, rewards_per_func, prompts, completions, completion_mask, mode: str = "train") -> Rollouts:
         """The scored batch as the advantage hooks see it: rewards combined by weight (NaN where every
