@@ -32,6 +32,23 @@ KL_ESTIMATOR_HELP = ("The per-token KL estimate folded into the reward: k1 = log
                      "k3 = (r − 1) − log r with r = π_ref/π (Schulman).")
 
 
+def check_kl_estimator(name: str, kl: str, recipe: dict) -> None:
+    """Refuse a ``kl_estimator`` the recipe sets where it cannot act: without a KL penalty (``training.beta``
+    0, TRL's default) or with the KL in the loss (TRL's own term, always k3)."""
+    options = ((recipe.get("plugins") or {}).get(name)) or {}
+    if "kl_estimator" not in options:
+        return
+    beta = (recipe.get("training") or {}).get("beta") or 0.0
+    if kl == "loss":
+        raise UserError(f"{name}'s kl_estimator chooses the KL folded into the reward, and kl: loss leaves the KL to "
+                        "TRL's loss term (its own k3 estimate)", field=f"plugins.{name}.kl_estimator",
+                        fix="remove kl_estimator, or set kl: reward")
+    if not beta:
+        raise UserError(f"{name}'s kl_estimator has no KL penalty to estimate: training.beta is {beta}",
+                        field=f"plugins.{name}.kl_estimator",
+                        fix="set training.beta > 0 (the KL penalty's weight, e.g. 0.01), or remove kl_estimator")
+
+
 def kl_terms(logps, ref_logps, estimator: str = "k1"):
     """Per-token estimates of KL(π ‖ π_ref) from tokens sampled from π (Schulman, "Approximating KL
     divergence"), with log r = log π_ref(y_t) − log π(y_t):
@@ -103,6 +120,12 @@ class GAE(Plugin):
         def validate(self):
             if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
                 raise ValueError("gamma and lam must be in [0, 1]")
+
+    @hookimpl
+    def posttrain_trl_config(self, stage, recipe):
+        """Refuses a kl_estimator that cannot act (nothing is set)."""
+        check_kl_estimator(self.name, self.options.kl, recipe)
+        return None
 
     @hookimpl
     def posttrain_advantage_estimate(self, rollouts):

@@ -26,7 +26,7 @@ from typing import Literal
 
 from posttrain import Advantages, Plugin, UserError, hookimpl
 from posttrain.plugins.advantage_norm import whiten_tokens
-from posttrain.plugins.gae import KL_ESTIMATOR_HELP, per_token_rewards
+from posttrain.plugins.gae import KL_ESTIMATOR_HELP, check_kl_estimator, per_token_rewards
 
 
 def returns(token_rewards, mask):
@@ -55,12 +55,14 @@ class ReinforcePP(Plugin):
 
     @hookimpl
     def posttrain_trl_config(self, stage, recipe):
-        """Refuses the baseline form when each prompt has one completion (its group mean is the reward)."""
+        """Refuses the baseline form when each prompt has one completion (its group mean is the reward), and a
+        kl_estimator that cannot act."""
         generations = (recipe.get("training") or {}).get("num_generations")
         if self.options.baseline and generations == 1:
             raise UserError("reinforce_pp's baseline subtracts each prompt's mean reward, and with one completion "
                             "per prompt every advantage would be 0", field="plugins.reinforce_pp.baseline",
                             fix="set training.num_generations to 2 or more, or baseline: false")
+        check_kl_estimator(self.name, self.options.kl, recipe)
         return None
 
     @hookimpl

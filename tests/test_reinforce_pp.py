@@ -6,6 +6,7 @@ advantages reach TRL's loss without a critic."""
 import math
 
 import pytest
+import yaml
 import torch
 from conftest import read_jsonl
 
@@ -88,6 +89,25 @@ def test_an_unknown_kl_estimator_is_refused_at_validate(cli, online_recipe):
     recipe = online_recipe(plugins={"verify_gsm8k": {}, "reinforce_pp": {"kl_estimator": "k4"}})
     code, _, err = cli("validate", recipe)
     assert code == 2 and "plugins.reinforce_pp.kl_estimator" in err and "k3" in err, err
+
+
+@pytest.mark.parametrize("plugins, beta, words", [
+    ({"reinforce_pp": {"kl_estimator": "k3"}}, None, "training.beta is 0"),
+    ({"reinforce_pp": {"kl_estimator": "k2", "kl": "loss"}}, 0.05, "kl: loss"),
+    ({"critic": {}, "gae": {"kl_estimator": "k3"}}, 0.0, "training.beta is 0"),
+])
+def test_a_kl_estimator_that_cannot_act_is_refused_at_validate(cli, online_recipe, plugins, beta, words):
+    recipe = online_recipe(plugins={"verify_gsm8k": {}, **plugins},
+                           **({} if beta is None else {"training": {"beta": beta}}))  # None: TRL's default, 0
+    code, _, err = cli("validate", recipe)
+    name = next(iter(k for k in plugins if k != "critic"))
+    assert code == 2 and f"plugins.{name}.kl_estimator" in err and words in err, err
+    working = online_recipe(name="working", plugins={"verify_gsm8k": {}, **plugins},
+                            training={"beta": 0.05})
+    data = yaml.safe_load(working.read_text())
+    data["plugins"][name].pop("kl", None)
+    working.write_text(yaml.safe_dump(data))
+    assert cli("validate", working)[0] == 0
 
 
 def test_the_baseline_with_one_completion_per_prompt_is_refused(cli, online_recipe):
