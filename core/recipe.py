@@ -207,8 +207,8 @@ class Recipe:
     description: str = _help("One line shown by `posttrain recipes`.", default="")
     stage: str = _help(
         "What kind of training: the name of a stage (sft, reward_model, preference, online, iterative, "
-        "rejection_sampling, kto; `posttrain stages` describes each). A stage may read keys of its own at the top "
-        "of the recipe (iterative: rounds, sampling).", default="preference")
+        "rejection_sampling, kto, distillation; `posttrain stages` describes each). A stage may read keys of its own "
+        "at the top of the recipe (iterative: rounds, sampling; distillation: teacher).", default="preference")
     seed: int = _help("Seed for data splits, adapter init and training.", default=42)
     output_dir: Union[str, None] = _help("Run directory; defaults to runs/<name>.", default=None)
     plugins: dict[str, Any] = _help(
@@ -386,7 +386,8 @@ def apply_override(data: dict, assignment: str) -> None:
 
 # Recipe keys that hold a file or folder path (in a one-stage recipe, and in each entry of `stages`).
 PATH_KEYS = (("training", "deepspeed"), ("data", "source"), ("data", "eval", "source"), ("model", "name_or_path"),
-             ("model", "reference"), ("model", "tokenizer"), ("model", "chat_template"), ("eval", "lm_eval", "include_path"))
+             ("model", "reference"), ("model", "tokenizer"), ("model", "chat_template"), ("eval", "lm_eval", "include_path"),
+             ("teacher",))  # the distillation stage's teacher model
 
 
 def is_inline_template(value: str) -> bool:

@@ -64,6 +64,7 @@ MODULE_NAMES = (
     ("trl.data_utils", "_tokenize", "tokenising a conversation or text exactly as TRL does for its trainers"),
     ("trl.trainer.dpo_trainer", "create_model_from_path", "how DPOTrainer builds a frozen reference copy"),
     ("trl.trainer.grpo_trainer", "create_model_from_path", "how GRPOTrainer builds a frozen reference copy"),
+    ("trl.trainer.distillation_trainer", "create_model_from_path", "how DistillationTrainer builds its teacher"),
     ("trl.trainer.grpo_trainer", "logger", "GRPOTrainer's logger (a warning for abstaining rewards is filtered)"),
     ("trl.trainer.reward_trainer", "suppress_seqcls_warning", "silence 'score.weight newly initialised' for a new head"),
     ("trl.experimental.tpo.tpo_trainer", "DataCollatorForTriplePreference", "batches of [chosen; rejected; gold]"),

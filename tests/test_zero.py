@@ -1,8 +1,8 @@
 """Every stage under DeepSpeed ZeRO-3 and ZeRO-2 (accelerate launch, two CPU processes over gloo, the tiny
 model): one pipeline runs sft, reward_model, preference (LoRA from the sft stage's model, and full
 fine-tuning with its frozen reference), kto, online (GRPO, and PPO with a reward model and a critic from the
-reward_model stage), iterative DPO (two rounds, the reference moved to the policy) and rejection sampling,
-each stage passing its model on. The same pipeline under plain DDP (torchrun) is the reference: each
+reward_model stage), iterative DPO (two rounds, the reference moved to the policy), rejection sampling and
+distillation (the sft stage's model as the teacher), each stage passing its model on. The same pipeline under plain DDP (torchrun) is the reference: each
 stage's losses and gradient norms, the iterative rounds' pairs and the rejection-sampling dataset are the
 same; the engine really shards (a probe plugin reads the parameters each process holds); every final/
 loads with transformers and peft as a one-process run's does, and generates.
@@ -78,6 +78,9 @@ def pipeline(tiny_model_dir, probe: Path, zero: int | None) -> dict:
         # full fine-tuning with no reference model at all (a reference-free loss): no frozen copy is built
         {"name": "simpo_full", "stage": "preference", "model": {"name_or_path": "stages.sft", "lora": None},
          "data": ARITH, "plugins": {"simpo": {}}, "training": {**STEPS, "max_length": 64}},
+        # on-policy distillation of the sft stage's model into the start model (the teacher sharded as the student)
+        {"name": "distil", "stage": "distillation", "teacher": "stages.sft", "data": WORDS, "plugins": {},
+         "training": {**ONLINE, "beta": 0.5}},
     ]
     for stage in stages:
         stage.setdefault("eval", {"generate": 2, "max_new_tokens": 4})
@@ -163,7 +166,7 @@ def every_stage(tmp_path_factory, tiny_model_dir):
 
 
 TRAINED = ("01-sft", "02-rm", "03-dpo", "04-dpo_full", "05-kto", "06-grpo", "07-ppo", "08-iter", "09-iter_full",
-           "11-ppo_lora_critic", "12-simpo_full")
+           "11-ppo_lora_critic", "12-simpo_full", "13-distil")
 PPO = ("07-ppo", "11-ppo_lora_critic")
 
 
@@ -211,8 +214,8 @@ def test_zero3_shards_every_trained_model_and_zero2_none(every_stage):
     root, _ = every_stage
     for zero, expect_sharded in (("zero3", True), ("zero2", False), ("ddp", False)):
         records = read_jsonl(root / f"{zero}-probe.jsonl")
-        # one record per process and train() call: 9 stages, the two iterative ones twice (a new engine per round)
-        assert len(records) == 2 * 13, records
+        # one record per process and train() call: 10 stages, the two iterative ones twice (a new engine per round)
+        assert len(records) == 2 * 14, records
         assert {r["rank"] for r in records} == {0, 1}
         for r in records:
             assert r["zero_stage"] == {"zero3": 3, "zero2": 2, "ddp": None}[zero]
@@ -249,7 +252,7 @@ def test_final_models_load_and_generate(every_stage, tiny_model_dir):
             assert saved.keys() == ddp_full.keys() and all(saved[k].shape == ddp_full[k].shape for k in saved)
             assert max(float((saved[k] - ddp_full[k]).abs().max()) for k in saved) < 1e-3, stage
             assert any(not torch.equal(saved[k], start[k]) for k in start if k in saved), stage  # the weights moved
-        for stage in ("01-sft", "03-dpo", "05-kto", "06-grpo", "07-ppo", "08-iter"):
+        for stage in ("01-sft", "03-dpo", "05-kto", "06-grpo", "07-ppo", "08-iter", "13-distil"):
             adapter = load_file(run_dir / stage / "final" / "adapter_model.safetensors")
             reference = load_file(runs["ddp"] / stage / "final" / "adapter_model.safetensors")
             assert adapter.keys() == reference.keys()

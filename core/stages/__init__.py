@@ -15,7 +15,7 @@ import pkgutil
 from ..errors import UserError, did_you_mean
 from ..stage import Stage
 
-ORDER = ("sft", "reward_model", "preference", "online", "iterative", "rejection_sampling", "kto")
+ORDER = ("sft", "reward_model", "preference", "online", "iterative", "rejection_sampling", "kto", "distillation")
 
 
 def _discover() -> dict[str, Stage]:
