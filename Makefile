@@ -17,7 +17,7 @@ RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt table-saferlhf table-saferlhf-seeds table-ood test test-fast bench bench-gpu results clean
+.PHONY: setup demo demo-rlvr demo-pipeline demo-instructgpt rl-rows table-saferlhf table-saferlhf-seeds table-ood test test-fast bench bench-gpu results clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,13 @@ demo-pipeline: setup
 
 demo-instructgpt: setup
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/pipeline-instructgpt-cpu.yaml --output-dir runs/pipeline-instructgpt-cpu-$(shell date +%Y%m%d-%H%M%S)
+
+# The online stage's RL rows: GRPO, Dr. GRPO, DAPO, GSPO, REINFORCE++-baseline and RLOO on one CPU task, three seeds
+# each, then their table and `posttrain compare` figure (docs/methods.md). About 90 minutes on 2 quiet CPU cores;
+# re-running skips finished runs.
+rl-rows: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/rl_rows.py run --seeds 1 2 3 --out runs/rl-rows
+	$(BIN)/python bench/rl_rows.py table --out runs/rl-rows
 
 # The DPO-vs-PPO study's SafeRLHF table in miniature: 8 recipes (10 rows), then each evaluated on
 # the same held-out prompts. About two and a half hours on 2 quiet CPU cores (measured: the SFT row 6 min, a DPO
