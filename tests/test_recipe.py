@@ -264,6 +264,8 @@ def test_shipped_cpu_recipes_run_on_the_tiny_model(cli, tiny_model_dir, tmp_path
         sets += [f"{prefix}training.max_steps=2", f"{prefix}eval.generate=4", f"{prefix}data.options.n=80"]
     recipe = yaml.safe_load(path.read_text()) or {}
     for prefix, stage in zip(prefixes, stages or [recipe]):
+        if stages and (stage.get("model") or {}).get("name_or_path") == recipe["model"]["name_or_path"]:
+            sets.append(f"{prefix}model.name_or_path={tiny_model_dir}")  # a stage that starts again from the start
         if stage.get("stage") == "iterative":
             # a random model's answers tie under a verifier or a rule judge (no pair would survive): add a
             # graded reward
