@@ -15,8 +15,8 @@ RUNS = {
     "reward_model": {"stage": "reward_model", "plugins": {}},
     "preference": {"plugins": {"dpo": {}, "rpo": {}, "ref_ema": {}, "verify_gsm8k": {}}},
     "online": {"stage": "online", "data": WORDS, "training": {"beta": 0.05, "num_generations": 4},
-               "plugins": {"online_plugins:DigitShare": {}, "critic": {}, "gae": {}, "advantage_norm": {},
-                           "ref_ema": {}}},
+               "plugins": {"online_plugins:DigitShare": {}, "dynamic_sampling": {}, "critic": {}, "gae": {},
+                           "advantage_norm": {}, "ref_ema": {}}},
     "iterative": {"stage": "iterative", "data": WORDS, "training": {"max_length": 512},
                   "plugins": {"dpo": {}, "online_plugins:DigitShare": {}, "ref_to_latest": {}, "best_vs_worst": {}},
                   "rounds": 1, "sampling": {"samples": 3, "prompts": 4, "max_new_tokens": 6}},
@@ -24,6 +24,8 @@ RUNS = {
                            "plugins": {"online_plugins:DigitShare": {}},
                            "sampling": {"samples": 2, "prompts": 4, "max_new_tokens": 4}},
     "kto": {"stage": "kto", "plugins": {"verify_gsm8k": {}}, "training": {"per_device_train_batch_size": 4}},
+    "distillation": {"stage": "distillation", "teacher": "TINY_MODEL", "data": WORDS,
+                     "plugins": {"online_plugins:DigitShare": {}}, "training": {"max_completion_length": 6}},
 }
 
 
@@ -48,8 +50,10 @@ def test_a_stage_calls_the_hooks_it_declares(stage, monkeypatch, tmp_path, tiny_
     recipe = {"model": {"name_or_path": str(tiny_model_dir), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
               "data": {"source": "builtin:arithmetic", "options": {"n": 48}, "eval": {"fraction": 0.25}},
               "eval": {"generate": 2, "max_new_tokens": 4}, **RUNS[stage]}
+    if recipe.get("teacher") == "TINY_MODEL":
+        recipe["teacher"] = str(tiny_model_dir)
     training = {"per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1, "save_strategy": "no",
-                **({} if stage == "online" else {"max_length": 64}), **recipe.get("training", {})}
+                **({} if stage in ("online", "distillation") else {"max_length": 64}), **recipe.get("training", {})}
     if STAGES[stage].trains:
         recipe["training"] = training
     else:
