@@ -47,7 +47,7 @@ demo-instructgpt: setup
 	HF_HUB_OFFLINE=1 $(BIN)/posttrain run recipes/pipeline-instructgpt-cpu.yaml --output-dir runs/pipeline-instructgpt-cpu-$(shell date +%Y%m%d-%H%M%S)
 
 # The online stage's RL rows: GRPO, Dr. GRPO, DAPO, GSPO, REINFORCE++-baseline and RLOO on one CPU task, three seeds
-# each, then their table and `posttrain compare` figure (docs/methods.md). About 90 minutes on 2 quiet CPU cores;
+# each, then their table (docs/methods.md). 8,000 s measured on 2 CPU cores (part of it beside other work);
 # re-running skips finished runs.
 rl-rows: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/rl_rows.py run --seeds 1 2 3 --out runs/rl-rows
