@@ -238,6 +238,11 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
         batch, limit = inputs, None
         while True:
             outputs.append(super()._generate_and_score_completions(batch))
+            if len(outputs) == 1 and refill.unsupported_keys(outputs[0]):
+                raise UserError(f"a generation batch with {', '.join(refill.unsupported_keys(outputs[0]))} cannot "
+                                "be refilled group by group",
+                                field=f"plugins.{self.plugins.implementers('posttrain_filter_groups')[0]}",
+                                fix="disable the group filter for inputs other than text")
             scored.append(self._scored)
             rewards_per_func, prompts, completions = self._scored
             rollouts = self.rollouts(rewards_per_func, prompts, completions, outputs[-1]["completion_mask"])
@@ -247,11 +252,6 @@ class OnlineTrainer(GuardedTrainer, GRPOTrainer):
             if not refill.short(verdicts, processes) or len(outputs) > limit:
                 break
             batch = self._refill_prompts(n, len(outputs))
-        extra = [k for k in refill.unsupported_keys(outputs[0]) if k not in ("advantages", "num_items_in_batch")]
-        if extra:
-            raise UserError(f"a generation batch with {', '.join(extra)} cannot be refilled group by group",
-                            field=f"plugins.{self.plugins.implementers('posttrain_filter_groups')[0]}",
-                            fix="disable the group filter for inputs other than text")
         chosen = refill.picks(verdicts, processes)
         mine = chosen[self.accelerator.process_index]
         output = refill.assemble(outputs, mine, g, self._tokenizer.pad_token_id)
